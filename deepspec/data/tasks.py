@@ -1,0 +1,112 @@
+"""Benchmark tasks: MT-bench, HumanEval, any JSONL with a `turns` list, HF datasets when a hub is reachable.
+
+Every task becomes a list of samples `{question_id, task, category, turns}` plus the source and its
+sha256, so the report can say exactly which questions produced a number.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from deepspec.assets import asset_path, sha256_file
+from deepspec.config import TaskConfig
+
+HUMANEVAL_INSTRUCTION = "Complete the following Python function. Reply with the code only.\n\n"
+
+
+class TaskError(ValueError):
+    pass
+
+
+@dataclass
+class TaskData:
+    name: str
+    samples: list[dict[str, Any]]
+    source: str
+    sha256: str
+    total: int  # samples available before `max_samples`
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    rows = []
+    with opener(path, "rt", encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise TaskError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+    return rows
+
+
+def _turns_rows(name: str, rows: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:
+    samples = []
+    for i, row in enumerate(rows):
+        turns = row.get("turns")
+        if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
+            raise TaskError(f"{where}: row {i + 1} has no 'turns' list of strings")
+        qid = row.get("question_id", row.get("id", i))
+        samples.append({"question_id": qid, "task": name, "category": row.get("category", name), "turns": turns})
+    return samples
+
+
+def _load_hf(source: str) -> list[dict[str, Any]]:
+    try:
+        import datasets  # optional dependency (extra "data")
+    except ImportError:
+        raise TaskError(f"HF dataset {source!r} needs the 'datasets' package (pip install 'deepspec[data]')") from None
+    try:
+        return [dict(r) for r in datasets.load_dataset(source, split="test")]
+    except Exception as err:  # the hub raises many types; the user needs one line
+        raise TaskError(f"cannot load HF dataset {source!r}: {str(err).splitlines()[0]}") from None
+
+
+def load_task(name: str, cfg: TaskConfig, seed: int = 0) -> TaskData:
+    if cfg.kind == "mt_bench":
+        path = Path(cfg.source) if cfg.source else asset_path("mt_bench.jsonl")
+        samples = _turns_rows(name, _read_jsonl(path), str(path))
+    elif cfg.kind == "humaneval":
+        path = Path(cfg.source) if cfg.source else asset_path("humaneval.jsonl.gz")
+        samples = [
+            {"question_id": r["task_id"], "task": name, "category": "coding", "turns": [HUMANEVAL_INSTRUCTION + r["prompt"]]}
+            for r in _read_jsonl(path)
+        ]
+    elif cfg.kind == "jsonl":
+        path = Path(cfg.source)
+        if not path.is_file():
+            raise TaskError(f"tasks.{name}.source: file not found: {path}")
+        samples = _turns_rows(name, _read_jsonl(path), str(path))
+    else:
+        rows = _load_hf(cfg.source)
+        samples = _turns_rows(name, rows, cfg.source)
+        return _subset(TaskData(name, samples, f"hf:{cfg.source}", "", len(samples)), cfg, seed)
+    if not samples:
+        raise TaskError(f"tasks.{name}: {path} holds no samples")
+    return _subset(TaskData(name, samples, str(path), sha256_file(path), len(samples)), cfg, seed)
+
+
+def _subset(data: TaskData, cfg: TaskConfig, seed: int) -> TaskData:
+    if cfg.max_turns:
+        for s in data.samples:
+            s["turns"] = s["turns"][: cfg.max_turns]
+    if cfg.max_samples and cfg.max_samples < len(data.samples):
+        keep = sorted(random.Random(seed).sample(range(len(data.samples)), cfg.max_samples))
+        data.samples = [data.samples[i] for i in keep]
+    return data
+
+
+def chat_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of a conversation under the model's own chat template, ready for the assistant's turn."""
+    if getattr(tokenizer, "chat_template", None):
+        out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out
+        return list(ids)
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+    return tokenizer(text)["input_ids"]

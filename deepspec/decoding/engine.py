@@ -1,0 +1,114 @@
+"""The decoding engine: owns the target's KV cache and runs draft -> one verify forward -> accept -> commit.
+
+Every method, the autoregressive baseline included, runs through `Engine.generate`, so their timings
+and outputs are directly comparable. Per round it records what was committed and where time went.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from deepspec.decoding.proposer import Proposer
+from deepspec.decoding.tree import DraftTree, TreeError
+from deepspec.decoding.verify import Sampling, greedy_accept, sample_accept, target_probs
+
+
+@dataclass
+class Generation:
+    tokens: list[int]  # new tokens, stop token included when one was produced
+    stopped: bool  # ended on a stop token (else on max_new_tokens)
+    accepted: list[int] = field(default_factory=list)  # tokens committed per target forward, prefill first
+    proposed: list[int] = field(default_factory=list)  # draft nodes sent to each verify forward
+    accepted_depth: list[int] = field(default_factory=list)  # drafted tokens accepted per round
+    draft_time: float = 0.0
+    verify_time: float = 0.0
+    prefill_time: float = 0.0
+    wall_time: float = 0.0
+
+    @property
+    def forwards(self) -> int:
+        return len(self.accepted)
+
+
+class Engine:
+    def __init__(self, target, stop_ids: list[int], sampling: Sampling = Sampling(), max_nodes: int = 64):
+        self.target = target
+        self.stop_ids = set(stop_ids)
+        self.sampling = sampling
+        self.max_nodes = max_nodes
+
+    def _choose(self, logits: torch.Tensor, generator: torch.Generator | None) -> int:
+        if self.sampling.greedy:
+            return int(logits.argmax())
+        return int(torch.multinomial(target_probs(logits, self.sampling), 1, generator=generator))
+
+    def generate(
+        self,
+        prompt: list[int],
+        max_new_tokens: int,
+        proposer: Proposer | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Generation:
+        target, cache = self.target, self.target.cache
+        need = len(prompt) + max_new_tokens + self.max_nodes + 1
+        if need > cache.max_len:
+            raise ValueError(
+                f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) + tree ({self.max_nodes}) "
+                f"exceeds the KV cache ({cache.max_len}); raise target.max_len"
+            )
+        if not self.sampling.greedy and generator is None:
+            generator = torch.Generator().manual_seed(0)
+        start = time.perf_counter()
+        cache.reset()
+        if proposer is not None:
+            proposer.reset()
+        n = len(prompt)
+        logits, _ = target.forward(torch.tensor(prompt), torch.arange(n), logits_rows=slice(n - 1, n))
+        cache.commit(n)
+        out = [self._choose(logits[0], generator)]
+        gen = Generation(tokens=out, stopped=False, accepted=[1], proposed=[0], accepted_depth=[0])
+        gen.prefill_time = time.perf_counter() - start
+        while out[-1] not in self.stop_ids and len(out) < max_new_tokens:
+            tree = None
+            if proposer is not None:
+                t0 = time.perf_counter()
+                budget = min(self.max_nodes, cache.room() - 1)
+                tree = proposer.propose(prompt + out, budget)
+                gen.draft_time += time.perf_counter() - t0
+                if tree is not None and len(tree) > budget:
+                    raise TreeError(f"{proposer.name} proposed {len(tree)} nodes; the budget was {budget}")
+            t0 = time.perf_counter()
+            emitted = self._verify(out[-1], tree, generator)
+            gen.verify_time += time.perf_counter() - t0
+            gen.accepted.append(len(emitted))
+            gen.proposed.append(len(tree) if tree else 0)
+            gen.accepted_depth.append(len(emitted) - 1)
+            for tok in emitted:
+                out.append(tok)
+                if tok in self.stop_ids or len(out) >= max_new_tokens:
+                    break
+        gen.stopped = out[-1] in self.stop_ids
+        gen.wall_time = time.perf_counter() - start
+        return gen
+
+    def _verify(self, root: int, tree: DraftTree | None, generator: torch.Generator | None) -> list[int]:
+        """One target forward over [root] + tree; commits the accepted path and returns the emitted tokens."""
+        target, cache = self.target, self.target.cache
+        length = cache.length
+        if not tree:
+            logits, _ = target.forward(torch.tensor([root]), torch.tensor([length]))
+            cache.commit(1)
+            return [self._choose(logits[0], generator)]
+        ids = torch.tensor([root] + tree.tokens)
+        mask = None if tree.is_chain() else tree.attention_mask(length, target.dtype)
+        logits, _ = target.forward(ids, tree.positions(length), mask=mask)
+        if self.sampling.greedy:
+            path, bonus = greedy_accept(tree, logits.argmax(-1).tolist())
+        else:
+            path, bonus = sample_accept(tree, target_probs(logits, self.sampling), generator)
+        keep = None if tree.is_chain() else torch.tensor([0] + [i + 1 for i in path])
+        cache.commit(len(path) + 1, keep)
+        return [tree.tokens[i] for i in path] + [bonus]

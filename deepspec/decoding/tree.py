@@ -1,0 +1,105 @@
+"""Draft trees in flattened form: node tokens in topological order with parent indices.
+
+Row 0 of every verification forward is the root (the last committed token, not yet in the KV cache);
+node i is row i + 1. A chain is the degenerate tree whose parents are -1, 0, 1, ...
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+class TreeError(ValueError):
+    pass
+
+
+@dataclass
+class DraftTree:
+    tokens: list[int]
+    parents: list[int]  # -1: child of the root
+    # For sampling: the draft distribution each node was drawn from (siblings share one and are taken
+    # to be drawn without replacement, in order). None: deterministic choices (q is one-hot).
+    q: list[Tensor | None] | None = None
+    depths: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if len(self.tokens) != len(self.parents):
+            raise TreeError(f"tree has {len(self.tokens)} tokens but {len(self.parents)} parents")
+        if self.q is not None and len(self.q) != len(self.tokens):
+            raise TreeError(f"tree has {len(self.tokens)} tokens but {len(self.q)} draft distributions")
+        depths = []
+        for i, p in enumerate(self.parents):
+            if not -1 <= p < i:
+                raise TreeError(f"node {i}: parent {p} must be -1 (root) or an earlier node")
+            depths.append(1 if p < 0 else depths[p] + 1)
+        self.depths = depths
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @classmethod
+    def chain(cls, tokens: list[int], q: list[Tensor | None] | None = None) -> "DraftTree":
+        return cls(list(tokens), list(range(-1, len(tokens) - 1)), q)
+
+    @classmethod
+    def from_paths(cls, paths: list[list[int]], tokens_of: dict[tuple[int, ...], int] | None = None) -> "DraftTree":
+        """Static tree from token paths (or Medusa/EAGLE "choices" with `tokens_of` giving each prefix's token)."""
+        index: dict[tuple[int, ...], int] = {}
+        tokens: list[int] = []
+        parents: list[int] = []
+        for path in sorted(paths, key=len):
+            if not path:
+                raise TreeError("a tree path may not be empty")
+            for d in range(1, len(path) + 1):
+                prefix = tuple(path[:d])
+                if prefix in index:
+                    continue
+                if d > 1 and prefix[:-1] not in index:
+                    raise TreeError(f"path {list(path)} has no parent path {list(prefix[:-1])}")
+                index[prefix] = len(tokens)
+                tokens.append(tokens_of[prefix] if tokens_of is not None else prefix[-1])
+                parents.append(index[prefix[:-1]] if d > 1 else -1)
+        return cls(tokens, parents)
+
+    def is_chain(self) -> bool:
+        return all(p == i - 1 for i, p in enumerate(self.parents))
+
+    def children(self) -> list[list[int]]:
+        """children[r] for row r (0 = root, i + 1 = node i), as node indices in order."""
+        out: list[list[int]] = [[] for _ in range(len(self) + 1)]
+        for i, p in enumerate(self.parents):
+            out[p + 1].append(i)
+        return out
+
+    def positions(self, offset: int) -> Tensor:
+        """RoPE positions of the verification rows: the root at `offset`, nodes at offset + depth."""
+        return torch.tensor([offset] + [offset + d for d in self.depths], dtype=torch.long)
+
+    def attention_mask(self, prefix_len: int, dtype: torch.dtype) -> Tensor:
+        """Additive mask [n + 1, prefix_len + n + 1]: committed prefix visible, tree rows see their ancestors."""
+        n = len(self) + 1
+        allowed = torch.zeros((n, n), dtype=torch.bool)
+        allowed[:, 0] = True
+        for i, p in enumerate(self.parents):
+            row = i + 1
+            if p >= 0:
+                allowed[row] = allowed[p + 1]
+            allowed[row, row] = True
+        mask = torch.zeros((n, prefix_len + n), dtype=dtype)
+        mask[:, prefix_len:].masked_fill_(~allowed, float("-inf"))
+        return mask
+
+    def paths(self) -> list[list[int]]:
+        """Root-to-leaf paths as node-index lists."""
+        kids = self.children()
+        out: list[list[int]] = []
+        for leaf in (i for i in range(len(self)) if not kids[i + 1]):
+            path, node = [], leaf
+            while node >= 0:
+                path.append(node)
+                node = self.parents[node]
+            out.append(path[::-1])
+        return out

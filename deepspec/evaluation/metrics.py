@@ -1,0 +1,78 @@
+"""Per-(method, task) metrics from evaluation records: tau, acceptance by depth, throughput, speedup, losslessness."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from deepspec.decoding.engine import Generation
+
+
+def turn_record(gen: Generation, text: str) -> dict[str, Any]:
+    return {
+        "token_ids": gen.tokens,
+        "text": text,
+        "new_tokens": len(gen.tokens),
+        "stopped": gen.stopped,
+        "wall_time": gen.wall_time,
+        "prefill_time": gen.prefill_time,
+        "draft_time": gen.draft_time,
+        "verify_time": gen.verify_time,
+        "forwards": gen.forwards,
+        "accepted": gen.accepted,
+        "proposed": gen.proposed,
+    }
+
+
+def _totals(turns: list[dict[str, Any]]) -> dict[str, float]:
+    keys = ("new_tokens", "wall_time", "prefill_time", "draft_time", "verify_time", "forwards")
+    return {k: float(sum(t[k] for t in turns)) for k in keys}
+
+
+def acceptance_by_depth(turns: list[dict[str, Any]]) -> list[float]:
+    """P(depth d accepted | depth d-1 accepted) over rounds that had a draft (the prefill round excluded)."""
+    depths = [a - 1 for t in turns for a, p in zip(t["accepted"][1:], t["proposed"][1:]) if p > 0]
+    out = []
+    d = 1
+    while True:
+        reached_prev = sum(1 for x in depths if x >= d - 1)
+        reached = sum(1 for x in depths if x >= d)
+        if reached_prev == 0 or (reached == 0 and d > 1):
+            break
+        out.append(reached / reached_prev)
+        d += 1
+    return out
+
+
+def summarize(records: list[dict[str, Any]], greedy: bool, paired: bool) -> dict[str, Any]:
+    turns = [t for r in records for t in r["outputs"]]
+    tot = _totals(turns)
+    tps = tot["new_tokens"] / tot["wall_time"] if tot["wall_time"] else 0.0
+    metrics: dict[str, Any] = {
+        "samples": len(records),
+        "turns": len(turns),
+        "new_tokens": int(tot["new_tokens"]),
+        "tau": tot["new_tokens"] / tot["forwards"] if tot["forwards"] else 0.0,
+        "tokens_per_s": tps,
+        "acceptance_by_depth": acceptance_by_depth(turns),
+        "time_split": {
+            k: tot[f"{k}_time"] / tot["wall_time"] if tot["wall_time"] else 0.0 for k in ("prefill", "draft", "verify")
+        },
+    }
+    metrics["time_split"]["other"] = max(0.0, 1.0 - sum(metrics["time_split"].values()))
+    if paired:
+        base = [t for r in records for t in r["baseline"]]
+        btot = _totals(base)
+        base_tps = btot["new_tokens"] / btot["wall_time"] if btot["wall_time"] else 0.0
+        metrics["baseline_tokens_per_s"] = base_tps
+        metrics["speedup"] = tps / base_tps if base_tps else 0.0
+        if greedy:
+            mismatches = sum(1 for a, b in zip(turns, base) if a["token_ids"] != b["token_ids"])
+            metrics["lossless"] = {"checked_turns": len(turns), "mismatches": mismatches, "passed": mismatches == 0}
+        else:
+            metrics["lossless"] = {"checked_turns": 0, "mismatches": 0, "passed": None,
+                                   "note": "sampling: equality per sample does not apply; see the distribution tests"}
+    else:
+        metrics["baseline_tokens_per_s"] = tps
+        metrics["speedup"] = 1.0
+        metrics["lossless"] = {"checked_turns": len(turns), "mismatches": 0, "passed": True, "note": "baseline"}
+    return metrics

@@ -1,0 +1,147 @@
+"""`deepspec evaluate`: one method on one task, paired sample by sample with the autoregressive baseline.
+
+The baseline runs in the same process on the same samples, alternating which goes first, so machine
+noise hits both alike and the speedup is a ratio measured within one run. Greedy outputs are compared
+token by token (the losslessness check). Finished samples are appended to a partial file, so a killed
+run resumes where it stopped; the final records and metrics are renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from deepspec import io, tracking
+from deepspec.config import Config
+from deepspec.data.prepare import task_file
+from deepspec.data.tasks import chat_ids
+from deepspec.decoding.engine import Engine
+from deepspec.decoding.verify import Sampling
+from deepspec.drafters import build_proposer
+from deepspec.evaluation.metrics import summarize, turn_record
+from deepspec.models import Target, load_target
+
+
+def eval_dir(cfg: Config, method: str, task: str) -> Path:
+    return cfg.out_dir / "eval" / method / task
+
+
+def sampling_of(cfg: Config) -> Sampling:
+    return Sampling(cfg.eval.temperature, cfg.eval.top_k, cfg.eval.top_p)
+
+
+def run_conversation(engine: Engine, target: Target, turns: list[str], max_new_tokens: int, proposer, seed: int) -> list[dict]:
+    """All turns of one sample; each later turn sees this method's own earlier answers."""
+    tok = target.tokenizer
+    messages: list[dict[str, str]] = []
+    outputs = []
+    for i, turn in enumerate(turns):
+        messages.append({"role": "user", "content": turn})
+        prompt = chat_ids(tok, messages)
+        generator = torch.Generator().manual_seed(seed * 1000 + i)
+        gen = engine.generate(prompt, max_new_tokens, proposer, generator)
+        text = tok.decode(gen.tokens, skip_special_tokens=True)
+        outputs.append(turn_record(gen, text))
+        messages.append({"role": "assistant", "content": text})
+    return outputs
+
+
+def _load_partial(path: Path, config_hash: str) -> dict[Any, dict]:
+    done: dict[Any, dict] = {}
+    if not path.is_file():
+        return done
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                break  # a line cut by a kill: everything before it is whole
+            if rec.get("config_hash") == config_hash:
+                done[rec["question_id"]] = rec
+    return done
+
+
+def evaluate(cfg: Config, method: str, task: str, threads: int | None = None) -> dict[str, Any]:
+    if method not in cfg.methods:
+        raise ValueError(f"method {method!r} is not in the config (methods: {', '.join(cfg.methods)})")
+    if task not in cfg.tasks:
+        raise ValueError(f"task {task!r} is not in the config (tasks: {', '.join(cfg.tasks)})")
+    data_path = task_file(cfg, task)
+    if not data_path.is_file():
+        raise FileNotFoundError(f"{data_path}: task data missing; run `deepspec prepare` first")
+    samples = io.read_jsonl(data_path)
+    torch.set_num_threads(threads or cfg.eval.threads or os.cpu_count() or 1)
+    baseline = cfg.baseline_method()
+    paired = method != baseline
+    max_new = cfg.tasks[task].max_new_tokens or cfg.eval.max_new_tokens
+    out = eval_dir(cfg, method, task)
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / "records.jsonl.partial"
+    chash = cfg.hash()
+
+    with tracking.stage_run(cfg, "evaluate", f"evaluate {method} {task}", method=method, task=task) as run:
+        target = load_target(cfg.target.model, cfg.target.dtype, cfg.target.backend, cfg.target.max_len)
+        engine = Engine(target.backend, target.loaded.eos_ids, sampling_of(cfg))
+        proposer = build_proposer(cfg.methods[method], target)
+        base_proposer = build_proposer(cfg.methods[baseline], target)
+        run.params({"method": method, "task": task, "baseline": baseline, "max_new_tokens": max_new,
+                    "samples": len(samples), "target": cfg.target.model, "target_fingerprint": target.loaded.fingerprint,
+                    "temperature": cfg.eval.temperature, "top_p": cfg.eval.top_p, "top_k": cfg.eval.top_k,
+                    "threads": torch.get_num_threads(),
+                    **{f"method.{k}": v for k, v in cfg.methods[method].model_dump().items()}})
+        # Warm-up: first calls pay one-off allocation costs that would bias whichever method runs first.
+        warm = chat_ids(target.tokenizer, [{"role": "user", "content": "Hello"}])
+        engine.generate(warm, 8, proposer)
+        engine.generate(warm, 8, base_proposer)
+
+        done = _load_partial(partial, chash)
+        records = []
+        start = time.perf_counter()
+        bar = tqdm(samples, desc=f"{method}/{task}", unit="sample", dynamic_ncols=True)
+        with open(partial, "a", encoding="utf-8") as fh:
+            for i, sample in enumerate(bar):
+                qid = sample["question_id"]
+                if qid in done:
+                    records.append(done[qid])
+                    continue
+                rec = {"question_id": qid, "task": task, "category": sample.get("category"), "method": method,
+                       "config_hash": chash, "turns": sample["turns"]}
+                seed = cfg.eval.seed + i
+                order = [("outputs", proposer), ("baseline", base_proposer)] if paired else [("outputs", proposer)]
+                if i % 2:
+                    order.reverse()
+                for key, prop in order:
+                    rec[key] = run_conversation(engine, target, sample["turns"], max_new, prop, seed)
+                fh.write(json.dumps(rec) + "\n")
+                fh.flush()
+                records.append(rec)
+                m = summarize(records, engine.sampling.greedy, paired)
+                bar.set_postfix(tau=f"{m['tau']:.2f}", speedup=f"{m['speedup']:.2f}x", tok_s=f"{m['tokens_per_s']:.1f}")
+        bar.close()
+
+        metrics = summarize(records, engine.sampling.greedy, paired)
+        metrics.update({"method": method, "task": task, "kind": cfg.methods[method].kind, "baseline": baseline,
+                        "config_hash": chash, "target": cfg.target.model, "target_fingerprint": target.loaded.fingerprint,
+                        "max_new_tokens": max_new, "elapsed_s": time.perf_counter() - start})
+        io.write_jsonl(out / "records.jsonl", records)
+        partial.unlink(missing_ok=True)
+        io.write_json(out / "metrics.json", metrics)
+        flat = {"tau": metrics["tau"], "tokens_per_s": metrics["tokens_per_s"], "speedup": metrics["speedup"],
+                "baseline_tokens_per_s": metrics["baseline_tokens_per_s"], "new_tokens": metrics["new_tokens"],
+                "lossless_mismatches": metrics["lossless"]["mismatches"],
+                **{f"time_frac_{k}": v for k, v in metrics["time_split"].items()},
+                **{f"accept_depth_{d + 1}": a for d, a in enumerate(metrics["acceptance_by_depth"])}}
+        run.metrics(flat)
+        run.tags({"lossless": str(metrics["lossless"]["passed"])})
+        run.artifact(out / "metrics.json")
+        lossless = metrics["lossless"]
+        verdict = "n/a" if lossless["passed"] is None else ("PASS" if lossless["passed"] else f"FAIL ({lossless['mismatches']} turns differ)")
+        print(f"[evaluate] {method}/{task}: tau {metrics['tau']:.2f}, {metrics['tokens_per_s']:.1f} tok/s, "
+              f"speedup {metrics['speedup']:.2f}x vs {baseline}, lossless {verdict}")
+    return metrics

@@ -1,0 +1,204 @@
+"""A lean forward for Llama-family decoders (Llama, Mistral, Qwen2/3, SmolLM) over an engine-owned KV cache.
+
+Why not HF's forward: on a 2-core CPU the per-call Python and cache bookkeeping of HF's modules is a
+large share of a 135M model's step, and speculative decoding needs explicit positions, an arbitrary
+tree mask and in-place compaction of the cache, which HF's caches do not offer. Weights are taken
+from the loaded HF model (no model file is copied); q/k/v and gate/up are fused into one matmul each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass
+class _Layer:
+    wqkv: Tensor
+    bqkv: Tensor | None
+    wo: Tensor
+    w_gate_up: Tensor
+    w_down: Tensor
+    attn_norm: Tensor
+    mlp_norm: Tensor
+    q_norm: Tensor | None
+    k_norm: Tensor | None
+
+
+class KVCache:
+    """Preallocated keys/values for all layers: [layers, kv_heads, max_len, head_dim], batch size one.
+
+    `length` counts committed positions; rows past it are scratch space for the tokens being verified.
+    """
+
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, max_len: int, dtype: torch.dtype, device):
+        shape = (n_layers, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.length = 0
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def room(self) -> int:
+        return self.max_len - self.length
+
+    def commit(self, n_written: int, keep: Tensor | None = None) -> None:
+        """Make the scratch rows `keep` (offsets from `length`, ascending) the next committed positions.
+
+        `keep=None` keeps the first `n_written` rows as they are (the chain / autoregressive case).
+        """
+        if keep is None:
+            self.length += n_written
+            return
+        n = int(keep.numel())
+        start = self.length
+        # Already contiguous (a prefix of the scratch rows): nothing to move.
+        if n and int(keep[-1]) != n - 1:
+            src = keep + start
+            self.k[:, :, start : start + n] = self.k[:, :, src]
+            self.v[:, :, start : start + n] = self.v[:, :, src]
+        self.length += n
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x @ weight.T. For several rows MKL is markedly faster with the weight as the left operand
+    (measured 1.3-1.5x at 4-16 rows on AVX2); a single row stays a matrix-vector product."""
+    if x.shape[0] == 1:
+        return F.linear(x, weight, bias)
+    out = (weight @ x.T).T
+    return out if bias is None else out + bias
+
+
+def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    var = x.pow(2).mean(-1, keepdim=True)
+    return x * torch.rsqrt(var + eps) * weight
+
+
+class LeanLlama:
+    """Inference-only Llama-family forward. `forward` writes K/V of the new tokens at the cache's scratch
+    rows and returns logits for the requested rows (all rows by default)."""
+
+    def __init__(self, hf_model: torch.nn.Module, max_len: int = 4096):
+        cfg = hf_model.config
+        if cfg.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"lean backend supports {SUPPORTED_MODEL_TYPES}, not model_type={cfg.model_type!r}")
+        inner = hf_model.model
+        self.config = cfg
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.eps = cfg.rms_norm_eps
+        self.vocab_size = cfg.vocab_size
+        self.embed = inner.embed_tokens.weight.detach()
+        self.norm = inner.norm.weight.detach()
+        self.lm_head = hf_model.lm_head.weight.detach()
+        self.dtype = self.embed.dtype
+        self.device = self.embed.device
+        rope = inner.rotary_emb
+        self.inv_freq = rope.inv_freq.detach().to(torch.float32)
+        self.rope_scale = float(getattr(rope, "attention_scaling", 1.0))
+        self.layers: list[_Layer] = []
+        for layer in inner.layers:
+            att, mlp = layer.self_attn, layer.mlp
+            wqkv = torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight]).detach()
+            bqkv = None
+            if att.q_proj.bias is not None:
+                bqkv = torch.cat([att.q_proj.bias, att.k_proj.bias, att.v_proj.bias]).detach()
+            self.layers.append(
+                _Layer(
+                    wqkv=wqkv,
+                    bqkv=bqkv,
+                    wo=att.o_proj.weight.detach(),
+                    w_gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach(),
+                    w_down=mlp.down_proj.weight.detach(),
+                    attn_norm=layer.input_layernorm.weight.detach(),
+                    mlp_norm=layer.post_attention_layernorm.weight.detach(),
+                    q_norm=att.q_norm.weight.detach() if hasattr(att, "q_norm") else None,
+                    k_norm=att.k_norm.weight.detach() if hasattr(att, "k_norm") else None,
+                )
+            )
+        self.intermediate = self.layers[0].w_down.shape[1]
+        self.cache = KVCache(len(self.layers), self.n_kv_heads, self.head_dim, max_len, self.dtype, self.device)
+        self._rope_table(max_len)
+
+    def _rope_table(self, max_len: int) -> None:
+        t = torch.arange(max_len, dtype=torch.float32, device=self.device)
+        freqs = torch.outer(t, self.inv_freq.to(self.device))
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.cos = (emb.cos() * self.rope_scale).to(self.dtype)
+        self.sin = (emb.sin() * self.rope_scale).to(self.dtype)
+
+    def _rope(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: Tensor,
+        positions: Tensor,
+        mask: Tensor | None = None,
+        logits_rows: Tensor | slice | None = None,
+        capture_layers: tuple[int, ...] = (),
+    ) -> tuple[Tensor, list[Tensor]]:
+        """Run `n` new tokens (1-D `input_ids`) at RoPE `positions`.
+
+        K/V go to cache rows [length, length+n). `mask` is an additive float mask [n, length+n] (None:
+        causal among the new tokens, all committed rows visible). Returns logits of `logits_rows` and
+        the inputs of the layers in `capture_layers` (the hidden state entering layer i; i = n_layers
+        means the final normed output's input).
+        """
+        cache = self.cache
+        n = input_ids.shape[0]
+        start = cache.length
+        end = start + n
+        if end > cache.max_len:
+            raise ValueError(f"KV cache overflow: {end} positions needed, room for {cache.max_len}")
+        h = F.embedding(input_ids, self.embed)  # [n, d]
+        cos, sin = self.cos[positions].unsqueeze(0), self.sin[positions].unsqueeze(0)
+        if mask is None and n > 1:
+            causal = torch.full((n, n), float("-inf"), dtype=self.dtype, device=self.device).triu_(1)
+            mask = torch.cat([torch.zeros((n, start), dtype=self.dtype, device=self.device), causal], dim=1)
+        captured: list[Tensor] = []
+        nh, nkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        q_size, kv_size = nh * hd, nkv * hd
+        for i, layer in enumerate(self.layers):
+            if i in capture_layers:
+                captured.append(h)
+            x = _rms_norm(h, layer.attn_norm, self.eps)
+            qkv = _linear(x, layer.wqkv, layer.bqkv)
+            q = qkv[:, :q_size].view(n, nh, hd).transpose(0, 1)
+            k = qkv[:, q_size : q_size + kv_size].view(n, nkv, hd).transpose(0, 1)
+            v = qkv[:, q_size + kv_size :].view(n, nkv, hd).transpose(0, 1)
+            if layer.q_norm is not None:
+                q = _rms_norm(q, layer.q_norm, self.eps)
+                k = _rms_norm(k, layer.k_norm, self.eps)
+            q = self._rope(q, cos, sin)
+            k = self._rope(k, cos, sin)
+            cache.k[i, :, start:end] = k
+            cache.v[i, :, start:end] = v
+            attn = F.scaled_dot_product_attention(
+                q.unsqueeze(0),
+                cache.k[i, :, :end].unsqueeze(0),
+                cache.v[i, :, :end].unsqueeze(0),
+                attn_mask=mask,
+                enable_gqa=nkv != nh,
+            )
+            h = h + _linear(attn[0].transpose(0, 1).reshape(n, q_size), layer.wo)
+            x = _rms_norm(h, layer.mlp_norm, self.eps)
+            gate_up = _linear(x, layer.w_gate_up)
+            h = h + _linear(F.silu(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate :], layer.w_down)
+        if len(self.layers) in capture_layers:
+            captured.append(h)
+        if logits_rows is not None:
+            h = h[logits_rows]
+        logits = _linear(_rms_norm(h, self.norm, self.eps), self.lm_head)
+        return logits, captured

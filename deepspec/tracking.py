@@ -1,0 +1,165 @@
+"""The only module that talks to MLflow.
+
+One experiment per config (`experiment` key), one run per stage invocation, grouped under a parent run
+per pipeline invocation (Snakemake creates it in `onstart`). Every call retries on sqlite's "database is
+locked", so parallel Snakemake jobs do not lose runs; a stage that raises ends its run as FAILED.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator, TypeVar
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+T = TypeVar("T")
+PIPELINE_ENV = "DEEPSPEC_PIPELINE_RUN_ID"
+
+
+def tracking_uri(results_dir: str | Path, configured: str | None = None) -> str:
+    """MLFLOW_TRACKING_URI wins, then the config's `tracking.uri`, then sqlite under `results_dir`."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    if configured:
+        return configured
+    return f"sqlite:///{Path(results_dir).resolve() / 'mlflow.db'}"
+
+
+def _retry(fn: Callable[[], T], attempts: int = 30) -> T:
+    for i in range(attempts):
+        try:
+            return fn()
+        except Exception as err:  # sqlite lock errors surface wrapped in several MLflow exception types
+            text = str(err).lower()
+            if i == attempts - 1 or not any(s in text for s in ("locked", "busy", "unique constraint", "already exists")):
+                raise
+            time.sleep(0.2 + 0.1 * i)
+    raise AssertionError("unreachable")
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        sha = out.stdout.strip()
+        if not sha:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5)
+        return sha + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class Tracker:
+    def __init__(self, uri: str, experiment: str, artifact_root: Path):
+        import mlflow
+        from mlflow import MlflowClient
+
+        self._mlflow = mlflow
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        self.experiment_id = _retry(lambda: self._experiment(experiment, artifact_root))
+
+    def _experiment(self, name: str, artifact_root: Path) -> str:
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        try:
+            return self.client.create_experiment(name, artifact_location=artifact_root.resolve().as_uri())
+        except Exception:
+            found = self.client.get_experiment_by_name(name)  # created concurrently by another job
+            if found is None:
+                raise
+            return found.experiment_id
+
+    def start(self, name: str, tags: dict[str, str], parent_run_id: str | None = None) -> str:
+        tags = {k: str(v) for k, v in tags.items()}
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        run = _retry(lambda: self.client.create_run(self.experiment_id, tags=tags, run_name=name))
+        return run.info.run_id
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            _retry(lambda chunk=items[i : i + 100]: self.client.log_batch(run_id, params=chunk))
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+        for i in range(0, len(items), 500):
+            _retry(lambda chunk=items[i : i + 500]: self.client.log_batch(run_id, metrics=chunk))
+
+    def log_artifact(self, run_id: str, path: str | Path, subdir: str | None = None) -> None:
+        _retry(lambda: self.client.log_artifact(run_id, str(path), subdir))
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            _retry(lambda k=k, v=v: self.client.set_tag(run_id, k, str(v)))
+
+    def end(self, run_id: str, status: str = "FINISHED") -> None:
+        _retry(lambda: self.client.set_terminated(run_id, status))
+
+    def runs(self, filter_string: str = "") -> list:
+        return self.client.search_runs([self.experiment_id], filter_string=filter_string, max_results=5000)
+
+
+def tracker_for(cfg) -> Tracker:
+    return Tracker(tracking_uri(cfg.results_dir, cfg.tracking.uri), cfg.experiment, Path(cfg.results_dir) / "mlartifacts")
+
+
+def start_pipeline(cfg) -> str:
+    """Parent run for one pipeline invocation; its id reaches the stages through DEEPSPEC_PIPELINE_RUN_ID."""
+    tracker = tracker_for(cfg)
+    return tracker.start(f"pipeline {cfg.experiment}", {"deepspec.stage": "pipeline", "deepspec.config_hash": cfg.hash(), "deepspec.git_commit": git_commit()})
+
+
+def end_pipeline(cfg, run_id: str, ok: bool) -> None:
+    tracker_for(cfg).end(run_id, "FINISHED" if ok else "FAILED")
+
+
+class StageRun:
+    """Handle given to a stage: log params, metrics, artifacts into its run."""
+
+    def __init__(self, tracker: Tracker, run_id: str):
+        self.tracker, self.run_id = tracker, run_id
+
+    def params(self, params: dict[str, Any]) -> None:
+        self.tracker.log_params(self.run_id, params)
+
+    def metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        self.tracker.log_metrics(self.run_id, metrics, step)
+
+    def artifact(self, path: str | Path, subdir: str | None = None) -> None:
+        self.tracker.log_artifact(self.run_id, path, subdir)
+
+    def tags(self, tags: dict[str, str]) -> None:
+        self.tracker.set_tags(self.run_id, tags)
+
+
+@contextmanager
+def stage_run(cfg, stage: str, name: str | None = None, **tags: str) -> Iterator[StageRun]:
+    """One MLflow run for one stage invocation, ended FINISHED, or FAILED when the stage raises."""
+    tracker = tracker_for(cfg)
+    all_tags = {
+        "deepspec.stage": stage,
+        "deepspec.config_hash": cfg.hash(),
+        "deepspec.git_commit": git_commit(),
+        "deepspec.experiment": cfg.experiment,
+        **{f"deepspec.{k}": v for k, v in tags.items()},
+    }
+    run_id = tracker.start(name or stage, all_tags, os.environ.get(PIPELINE_ENV) or None)
+    try:
+        yield StageRun(tracker, run_id)
+    except BaseException:
+        tracker.end(run_id, "FAILED")
+        raise
+    tracker.end(run_id, "FINISHED")
