@@ -121,7 +121,10 @@ class Config(_Strict):
 
 def _format_error(err: ValidationError) -> str:
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"] if not str(p).startswith(("function-", "tagged-union")))
+    parts = [str(p) for p in first["loc"] if not str(p).startswith(("function-", "tagged-union"))]
+    if len(parts) >= 3 and parts[0] == "methods":  # drop the union's tag that pydantic puts in the path
+        parts.pop(2)
+    loc = ".".join(parts)
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key"

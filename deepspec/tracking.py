@@ -42,6 +42,23 @@ def _retry(fn: Callable[[], T], attempts: int = 30) -> T:
     raise AssertionError("unreachable")
 
 
+@contextmanager
+def _sqlite_init_lock(uri: str) -> Iterator[None]:
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
@@ -61,8 +78,11 @@ class Tracker:
 
         self._mlflow = mlflow
         self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
-        self.experiment_id = _retry(lambda: self._experiment(experiment, artifact_root))
+        # A fresh sqlite store is created and migrated on first use; two processes doing that at once
+        # corrupt the schema, so first use is serialised by a lock file beside the database.
+        with _sqlite_init_lock(uri):
+            self.client = MlflowClient(tracking_uri=uri)
+            self.experiment_id = _retry(lambda: self._experiment(experiment, artifact_root))
 
     def _experiment(self, name: str, artifact_root: Path) -> str:
         found = self.client.get_experiment_by_name(name)

@@ -1,0 +1,105 @@
+"""Config validation: every bad input stops before any work with one line naming the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from deepspec.config import ConfigError, load
+
+from conftest import write_config
+
+
+def _err(tmp_path, **over) -> str:
+    path = write_config(tmp_path / "c.yaml", tmp_path / "res", **over)
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    msg = str(info.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_unknown_key(tmp_path):
+    assert _err(tmp_path, eval={"max_new_token": 3}) == "config error: eval.max_new_token: unknown key"
+
+
+def test_unknown_top_level_key(tmp_path):
+    assert _err(tmp_path, evaluation={}) == "config error: evaluation: unknown key"
+
+
+def test_wrong_type(tmp_path):
+    msg = _err(tmp_path, eval={"max_new_tokens": "many"})
+    assert msg.startswith("config error: eval.max_new_tokens: Input should be a valid integer") and "'many'" in msg
+
+
+def test_impossible_value(tmp_path):
+    msg = _err(tmp_path, eval={"top_p": 1.5})
+    assert msg.startswith("config error: eval.top_p: Input should be less than or equal to 1")
+
+
+def test_impossible_combination(tmp_path):
+    msg = _err(tmp_path, methods={"ar": {"kind": "autoregressive"}, "pld": {"kind": "ngram", "ngram_min": 4, "ngram_max": 2}})
+    assert msg == "config error: methods.pld: ngram_min (4) must not exceed ngram_max (2)"
+
+
+def test_unknown_method_kind(tmp_path):
+    msg = _err(tmp_path, methods={"ar": {"kind": "autoregressive"}, "x": {"kind": "magic"}})
+    assert msg.startswith("config error: methods.x:") and "magic" in msg
+
+
+def test_missing_baseline(tmp_path):
+    msg = _err(tmp_path, methods={"pld": {"kind": "ngram"}})
+    assert "one method of kind 'autoregressive' is needed" in msg
+
+
+def test_missing_task_file(tmp_path):
+    msg = _err(tmp_path, tasks={"mine": {"kind": "jsonl", "source": str(tmp_path / "nope.jsonl")}})
+    assert msg == f"config error: tasks.mine.source: file not found: {tmp_path / 'nope.jsonl'}"
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load(tmp_path / "absent.yaml")
+
+
+def test_overrides_and_hash(tmp_path):
+    path = write_config(tmp_path / "c.yaml", tmp_path / "res")
+    base = load(path)
+    over = load(path, ["eval.max_new_tokens=16", "methods.pld.num_draft=4"])
+    assert over.eval.max_new_tokens == 16 and over.methods["pld"].num_draft == 4
+    assert base.hash() != over.hash()
+    # Key order and formatting do not change the hash.
+    raw = yaml.safe_load(path.read_text())
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(dict(reversed(list(raw.items()))), sort_keys=False))
+    assert load(tmp_path / "r.yaml").hash() == base.hash()
+
+
+def test_bad_override_syntax(tmp_path):
+    path = write_config(tmp_path / "c.yaml", tmp_path / "res")
+    with pytest.raises(ConfigError, match="not of the form key.path=value"):
+        load(path, ["eval.max_new_tokens"])
+
+
+def test_cli_error_is_one_line_and_writes_nothing(tmp_path):
+    res = tmp_path / "res"
+    path = write_config(tmp_path / "c.yaml", res, eval={"temperature": -1})
+    proc = subprocess.run([sys.executable, "-m", "deepspec.cli", "prepare", "--config", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        "deepspec prepare: error: config error: eval.temperature: Input should be greater than or equal to 0 (got -1)"
+    )
+    assert not res.exists()
+
+
+def test_schema_file_matches_model():
+    """The schema Snakemake validates against is generated from the pydantic model, not written by hand."""
+    import json
+    from pathlib import Path
+
+    from deepspec.config import json_schema
+
+    committed = json.loads((Path(__file__).parents[1] / "workflow/schemas/config.schema.json").read_text())
+    assert committed == json.loads(json.dumps(json_schema())), "run `deepspec schema` to regenerate"

@@ -1,0 +1,61 @@
+"""Benchmark tasks load from the offline sources, with provenance, and bad files fail by name."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from deepspec.config import TaskConfig
+from deepspec.data.tasks import TaskError, chat_ids, load_task
+
+
+def test_mt_bench_has_80_two_turn_questions():
+    data = load_task("mt_bench", TaskConfig(kind="mt_bench"))
+    assert data.total == 80 and len(data.samples) == 80
+    assert all(len(s["turns"]) == 2 for s in data.samples)
+    assert {s["category"] for s in data.samples} >= {"writing", "coding", "math", "reasoning"}
+    assert len(data.sha256) == 64 and data.source.endswith("question.jsonl")
+
+
+def test_humaneval_has_164_prompts():
+    data = load_task("humaneval", TaskConfig(kind="humaneval"))
+    assert data.total == 164
+    first = data.samples[0]
+    assert first["question_id"] == "HumanEval/0" and "def has_close_elements" in first["turns"][0]
+
+
+def test_subset_is_seeded_and_stable():
+    a = load_task("h", TaskConfig(kind="humaneval", max_samples=5), seed=1)
+    b = load_task("h", TaskConfig(kind="humaneval", max_samples=5), seed=1)
+    c = load_task("h", TaskConfig(kind="humaneval", max_samples=5), seed=2)
+    ids = [s["question_id"] for s in a.samples]
+    assert ids == [s["question_id"] for s in b.samples] and len(ids) == 5
+    assert ids != [s["question_id"] for s in c.samples]
+
+
+def test_jsonl_with_turns(tmp_path):
+    path = tmp_path / "spec.jsonl"
+    path.write_text("\n".join(json.dumps({"question_id": i, "category": "qa", "turns": [f"q{i}", "more"]}) for i in range(3)))
+    data = load_task("mine", TaskConfig(kind="jsonl", source=str(path), max_turns=1))
+    assert [s["turns"] for s in data.samples] == [["q0"], ["q1"], ["q2"]]
+
+
+def test_jsonl_without_turns_is_named(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"question": "x"}) + "\n")
+    with pytest.raises(TaskError, match=r"bad.jsonl: row 1 has no 'turns' list"):
+        load_task("bad", TaskConfig(kind="jsonl", source=str(path)))
+
+
+def test_broken_json_line_is_named(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{"turns": ["a"]}\n{"turns": [\n')
+    with pytest.raises(TaskError, match=r"broken.jsonl:2: not valid JSON"):
+        load_task("b", TaskConfig(kind="jsonl", source=str(path)))
+
+
+def test_chat_template_is_the_models_own(real_target):
+    ids = chat_ids(real_target.tokenizer, [{"role": "user", "content": "Hi"}])
+    text = real_target.tokenizer.decode(ids)
+    assert text.startswith("<|im_start|>system") and text.endswith("<|im_start|>assistant\n")

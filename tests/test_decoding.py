@@ -1,0 +1,138 @@
+"""Lossless decoding: every proposer's greedy output equals the autoregressive output, on tiny float64 models
+with random trees (hypothesis) and on the real default model with real prompts."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from deepspec.config import TaskConfig
+from deepspec.data.tasks import chat_ids, load_task
+from deepspec.decoding.engine import Engine
+from deepspec.decoding.tree import DraftTree, TreeError
+from deepspec.drafters.ngram import NgramProposer
+from deepspec.models import make_backend
+
+from conftest import tiny_llama
+
+
+class OracleTreeProposer:
+    """Random trees that contain the true continuation up to a random depth, plus random distractors.
+
+    Exercises acceptance at every depth and cache compaction with non-contiguous kept rows."""
+
+    name = "oracle-tree"
+
+    def __init__(self, reference: list[int], vocab: int, rng: random.Random, max_nodes: int = 12):
+        self.reference, self.vocab, self.rng, self.max_nodes = reference, vocab, rng, max_nodes
+
+    def reset(self) -> None:
+        pass
+
+    def propose(self, tokens: list[int], max_nodes: int) -> DraftTree | None:
+        rng = self.rng
+        truth = self.reference[len(tokens) : len(tokens) + rng.randint(0, 6)]
+        size = min(max_nodes, rng.randint(1, self.max_nodes))
+        toks: list[int] = []
+        parents: list[int] = []
+        for _ in range(size):
+            p = rng.randint(-1, len(toks) - 1)
+            toks.append(rng.randrange(self.vocab))
+            parents.append(p)
+        # Graft the truth as a chain under a random existing node or the root, if it fits.
+        if truth and rng.random() < 0.8 and len(toks) + len(truth) <= max_nodes:
+            parent = -1
+            for t in truth:
+                toks.append(t)
+                parents.append(parent)
+                parent = len(toks) - 1
+        return DraftTree(toks, parents)
+
+
+def _reference(engine: Engine, prompt: list[int], n: int) -> list[int]:
+    return engine.generate(prompt, n).tokens
+
+
+@pytest.mark.parametrize("backend", ["lean", "hf"])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 10_000), prompt_len=st.integers(1, 12))
+def test_random_trees_are_lossless_float64(backend, seed, prompt_len, tiny_model):
+    target = make_backend(tiny_model, backend, 256)
+    rng = random.Random(seed)
+    prompt = [rng.randrange(64) for _ in range(prompt_len)]
+    engine = Engine(target, stop_ids=[], max_nodes=24)
+    ref = _reference(engine, prompt, 40)
+    proposer = OracleTreeProposer(prompt + ref, 64, rng)
+    gen = engine.generate(prompt, 40, proposer)
+    assert gen.tokens == ref
+    assert max(gen.accepted) > 1, "some drafted tokens must have been accepted"
+    # The cache holds the prompt and every committed token except the last emitted (pending) one.
+    assert target.cache.length == len(prompt) + sum(gen.accepted) - 1
+
+
+def test_stop_token_ends_output_exactly(tiny_model):
+    target = make_backend(tiny_model, "lean", 256)
+    engine = Engine(target, stop_ids=[], max_nodes=16)
+    prompt = [1, 2, 3]
+    ref = _reference(engine, prompt, 40)
+    stop = ref[10]
+    first = ref.index(stop)
+    stopping = Engine(target, stop_ids=[stop], max_nodes=16)
+    for proposer in (None, OracleTreeProposer(prompt + ref, 64, random.Random(0))):
+        gen = stopping.generate(prompt, 40, proposer)
+        assert gen.tokens == ref[: first + 1] and gen.stopped
+    gen = stopping.generate(prompt, 5, OracleTreeProposer(prompt + ref, 64, random.Random(1)))
+    assert gen.tokens == ref[: min(5, first + 1)]
+
+
+def test_tree_validation():
+    with pytest.raises(TreeError, match="parent 2 must be -1"):
+        DraftTree([1, 2], [-1, 2])
+    with pytest.raises(TreeError, match="2 tokens but 1 parents"):
+        DraftTree([1, 2], [-1])
+    tree = DraftTree.from_paths([[5], [5, 6], [5, 7], [8]])
+    assert tree.tokens == [5, 8, 6, 7] and tree.parents == [-1, -1, 0, 0]
+    assert tree.depths == [1, 1, 2, 2] and tree.paths() == [[1], [0, 2], [0, 3]]
+    mask = tree.attention_mask(prefix_len=2, dtype=torch.float32)
+    visible = (mask == 0).int().tolist()
+    assert visible[3] == [1, 1, 1, 1, 0, 1, 0]  # node 2 (token 6): prefix, root, its parent, itself
+
+
+def test_tree_larger_than_cache_is_refused(tiny_model):
+    target = make_backend(tiny_model, "lean", 40)
+    engine = Engine(target, stop_ids=[], max_nodes=16)
+    with pytest.raises(ValueError, match="exceeds the KV cache"):
+        engine.generate([1] * 10, 20)
+
+
+def test_ngram_proposer_tree():
+    p = NgramProposer(ngram_max=2, ngram_min=1, num_draft=3, branches=2)
+    tokens = [1, 2, 3, 4, 1, 2, 5, 6, 9, 1, 2]
+    assert p.continuations(tokens) == [[5, 6, 9], [3, 4, 1]]
+    tree = p.propose(tokens, 64)
+    assert tree.tokens == [5, 6, 9, 3, 4, 1] and tree.parents == [-1, 0, 1, -1, 3, 4]
+    assert p.propose([7, 8, 9], 64) is None
+    assert len(p.propose(tokens, 4)) == 4
+
+
+def _real_prompts(tokenizer, n_mt: int = 6, n_he: int = 6) -> list[list[int]]:
+    mt = load_task("mt", TaskConfig(kind="mt_bench", max_samples=n_mt), seed=3).samples
+    he = load_task("he", TaskConfig(kind="humaneval", max_samples=n_he), seed=3).samples
+    return [chat_ids(tokenizer, [{"role": "user", "content": s["turns"][0]}]) for s in mt + he]
+
+
+def test_prompt_lookup_is_lossless_on_the_real_model(real_target):
+    """12 real prompts (MT-bench and HumanEval), 64 new tokens: chain and tree lookup equal autoregressive."""
+    engine = Engine(real_target.backend, real_target.loaded.eos_ids)
+    accepted_any = 0
+    for prompt in _real_prompts(real_target.tokenizer):
+        ref = engine.generate(prompt, 64)
+        for proposer in (NgramProposer(), NgramProposer(branches=3, num_draft=6)):
+            gen = engine.generate(prompt, 64, proposer)
+            assert gen.tokens == ref.tokens
+            accepted_any += sum(a - 1 for a in gen.accepted[1:])
+    assert accepted_any > 50

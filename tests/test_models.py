@@ -1,0 +1,80 @@
+"""Target loading: packaged GGUF offline through a cache, local folders, clear errors; lean forward = HF forward."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from deepspec.models import ModelLoadError, load_model, make_backend
+from deepspec.models.hf_backend import HFBackend
+from deepspec.models.lean import LeanLlama
+
+from conftest import REAL_MODEL, tiny_llama
+
+
+def test_packaged_model_loads_offline_from_cache(real_target, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t0 = time.perf_counter()
+    loaded = load_model(REAL_MODEL)
+    assert time.perf_counter() - t0 < 20  # the converted folder is reused, no de-quantisation
+    assert loaded.model.config.model_type == "llama" and loaded.model.config.num_hidden_layers == 30
+    assert loaded.fingerprint == real_target.loaded.fingerprint and len(loaded.fingerprint) == 16
+    assert loaded.tokenizer.convert_ids_to_tokens(loaded.eos_ids) == ["<|im_end|>"]
+    assert isinstance(real_target.backend, LeanLlama)
+
+
+def test_local_folder_and_errors(tmp_path):
+    model = tiny_llama(dtype=torch.float32)
+    model.save_pretrained(tmp_path / "m")
+    from transformers import AutoTokenizer
+
+    with pytest.raises(ModelLoadError, match="no such model folder"):
+        load_model(str(tmp_path / "absent"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="folder without config.json"):
+        load_model(str(tmp_path / "empty"))
+    with pytest.raises(ModelLoadError, match="unknown packaged model 'nope'"):
+        load_model("packaged:nope")
+    with pytest.raises(ModelLoadError, match=r"cannot load 'no-such-org/no-such-model': not a local model"):
+        load_model("no-such-org/no-such-model")
+
+
+def test_lean_forward_matches_hf_logits():
+    model = tiny_llama()
+    lean = LeanLlama(model, 128)
+    ids = torch.randint(0, 64, (20,))
+    with torch.no_grad():
+        ref = model(ids[None]).logits[0]
+    logits, _ = lean.forward(ids, torch.arange(20))
+    torch.testing.assert_close(logits, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "mistral"])
+def test_lean_forward_other_llama_families(model_type):
+    model = tiny_llama(model_type=model_type)
+    if model_type == "qwen3":  # non-trivial q/k norms so that their use is tested
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
+                layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
+    lean = make_backend(model, "auto", 64)
+    assert isinstance(lean, LeanLlama)
+    ids = torch.randint(0, 64, (12,))
+    with torch.no_grad():
+        ref = model(ids[None]).logits[0]
+    # HF takes RMSNorm statistics in float32 even for float64 models, so the fused q/k/v matmul's last-bit
+    # differences can round differently there; wrong architecture handling gives errors of order 1e-1.
+    torch.testing.assert_close(lean.forward(ids, torch.arange(12))[0], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_backend_choice():
+    model = tiny_llama(model_type="llama")
+    assert isinstance(make_backend(model, "hf", 64), HFBackend)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    gpt2 = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", n_layer=1, n_embd=16, n_head=2, vocab_size=32))
+    assert isinstance(make_backend(gpt2, "auto", 64), HFBackend)
+    with pytest.raises(ModelLoadError, match="'lean' supports"):
+        make_backend(gpt2, "lean", 64)
