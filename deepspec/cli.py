@@ -35,6 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="tables, plots and report.md from the metrics files")
     _config_args(p)
 
+    p = sub.add_parser("bench", help="benchmarks; `bench decode`: our engine against HF, with the verify-cost curve")
+    p.add_argument("what", choices=["decode"])
+    _config_args(p)
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--methods", nargs="*", help="subset of methods (HF generate and our AR always run)")
+
     p = sub.add_parser("check", help="validate a config and print its hash and effective values")
     _config_args(p)
 
@@ -84,6 +92,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from deepspec.evaluation.runner import evaluate
 
         evaluate(cfg, args.method, args.task, args.threads)
+    elif args.command == "bench":
+        from deepspec.evaluation.bench import bench_decode
+
+        bench_decode(cfg, args.prompts, args.max_new_tokens, args.threads, args.methods)
     elif args.command == "report":
         from deepspec.reporting.report import build_report
 

@@ -64,7 +64,21 @@ class NgramMethod(_Strict):
         return self
 
 
-MethodConfig = Annotated[Union[AutoregressiveMethod, NgramMethod], Field(discriminator="kind")]
+class DraftLMMethod(_Strict):
+    """An independent causal LM sharing the target's tokenizer, with its own KV cache.
+
+    `model` null drafts with the target's own weights, cut to `layers` and/or read as int8."""
+
+    kind: Literal["draft_lm"]
+    model: str | None = None
+    layers: Annotated[int, Field(ge=1)] | None = None
+    quantize: Literal["none", "int8"] = "none"
+    depth: Annotated[int, Field(ge=1)] = 4
+    top_k: Annotated[int, Field(ge=1)] = 1
+    total_tokens: Annotated[int, Field(ge=1)] = 8
+
+
+MethodConfig = Annotated[Union[AutoregressiveMethod, NgramMethod, DraftLMMethod], Field(discriminator="kind")]
 
 
 class EvalConfig(_Strict):

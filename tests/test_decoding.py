@@ -136,3 +136,66 @@ def test_prompt_lookup_is_lossless_on_the_real_model(real_target):
             assert gen.tokens == ref.tokens
             accepted_any += sum(a - 1 for a in gen.accepted[1:])
     assert accepted_any > 50
+
+
+@pytest.mark.parametrize("top_k,total", [(1, 4), (3, 10)])
+def test_draft_lm_is_lossless_float64(top_k, total):
+    from deepspec.drafters.draft_lm import DraftLMProposer
+    from deepspec.models.lean import LeanLlama
+
+    model = tiny_llama()
+    target = make_backend(model, "lean", 512)
+    engine = Engine(target, stop_ids=[], max_nodes=16)
+    for draft_model, must_accept in ((model, True), (tiny_llama(seed=7), False)):
+        proposer = DraftLMProposer(LeanLlama(draft_model, 512), depth=4, top_k=top_k, total_tokens=total)
+        for prompt in ([5], [1, 2, 3, 4, 5, 6, 7]):
+            ref = engine.generate(prompt, 48).tokens
+            gen = engine.generate(prompt, 48, proposer)
+            assert gen.tokens == ref
+            if must_accept:  # the target drafting for itself: every drafted path is right
+                assert gen.forwards <= len(ref) / 2
+
+
+def test_draft_tokenizer_mismatch_is_refused(real_target, tmp_path):
+    import copy
+
+    from deepspec.config import DraftLMMethod
+    from deepspec.drafters import build_proposer
+
+    tok = copy.deepcopy(real_target.tokenizer)
+    tok.add_tokens(["<not-in-target>"])
+    folder = tmp_path / "draft"
+    tiny_llama(vocab=len(tok), dtype=torch.float32).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    with pytest.raises(ValueError, match=r"methods.dl.model: the draft tokenizer differs from the target's \(49153 vs 49152"):
+        build_proposer(DraftLMMethod(kind="draft_lm", model=str(folder)), real_target, "dl")
+
+
+def test_dynamic_tree_refuses_bad_shapes():
+    from deepspec.decoding.tree import dynamic_tree
+
+    with pytest.raises(TreeError, match=r"depth \(0\), top_k \(2\)"):
+        dynamic_tree(torch.zeros(8), lambda *a: None, 0, 2, 4)
+
+
+def test_every_method_is_lossless_on_long_outputs(real_target):
+    """256 new tokens on real prompts: prompt lookup (chain, tree) and the int8 draft LM (chain, tree)."""
+    from deepspec.config import DraftLMMethod, NgramMethod
+    from deepspec.drafters import build_proposer
+
+    engine = Engine(real_target.backend, stop_ids=[])  # no early stop: exactly 256 tokens each
+    methods = [
+        NgramMethod(kind="ngram"),
+        NgramMethod(kind="ngram", branches=3, num_draft=6),
+        DraftLMMethod(kind="draft_lm", quantize="int8", depth=4, top_k=1, total_tokens=4),
+        DraftLMMethod(kind="draft_lm", quantize="int8", layers=20, depth=3, top_k=3, total_tokens=10),
+    ]
+    proposers = [build_proposer(m, real_target) for m in methods]
+    mt = load_task("mt", TaskConfig(kind="mt_bench", max_samples=1), seed=11).samples
+    he = load_task("he", TaskConfig(kind="humaneval", max_samples=1), seed=11).samples
+    for sample in mt + he:
+        prompt = chat_ids(real_target.tokenizer, [{"role": "user", "content": sample["turns"][0]}])
+        ref = engine.generate(prompt, 256)
+        assert len(ref.tokens) == 256
+        for proposer in proposers:
+            assert engine.generate(prompt, 256, proposer).tokens == ref.tokens

@@ -23,8 +23,9 @@ class Generation:
     accepted: list[int] = field(default_factory=list)  # tokens committed per target forward, prefill first
     proposed: list[int] = field(default_factory=list)  # draft nodes sent to each verify forward
     accepted_depth: list[int] = field(default_factory=list)  # drafted tokens accepted per round
-    draft_time: float = 0.0
-    verify_time: float = 0.0
+    draft_time: float = 0.0  # inside the proposer
+    verify_time: float = 0.0  # verify rounds: target forward + acceptance + commit
+    forward_time: float = 0.0  # inside target forwards only (prefill included)
     prefill_time: float = 0.0
     wall_time: float = 0.0
 
@@ -70,7 +71,7 @@ class Engine:
         cache.commit(n)
         out = [self._choose(logits[0], generator)]
         gen = Generation(tokens=out, stopped=False, accepted=[1], proposed=[0], accepted_depth=[0])
-        gen.prefill_time = time.perf_counter() - start
+        gen.prefill_time = gen.forward_time = time.perf_counter() - start
         while out[-1] not in self.stop_ids and len(out) < max_new_tokens:
             tree = None
             if proposer is not None:
@@ -81,8 +82,9 @@ class Engine:
                 if tree is not None and len(tree) > budget:
                     raise TreeError(f"{proposer.name} proposed {len(tree)} nodes; the budget was {budget}")
             t0 = time.perf_counter()
-            emitted = self._verify(out[-1], tree, generator)
+            emitted, forward_s = self._verify(out[-1], tree, generator)
             gen.verify_time += time.perf_counter() - t0
+            gen.forward_time += forward_s
             gen.accepted.append(len(emitted))
             gen.proposed.append(len(tree) if tree else 0)
             gen.accepted_depth.append(len(emitted) - 1)
@@ -94,21 +96,27 @@ class Engine:
         gen.wall_time = time.perf_counter() - start
         return gen
 
-    def _verify(self, root: int, tree: DraftTree | None, generator: torch.Generator | None) -> list[int]:
-        """One target forward over [root] + tree; commits the accepted path and returns the emitted tokens."""
+    def _verify(self, root: int, tree: DraftTree | None, generator: torch.Generator | None) -> tuple[list[int], float]:
+        """One target forward over [root] + tree; commits the accepted path.
+
+        Returns the emitted tokens and the seconds spent inside the target forward."""
         target, cache = self.target, self.target.cache
         length = cache.length
         if not tree:
+            t0 = time.perf_counter()
             logits, _ = target.forward(torch.tensor([root]), torch.tensor([length]))
+            forward_s = time.perf_counter() - t0
             cache.commit(1)
-            return [self._choose(logits[0], generator)]
+            return [self._choose(logits[0], generator)], forward_s
         ids = torch.tensor([root] + tree.tokens)
         mask = None if tree.is_chain() else tree.attention_mask(length, target.dtype)
+        t0 = time.perf_counter()
         logits, _ = target.forward(ids, tree.positions(length), mask=mask)
+        forward_s = time.perf_counter() - t0
         if self.sampling.greedy:
             path, bonus = greedy_accept(tree, logits.argmax(-1).tolist())
         else:
             path, bonus = sample_accept(tree, target_probs(logits, self.sampling), generator)
         keep = None if tree.is_chain() else torch.tensor([0] + [i + 1 for i in path])
         cache.commit(len(path) + 1, keep)
-        return [tree.tokens[i] for i in path] + [bonus]
+        return [tree.tokens[i] for i in path] + [bonus], forward_s

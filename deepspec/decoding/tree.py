@@ -103,3 +103,40 @@ class DraftTree:
                 node = self.parents[node]
             out.append(path[::-1])
         return out
+
+
+def dynamic_tree(root_logp: Tensor, expand, depth: int, top_k: int, total_tokens: int) -> DraftTree:
+    """EAGLE-2 dynamic tree: expand the `top_k` best frontier nodes per step, rerank all candidates.
+
+    `root_logp` [V] are the drafter's log-probs after the last committed token. `expand(nodes, tokens,
+    parents)` returns log-probs [len(nodes), V] of the children of `nodes`, given the tree so far. A
+    node's score is its cumulative draft log-prob; the final tree is the `total_tokens` best scores,
+    which is closed under ancestors because scores only fall along a path (ties go to the shallower,
+    earlier node).
+    """
+    if depth < 1 or top_k < 1 or total_tokens < 1:
+        raise TreeError(f"depth ({depth}), top_k ({top_k}) and total_tokens ({total_tokens}) must be >= 1")
+    top = torch.topk(root_logp, top_k)
+    tokens: list[int] = top.indices.tolist()
+    scores: list[float] = top.values.tolist()
+    parents: list[int] = [-1] * len(tokens)
+    depths: list[int] = [1] * len(tokens)
+    frontier = list(range(len(tokens)))
+    for d in range(2, depth + 1):
+        logp = expand(frontier, tokens, parents)
+        cand = torch.topk(logp, top_k, dim=-1)
+        cand_scores = torch.tensor([scores[f] for f in frontier], dtype=cand.values.dtype)[:, None] + cand.values
+        flat_scores = cand_scores.flatten().tolist()
+        flat_tokens = cand.indices.flatten().tolist()
+        first_new = len(tokens)
+        for j, (s, t) in enumerate(zip(flat_scores, flat_tokens)):
+            tokens.append(t)
+            scores.append(s)
+            parents.append(frontier[j // top_k])
+            depths.append(d)
+        best = sorted(range(len(flat_scores)), key=lambda j: -flat_scores[j])[:top_k]
+        frontier = sorted(first_new + j for j in best)
+    keep = sorted(range(len(tokens)), key=lambda i: (-scores[i], depths[i], i))[:total_tokens]
+    keep.sort()  # parents precede children in the original order
+    remap = {old: new for new, old in enumerate(keep)}
+    return DraftTree([tokens[i] for i in keep], [remap[parents[i]] if parents[i] >= 0 else -1 for i in keep])

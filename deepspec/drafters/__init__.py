@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
-from deepspec.config import AutoregressiveMethod, NgramMethod
+from deepspec.config import AutoregressiveMethod, DraftLMMethod, NgramMethod
 from deepspec.decoding.proposer import Proposer
+from deepspec.drafters.draft_lm import DraftLMProposer, check_same_tokenizer
 from deepspec.drafters.ngram import NgramProposer
 
 
-def build_proposer(method, target=None) -> Proposer | None:
+def build_proposer(method, target=None, name: str = "") -> Proposer | None:
     """The proposer of a method config; None for the autoregressive baseline."""
     if isinstance(method, AutoregressiveMethod):
         return None
     if isinstance(method, NgramMethod):
         return NgramProposer(method.ngram_max, method.ngram_min, method.num_draft, method.branches)
+    if isinstance(method, DraftLMMethod):
+        from deepspec.models import load_model
+        from deepspec.models.lean import LeanLlama
+
+        where = f"methods.{name or 'draft_lm'}.model"
+        if method.model is None:
+            hf = target.loaded.model
+        else:
+            loaded = load_model(method.model)
+            check_same_tokenizer(loaded.tokenizer, target.tokenizer, where)
+            hf = loaded.model
+        draft = LeanLlama(hf, target.backend.cache.max_len, n_layers=method.layers)
+        if method.quantize == "int8":
+            draft.quantize_int8()
+        return DraftLMProposer(draft, method.depth, method.top_k, method.total_tokens)
     raise ValueError(f"no proposer for method kind {method.kind!r}")

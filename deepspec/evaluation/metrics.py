@@ -17,6 +17,7 @@ def turn_record(gen: Generation, text: str) -> dict[str, Any]:
         "prefill_time": gen.prefill_time,
         "draft_time": gen.draft_time,
         "verify_time": gen.verify_time,
+        "forward_time": gen.forward_time,
         "forwards": gen.forwards,
         "accepted": gen.accepted,
         "proposed": gen.proposed,
@@ -24,8 +25,8 @@ def turn_record(gen: Generation, text: str) -> dict[str, Any]:
 
 
 def _totals(turns: list[dict[str, Any]]) -> dict[str, float]:
-    keys = ("new_tokens", "wall_time", "prefill_time", "draft_time", "verify_time", "forwards")
-    return {k: float(sum(t[k] for t in turns)) for k in keys}
+    keys = ("new_tokens", "wall_time", "prefill_time", "draft_time", "verify_time", "forward_time", "forwards")
+    return {k: float(sum(t.get(k, 0.0) for t in turns)) for k in keys}
 
 
 def acceptance_by_depth(turns: list[dict[str, Any]]) -> list[float]:
@@ -59,6 +60,10 @@ def summarize(records: list[dict[str, Any]], greedy: bool, paired: bool) -> dict
         },
     }
     metrics["time_split"]["other"] = max(0.0, 1.0 - sum(metrics["time_split"].values()))
+    # Time neither in a target forward nor in the drafter: the engine's own overhead.
+    metrics["overhead_frac"] = (
+        max(0.0, 1.0 - (tot["forward_time"] + tot["draft_time"]) / tot["wall_time"]) if tot["wall_time"] else 0.0
+    )
     if paired:
         base = [t for r in records for t in r["baseline"]]
         btot = _totals(base)

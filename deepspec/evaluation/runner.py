@@ -88,7 +88,7 @@ def evaluate(cfg: Config, method: str, task: str, threads: int | None = None) ->
     with tracking.stage_run(cfg, "evaluate", f"evaluate {method} {task}", method=method, task=task) as run:
         target = load_target(cfg.target.model, cfg.target.dtype, cfg.target.backend, cfg.target.max_len)
         engine = Engine(target.backend, target.loaded.eos_ids, sampling_of(cfg))
-        proposer = build_proposer(cfg.methods[method], target)
+        proposer = build_proposer(cfg.methods[method], target, method)
         base_proposer = build_proposer(cfg.methods[baseline], target)
         run.params({"method": method, "task": task, "baseline": baseline, "max_new_tokens": max_new,
                     "samples": len(samples), "target": cfg.target.model, "target_fingerprint": target.loaded.fingerprint,

@@ -1,0 +1,200 @@
+"""`deepspec bench decode`: our engine against Hugging Face on one fixed real prompt set, methods interleaved.
+
+A benchmark, not a test: it reports ratios measured within one run (the machine is shared and noisy),
+plus the verify-cost curve of the target forward, and logs everything to MLflow like any stage.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from tqdm import tqdm
+
+from deepspec import io, tracking
+from deepspec.config import Config, DraftLMMethod, NgramMethod, TaskConfig
+from deepspec.data.tasks import chat_ids, load_task
+from deepspec.decoding.engine import Engine
+from deepspec.decoding.tree import DraftTree
+from deepspec.drafters import build_proposer
+from deepspec.models import load_target
+
+# Our methods in the benchmark; HF's two are added in `bench_decode`.
+OURS: dict[str, Any] = {
+    "ours_ar": None,
+    "ours_pld_chain": NgramMethod(kind="ngram", ngram_max=3, ngram_min=2, num_draft=4),
+    "ours_pld_tree": NgramMethod(kind="ngram", ngram_max=3, ngram_min=2, num_draft=5, branches=3),
+    "ours_draft_lm_chain": DraftLMMethod(kind="draft_lm", quantize="int8", depth=4, top_k=1, total_tokens=4),
+    "ours_draft_lm_tree": DraftLMMethod(kind="draft_lm", quantize="int8", depth=4, top_k=3, total_tokens=10),
+}
+
+
+@dataclass
+class Tally:
+    new_tokens: int = 0
+    wall: float = 0.0
+    forwards: int = 0
+    draft: float = 0.0
+    verify: float = 0.0
+    forward: float = 0.0
+    outputs: list[list[int]] = field(default_factory=list)
+
+    @property
+    def tps(self) -> float:
+        return self.new_tokens / self.wall if self.wall else 0.0
+
+
+def bench_prompts(tokenizer, n: int, seed: int = 0) -> list[list[int]]:
+    half = max(1, n // 2)
+    mt = load_task("mt_bench", TaskConfig(kind="mt_bench", max_samples=half), seed).samples
+    he = load_task("humaneval", TaskConfig(kind="humaneval", max_samples=n - half), seed).samples if n > half else []
+    return [chat_ids(tokenizer, [{"role": "user", "content": s["turns"][0]}]) for s in mt + he]
+
+
+def verify_cost_curve(backend, context: int = 256, sizes=(1, 2, 4, 8, 16, 32, 64), reps: int = 7) -> dict[str, float]:
+    """Median ms of one target forward over n new tokens at a `context`-token prefix; plus a 16-node tree."""
+    cache = backend.cache
+    cache.reset()
+    backend.forward(torch.randint(0, 1000, (context,)), torch.arange(context))
+    cache.commit(context)
+    out: dict[str, float] = {}
+
+    def timed(fn: Callable[[], Any]) -> float:
+        fn()
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts) * 1e3
+
+    for n in sizes:
+        ids = torch.randint(0, 1000, (n,))
+        out[f"chain_{n}"] = timed(lambda ids=ids: backend.forward(ids, torch.arange(context, context + len(ids))))
+    tree = DraftTree(list(range(100, 116)), [-1, -1, -1, -1, 0, 0, 1, 1, 2, 4, 4, 6, 8, 9, 10, 12])
+    ids = torch.tensor([5] + tree.tokens)
+    mask = tree.attention_mask(context, backend.dtype)
+    out["tree_16"] = timed(lambda: backend.forward(ids, tree.positions(context), mask=mask))
+    cache.reset()
+    return out
+
+
+def bench_decode(cfg: Config, n_prompts: int = 8, max_new_tokens: int = 128, threads: int | None = None,
+                 methods: list[str] | None = None) -> dict[str, Any]:
+    torch.set_num_threads(threads or cfg.eval.threads or os.cpu_count() or 1)
+    with tracking.stage_run(cfg, "bench", "bench decode", bench="decode") as run:
+        target = load_target(cfg.target.model, cfg.target.dtype, cfg.target.backend, cfg.target.max_len)
+        tok, hf = target.tokenizer, target.loaded.model
+        engine = Engine(target.backend, target.loaded.eos_ids)
+        prompts = bench_prompts(tok, n_prompts, cfg.eval.seed)
+        runners: dict[str, Callable[[list[int]], tuple[list[int], Any]]] = {}
+        eos = target.loaded.eos_ids
+
+        def hf_runner(**kw):
+            def go(prompt):
+                ids = torch.tensor([prompt])
+                with torch.inference_mode():
+                    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                      do_sample=False, eos_token_id=eos, pad_token_id=eos[0], **kw)
+                return out[0, len(prompt):].tolist(), None
+            return go
+
+        def ours_runner(proposer):
+            def go(prompt):
+                gen = engine.generate(prompt, max_new_tokens, proposer)
+                return gen.tokens, gen
+            return go
+
+        runners["hf_generate"] = hf_runner()
+        runners["hf_prompt_lookup"] = hf_runner(prompt_lookup_num_tokens=8)
+        for name, method in OURS.items():
+            if methods and name not in methods and name != "ours_ar":
+                continue
+            runners[name] = ours_runner(build_proposer(method, target, name) if method is not None else None)
+        if methods:
+            runners = {k: v for k, v in runners.items() if k in methods or k in ("hf_generate", "ours_ar")}
+        names = list(runners)
+        for name in names:  # warm-up
+            runners[name](prompts[0][:32])
+        tallies = {name: Tally() for name in names}
+        for i, prompt in enumerate(tqdm(prompts, desc="bench decode", unit="prompt")):
+            order = names[i % len(names):] + names[: i % len(names)]  # rotate so no method always goes first
+            for name in order:
+                t0 = time.perf_counter()
+                tokens, gen = runners[name](prompt)
+                wall = time.perf_counter() - t0
+                t = tallies[name]
+                t.new_tokens += len(tokens)
+                t.wall += wall
+                t.outputs.append(tokens)
+                if gen is not None:
+                    t.forwards += gen.forwards
+                    t.draft += gen.draft_time
+                    t.verify += gen.verify_time
+                    t.forward += gen.forward_time
+        curve = verify_cost_curve(target.backend)
+        result = _summarize(tallies, curve)
+        result.update({"prompts": len(prompts), "max_new_tokens": max_new_tokens, "threads": torch.get_num_threads()})
+        text = format_table(result)
+        out = cfg.out_dir / "bench"
+        io.write_json(out / "decode.json", result)
+        io.write_text(out / "decode.md", text)
+        run.params({"prompts": len(prompts), "max_new_tokens": max_new_tokens, "threads": torch.get_num_threads(),
+                    "target": cfg.target.model})
+        run.metrics({f"{m}.{k}": v for m, row in result["methods"].items() for k, v in row.items()
+                     if isinstance(v, (int, float)) and v is not None}
+                    | {f"verify_ms.{k}": v for k, v in curve.items()})
+        run.artifact(out / "decode.md")
+        run.artifact(out / "decode.json")
+        print(text)
+    return result
+
+
+def _summarize(tallies: dict[str, Tally], curve: dict[str, float]) -> dict[str, Any]:
+    ar, hfg = tallies["ours_ar"], tallies["hf_generate"]
+    rows: dict[str, dict[str, Any]] = {}
+    for name, t in tallies.items():
+        ours = t.forwards > 0
+        rows[name] = {
+            "tokens_per_s": t.tps,
+            "tau": t.new_tokens / t.forwards if ours else None,
+            "speedup_vs_ours_ar": t.tps / ar.tps if ar.tps else None,
+            "speedup_vs_hf_generate": t.tps / hfg.tps if hfg.tps else None,
+            "draft_frac": t.draft / t.wall if ours else None,
+            "target_forward_frac": t.forward / t.wall if ours else None,
+            "overhead_frac": max(0.0, 1 - (t.forward + t.draft) / t.wall) if ours else None,
+            "identical_to_ours_ar": sum(a == b for a, b in zip(t.outputs, ar.outputs)),
+            "identical_to_hf_generate": sum(a == b for a, b in zip(t.outputs, hfg.outputs)),
+            "new_tokens": t.new_tokens,
+        }
+    base = curve["chain_1"]
+    return {"methods": rows, "verify_ms": curve, "verify_ratio": {k: v / base for k, v in curve.items()}}
+
+
+def format_table(result: dict[str, Any]) -> str:
+    def f(v, spec):
+        return "–" if v is None else format(v, spec)
+
+    n = result["prompts"]
+    lines = [
+        f"## Decode benchmark: {n} prompts, up to {result['max_new_tokens']} new tokens, {result['threads']} threads",
+        "",
+        "| method | tokens/s | τ | vs our AR | vs HF generate | draft | target fwd | overhead | = our AR | = HF generate |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in result["methods"].items():
+        lines.append(
+            f"| {name} | {r['tokens_per_s']:.1f} | {f(r['tau'], '.2f')} | {f(r['speedup_vs_ours_ar'], '.2f')}× | "
+            f"{f(r['speedup_vs_hf_generate'], '.2f')}× | {f(r['draft_frac'], '.0%')} | {f(r['target_forward_frac'], '.0%')} | "
+            f"{f(r['overhead_frac'], '.0%')} | {r['identical_to_ours_ar']}/{n} | {r['identical_to_hf_generate']}/{n} |"
+        )
+    lines += ["", "Verify cost of one target forward (256-token context):", "",
+              "| new tokens | " + " | ".join(k.replace("chain_", "").replace("tree_16", "tree 16") for k in result["verify_ms"]) + " |",
+              "|---|" + "---|" * len(result["verify_ms"]),
+              "| ms | " + " | ".join(f"{v:.1f}" for v in result["verify_ms"].values()) + " |",
+              "| × one token | " + " | ".join(f"{v:.2f}" for v in result["verify_ratio"].values()) + " |"]
+    return "\n".join(lines) + "\n"
