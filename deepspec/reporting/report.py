@@ -41,7 +41,8 @@ def tables(cfg: Config, metrics: dict) -> dict[str, str]:
     methods, tasks = list(cfg.methods), list(cfg.tasks)
     head = ["method", *tasks, "mean"]
     md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    rows_csv = [["method", "task", "tau", "speedup", "tokens_per_s", "baseline_tokens_per_s", "lossless", "samples", "new_tokens"]]
+    rows_csv = [["method", "task", "tau", "speedup", "tokens_per_s", "baseline_tokens_per_s", "lossless", "samples",
+                 "new_tokens", "config_hash"]]
     tex = [r"\begin{tabular}{l" + "c" * (len(tasks) + 1) + "}", r"\toprule",
            "Method & " + " & ".join(t.replace("_", r"\_") for t in tasks) + r" & Mean \\", r"\midrule"]
     for method in methods:
@@ -52,8 +53,10 @@ def tables(cfg: Config, metrics: dict) -> dict[str, str]:
         for t in tasks:
             m = metrics[(method, t)]
             rows_csv.append([method, t, f"{m['tau']:.4f}", f"{m['speedup']:.4f}", f"{m['tokens_per_s']:.3f}",
-                             f"{m['baseline_tokens_per_s']:.3f}", m["lossless"]["passed"], m["samples"], m["new_tokens"]])
-    tex += [r"\bottomrule", r"\end{tabular}"]
+                             f"{m['baseline_tokens_per_s']:.3f}", m["lossless"]["passed"], m["samples"], m["new_tokens"],
+                             m["config_hash"]])
+    tex += [r"\bottomrule", r"\end{tabular}", f"% config hash {cfg.hash()}"]
+    md.append(f"\nτ / speedup vs autoregressive; config hash `{cfg.hash()}`.")
     buf = _io.StringIO()
     csv.writer(buf, lineterminator="\n").writerows(rows_csv)
     split = ["| method | task | tokens/s | prefill | draft | verify | other | outside forwards | acceptance by depth |",
@@ -95,7 +98,8 @@ def plots(cfg: Config, metrics: dict, out: Path) -> list[Path]:
         fig.tight_layout()
         path = out / fname
         tmp = path.with_name(f".{fname}.tmp.png")
-        fig.savefig(tmp)
+        fig.text(0.99, 0.01, f"config {cfg.hash()}", ha="right", va="bottom", fontsize=6, color="grey")
+        fig.savefig(tmp, metadata={"Description": f"deepspec {cfg.experiment} config {cfg.hash()}"})
         plt.close(fig)
         tmp.replace(path)
         paths.append(path)
