@@ -8,6 +8,7 @@ from the loaded HF model (no model file is copied); q/k/v and gate/up are fused 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -151,7 +152,9 @@ class LeanLlama:
         def pack(w: Tensor):
             w = w.float()
             scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-8).double()
-            q = torch.quantize_per_channel(w, scale, torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
+            with warnings.catch_warnings():  # torch marks qint8 tensor creation deprecated; fbgemm still needs it
+                warnings.simplefilter("ignore", UserWarning)
+                q = torch.quantize_per_channel(w, scale, torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
             return torch.ops.quantized.linear_prepack(q, None)
 
         for layer in self.layers:
