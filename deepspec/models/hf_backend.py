@@ -30,13 +30,18 @@ class HFCache:
 
     def commit(self, n_written: int, keep: Tensor | None = None) -> None:
         start = self.length
-        rows = torch.arange(start, start + n_written) if keep is None else keep + start
+        n = n_written if keep is None else int(keep.numel())
+        prefix = keep is None or (n > 0 and int(keep[-1]) == n - 1)  # kept rows already in place
         for layer in self.store.layers:
             if not getattr(layer, "is_initialized", True) or layer.keys is None:
                 continue
-            layer.keys = torch.cat([layer.keys[..., :start, :], layer.keys[..., rows, :]], dim=-2)
-            layer.values = torch.cat([layer.values[..., :start, :], layer.values[..., rows, :]], dim=-2)
-        self.length += int(rows.numel())
+            if prefix:
+                layer.keys, layer.values = layer.keys[..., : start + n, :], layer.values[..., : start + n, :]
+            else:
+                rows = keep + start
+                layer.keys = torch.cat([layer.keys[..., :start, :], layer.keys[..., rows, :]], dim=-2)
+                layer.values = torch.cat([layer.values[..., :start, :], layer.values[..., rows, :]], dim=-2)
+        self.length += n
 
 
 class HFBackend:
