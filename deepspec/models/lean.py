@@ -106,6 +106,9 @@ class LeanLlama:
         self.embed = inner.embed_tokens.weight.detach()
         self.norm = inner.norm.weight.detach()
         self.lm_head = hf_model.lm_head.weight.detach()
+        # A single row reads the vocabulary matrix fastest in [hidden, vocab] layout (measured 5.7 vs
+        # 9.3 ms for 49152x576 on AVX2, ~8% of a SmolLM2 step); several rows prefer [vocab, hidden].
+        self.lm_head_t = self.lm_head.t().contiguous()
         self.dtype = self.embed.dtype
         self.device = self.embed.device
         rope = inner.rotary_emb
@@ -161,6 +164,7 @@ class LeanLlama:
             layer.wqkv, layer.wo = pack(layer.wqkv), pack(layer.wo)
             layer.w_gate_up, layer.w_down = pack(layer.w_gate_up), pack(layer.w_down)
         self.lm_head = pack(self.lm_head)
+        self.lm_head_t = None
         return self
 
     def _rope_table(self, max_len: int) -> None:
@@ -237,5 +241,9 @@ class LeanLlama:
             captured.append(h)
         if logits_rows is not None:
             h = h[logits_rows]
-        logits = _linear(_rms_norm(h, self.norm, self.eps), self.lm_head)
+        h = _rms_norm(h, self.norm, self.eps)
+        if h.shape[0] == 1 and self.lm_head_t is not None:
+            logits = h @ self.lm_head_t
+        else:
+            logits = _linear(h, self.lm_head)
         return logits, captured
