@@ -25,10 +25,12 @@ def test_packaged_model_loads_offline_from_cache(real_target, monkeypatch):
     assert isinstance(real_target.backend, LeanLlama)
 
 
-def test_local_folder_and_errors(tmp_path):
-    model = tiny_llama(dtype=torch.float32)
-    model.save_pretrained(tmp_path / "m")
-    from transformers import AutoTokenizer
+def test_local_folder_and_errors(tmp_path, real_target):
+    tiny_llama(dtype=torch.float32).save_pretrained(tmp_path / "m")
+    real_target.tokenizer.save_pretrained(tmp_path / "m")
+    loaded = load_model(str(tmp_path / "m"))
+    assert loaded.model.config.num_hidden_layers == 2 and len(loaded.fingerprint) == 16
+    assert loaded.fingerprint == load_model(str(tmp_path / "m")).fingerprint
 
     with pytest.raises(ModelLoadError, match="no such model folder"):
         load_model(str(tmp_path / "absent"))

@@ -112,12 +112,12 @@ def build_report(cfg: Config) -> Path:
         out = cfg.out_dir
         (out / "tables").mkdir(parents=True, exist_ok=True)
         (out / "plots").mkdir(parents=True, exist_ok=True)
-        written = [io.write_text(out / "tables" / name, text) for name, text in tables(cfg, metrics).items()]
+        tab = tables(cfg, metrics)
+        written = [io.write_text(out / "tables" / name, text) for name, text in tab.items()]
         written += plots(cfg, metrics, out / "plots")
         any_m = next(iter(metrics.values()))
         hashes = sorted({m["config_hash"] for m in metrics.values()})
         lossless_bad = [f"{k[0]}/{k[1]}" for k, m in metrics.items() if m["lossless"]["passed"] is False]
-        tab = tables(cfg, metrics)
         text = "\n".join([
             f"# DeepSpec report: `{cfg.experiment}`",
             "",
