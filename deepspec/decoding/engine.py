@@ -102,21 +102,19 @@ class Engine:
         Returns the emitted tokens and the seconds spent inside the target forward."""
         target, cache = self.target, self.target.cache
         length = cache.length
+        chain = not tree or tree.is_chain()  # a chain needs no explicit mask and no compaction
+        ids = torch.tensor([root] + (tree.tokens if tree else []))
+        positions = tree.positions(length) if tree else torch.tensor([length])
+        mask = None if chain else tree.attention_mask(length, target.dtype)
+        t0 = time.perf_counter()
+        logits, _ = target.forward(ids, positions, mask=mask)
+        forward_s = time.perf_counter() - t0
         if not tree:
-            t0 = time.perf_counter()
-            logits, _ = target.forward(torch.tensor([root]), torch.tensor([length]))
-            forward_s = time.perf_counter() - t0
             cache.commit(1)
             return [self._choose(logits[0], generator)], forward_s
-        ids = torch.tensor([root] + tree.tokens)
-        mask = None if tree.is_chain() else tree.attention_mask(length, target.dtype)
-        t0 = time.perf_counter()
-        logits, _ = target.forward(ids, tree.positions(length), mask=mask)
-        forward_s = time.perf_counter() - t0
         if self.sampling.greedy:
             path, bonus = greedy_accept(tree, logits.argmax(-1).tolist())
         else:
             path, bonus = sample_accept(tree, target_probs(logits, self.sampling), generator)
-        keep = None if tree.is_chain() else torch.tensor([0] + [i + 1 for i in path])
-        cache.commit(len(path) + 1, keep)
+        cache.commit(len(path) + 1, None if chain else torch.tensor([0] + [i + 1 for i in path]))
         return [tree.tokens[i] for i in path] + [bonus], forward_s

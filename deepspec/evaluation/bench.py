@@ -109,14 +109,15 @@ def bench_decode(cfg: Config, n_prompts: int = 8, max_new_tokens: int = 128, thr
                 return gen.tokens, gen
             return go
 
+        def wanted(name: str) -> bool:  # the two references always run
+            return not methods or name in methods or name in ("hf_generate", "ours_ar")
+
         runners["hf_generate"] = hf_runner()
-        runners["hf_prompt_lookup"] = hf_runner(prompt_lookup_num_tokens=8)
+        if wanted("hf_prompt_lookup"):
+            runners["hf_prompt_lookup"] = hf_runner(prompt_lookup_num_tokens=8)
         for name, method in OURS.items():
-            if methods and name not in methods and name != "ours_ar":
-                continue
-            runners[name] = ours_runner(build_proposer(method, target, name) if method is not None else None)
-        if methods:
-            runners = {k: v for k, v in runners.items() if k in methods or k in ("hf_generate", "ours_ar")}
+            if wanted(name):
+                runners[name] = ours_runner(build_proposer(method, target, name) if method is not None else None)
         names = list(runners)
         for name in names:  # warm-up
             runners[name](prompts[0][:32])
