@@ -1,4 +1,4 @@
-# DeepSpec workflow: prepare -> evaluate (method x task) -> report.
+# DeepSpec workflow: prepare -> [regenerate -> extract (per shard) -> train (per drafter)] -> evaluate (method x task) -> report.
 #   snakemake --cores all                                  # the CPU default (config/default.yaml)
 #   snakemake --cores all --configfile config/smoke.yaml   # the whole DAG in about a minute
 #   snakemake --cores all --config experiment=mine eval='{max_new_tokens: 64}'
@@ -16,6 +16,7 @@ if not workflow.overwrite_configfiles:
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/prepare.smk"
+include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 

@@ -28,3 +28,17 @@ def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> Path:
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
+
+
+def read_jsonl_prefix(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of an append-only JSONL file up to the first line a kill cut short (resume support)."""
+    rows: list[dict[str, Any]] = []
+    if not Path(path).is_file():
+        return rows
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return rows

@@ -55,6 +55,15 @@ def test_missing_baseline(tmp_path):
     assert "one method of kind 'autoregressive' is needed" in msg
 
 
+def test_eagle3_method_needs_a_known_drafter(tmp_path):
+    methods = {"ar": {"kind": "autoregressive"}, "e3": {"kind": "eagle3", "drafter": "nope"}}
+    assert _err(tmp_path, methods=methods) == "config error: methods.e3.drafter: no drafter named 'nope' (drafters: none)"
+    msg = _err(tmp_path, methods=methods, drafters={"d": {"kind": "eagle3", "ttt_length": 0}})
+    assert msg.startswith("config error: drafters.d.ttt_length: Input should be greater than or equal to 1")
+    msg = _err(tmp_path, train_data={"kind": "jsonl"})
+    assert msg == "config error: train_data: kind 'jsonl' needs a 'source'"
+
+
 def test_missing_task_file(tmp_path):
     msg = _err(tmp_path, tasks={"mine": {"kind": "jsonl", "source": str(tmp_path / "nope.jsonl")}})
     assert msg == f"config error: tasks.mine.source: file not found: {tmp_path / 'nope.jsonl'}"

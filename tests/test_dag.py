@@ -35,9 +35,9 @@ def test_tables_and_report(smoke_run):
     md = (out / "tables/summary.md").read_text().splitlines()
     assert md[0] == "| method | mt_bench | humaneval | mean |"
     assert md[2].startswith("| ar | 1.00 / 1.00× | 1.00 / 1.00× |")
-    assert md[3].startswith("| pld | ")
+    assert md[3].startswith("| pld | ") and md[4].startswith("| eagle3 | ")
     rows = list(csv.DictReader((out / "tables/summary.csv").open()))
-    assert {(r["method"], r["task"]) for r in rows} == {(m, t) for m in ("ar", "pld") for t in ("mt_bench", "humaneval")}
+    assert {(r["method"], r["task"]) for r in rows} == {(m, t) for m in ("ar", "pld", "eagle3") for t in ("mt_bench", "humaneval")}
     for r in rows:
         assert r["lossless"] == "True"
         assert float(r["tokens_per_s"]) > 0 and int(r["samples"]) == 2
@@ -51,13 +51,32 @@ def test_tables_and_report(smoke_run):
     assert all(o["token_ids"] == b["token_ids"] for r in records for o, b in zip(r["outputs"], r["baseline"]))
     report = (out / "report.md").read_text()
     assert "![speedup](plots/speedup.png)" in report and "| pld |" in report and "all methods pass" in report
+    assert "## Drafter training" in report and "![training eagle3](plots/training_eagle3.png)" in report
+
+
+def test_drafter_pipeline_outputs(smoke_run):
+    results, _ = smoke_run
+    out = results / "smoke"
+    regen = [json.loads(line) for line in (out / "data/train/regenerated.jsonl").open()]
+    assert len(regen) == 6 and all(0 < sum(r["loss_mask"]) <= 24 for r in regen)
+    feats = out / "features/packaged_smollm2-135m-instruct"
+    manifest = json.loads((feats / "manifest.json").read_text())
+    assert manifest["layers"] == [2, 15, 27] and manifest["n_layers"] == 30 and len(manifest["shards"]) == 2
+    assert manifest["tokens"] == sum(min(len(r["input_ids"]), 160) for r in regen)
+    drafter = out / "drafters/eagle3"
+    cfg = json.loads((drafter / "model/config.json").read_text())
+    assert cfg["draft_vocab_size"] == 512 and cfg["aux_layers"] == [2, 15, 27]
+    log = [json.loads(line) for line in (drafter / "train_log.jsonl").open()]
+    assert log and all(r["loss"] > 0 for r in log) and "val_tau_chain" in log[-1]
+    metrics = json.loads((out / "eval/eagle3/humaneval/metrics.json").read_text())
+    assert metrics["lossless"]["passed"] is True and metrics["kind"] == "eagle3"
 
 
 def test_plots_are_real_images(smoke_run):
     import matplotlib.image as mpimg
 
     results, _ = smoke_run
-    for name in ("speedup.png", "tau.png"):
+    for name in ("speedup.png", "tau.png", "acceptance_by_depth.png", "training_eagle3.png"):
         img = mpimg.imread(results / "smoke/plots" / name)
         assert img.shape[0] > 200 and img.shape[1] > 300
         assert img[..., :3].std() > 0.05  # not a blank canvas
@@ -73,7 +92,8 @@ def test_mlflow_runs(smoke_run):
     by_stage: dict[str, list] = {}
     for run in runs:
         by_stage.setdefault(run.data.tags["deepspec.stage"], []).append(run)
-    assert {k: len(v) for k, v in by_stage.items()} == {"pipeline": 1, "prepare": 2, "evaluate": 4, "report": 1}
+    assert {k: len(v) for k, v in by_stage.items()} == {"pipeline": 1, "prepare": 3, "extract": 2, "train": 1,
+                                                        "evaluate": 6, "report": 1}
     parent = by_stage["pipeline"][0].info.run_id
     for run in runs:
         assert run.info.status == "FINISHED"
@@ -82,6 +102,10 @@ def test_mlflow_runs(smoke_run):
             assert run.data.tags["deepspec.git_commit"] and len(run.data.tags["deepspec.config_hash"]) == 12
     pld_mt = [r for r in by_stage["evaluate"] if r.data.tags["deepspec.method"] == "pld" and r.data.tags["deepspec.task"] == "mt_bench"]
     assert pld_mt[0].data.metrics["tau"] > 1.0 and pld_mt[0].data.params["method.kind"] == "ngram"
+    train = by_stage["train"][0]
+    history = client.get_metric_history(train.info.run_id, "acc_0")
+    assert [m.step for m in history] == list(range(1, len(history) + 1))  # one point per optimizer step
+    assert {"loss_0", "loss_2", "lr", "tokens_per_s"} <= set(train.data.metrics)
     arts = [a.path for a in client.list_artifacts(by_stage["report"][0].info.run_id, "report")]
     assert "report/report.md" in arts and "report/speedup.png" in arts
 

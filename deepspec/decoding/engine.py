@@ -67,8 +67,12 @@ class Engine:
         if proposer is not None:
             proposer.reset()
         n = len(prompt)
-        logits, _ = target.forward(torch.tensor(prompt), torch.arange(n), logits_rows=slice(n - 1, n))
+        capture = tuple(getattr(proposer, "capture_layers", ())) if proposer is not None else ()
+        logits, captured = target.forward(torch.tensor(prompt), torch.arange(n), logits_rows=slice(n - 1, n),
+                                          capture_layers=capture)
         cache.commit(n)
+        if capture:
+            proposer.observe(captured)
         out = [self._choose(logits[0], generator)]
         gen = Generation(tokens=out, stopped=False, accepted=[1], proposed=[0], accepted_depth=[0])
         gen.prefill_time = gen.forward_time = time.perf_counter() - start
@@ -82,7 +86,7 @@ class Engine:
                 if tree is not None and len(tree) > budget:
                     raise TreeError(f"{proposer.name} proposed {len(tree)} nodes; the budget was {budget}")
             t0 = time.perf_counter()
-            emitted, forward_s = self._verify(out[-1], tree, generator)
+            emitted, forward_s = self._verify(out[-1], tree, generator, proposer if capture else None)
             gen.verify_time += time.perf_counter() - t0
             gen.forward_time += forward_s
             gen.accepted.append(len(emitted))
@@ -96,10 +100,12 @@ class Engine:
         gen.wall_time = time.perf_counter() - start
         return gen
 
-    def _verify(self, root: int, tree: DraftTree | None, generator: torch.Generator | None) -> tuple[list[int], float]:
+    def _verify(self, root: int, tree: DraftTree | None, generator: torch.Generator | None,
+                observer: Proposer | None = None) -> tuple[list[int], float]:
         """One target forward over [root] + tree; commits the accepted path.
 
-        Returns the emitted tokens and the seconds spent inside the target forward."""
+        Returns the emitted tokens and the seconds spent inside the target forward. A proposer that
+        drafts from target features (`capture_layers`) is handed those of the committed rows."""
         target, cache = self.target, self.target.cache
         length = cache.length
         chain = not tree or tree.is_chain()  # a chain needs no explicit mask and no compaction
@@ -107,14 +113,20 @@ class Engine:
         positions = tree.positions(length) if tree else torch.tensor([length])
         mask = None if chain else tree.attention_mask(length, target.dtype)
         t0 = time.perf_counter()
-        logits, _ = target.forward(ids, positions, mask=mask)
+        capture = observer.capture_layers if observer is not None else ()
+        logits, captured = target.forward(ids, positions, mask=mask, capture_layers=capture)
         forward_s = time.perf_counter() - t0
         if not tree:
             cache.commit(1)
+            if capture:
+                observer.observe([c[:1] for c in captured])
             return [self._choose(logits[0], generator)], forward_s
         if self.sampling.greedy:
             path, bonus = greedy_accept(tree, logits.argmax(-1).tolist())
         else:
             path, bonus = sample_accept(tree, target_probs(logits, self.sampling), generator)
-        cache.commit(len(path) + 1, None if chain else torch.tensor([0] + [i + 1 for i in path]))
+        rows = torch.tensor([0] + [i + 1 for i in path])
+        cache.commit(len(path) + 1, None if chain else rows)
+        if capture:
+            observer.observe([c[rows] for c in captured])
         return [tree.tokens[i] for i in path] + [bonus], forward_s

@@ -8,9 +8,12 @@ the sequence, so verification and commitment stay entirely inside the engine.
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from deepspec.decoding.tree import DraftTree
+
+if TYPE_CHECKING:
+    import torch
 
 
 @runtime_checkable
@@ -22,3 +25,13 @@ class Proposer(Protocol):
 
     def propose(self, tokens: list[int], max_nodes: int) -> DraftTree | None:
         """Draft continuations of `tokens` with at most `max_nodes` nodes."""
+
+
+class FeatureProposer(Proposer, Protocol):
+    """A proposer that drafts from target hidden states (EAGLE): the engine captures the inputs of
+    `capture_layers` in its own forwards and hands over those of every committed position, in order."""
+
+    capture_layers: tuple[int, ...]
+
+    def observe(self, captured: list["torch.Tensor"]) -> None:
+        """Hidden states of newly committed positions, one [rows, H] tensor per captured layer."""

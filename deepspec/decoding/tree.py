@@ -105,6 +105,25 @@ class DraftTree:
         return out
 
 
+def scratch_mask(nodes: list[int], parents: list[int], row_of: dict[int, int], base: int, used: int,
+                 dtype: torch.dtype) -> tuple[Tensor, list[int]]:
+    """For a drafter growing a tree in its own cache: the additive mask of draft steps for `nodes`, written
+    at scratch rows base+used.., and their depths. Each node sees the committed rows [0, base), the
+    scratch rows of its ancestors (`row_of`: node -> offset past base) and itself."""
+    mask = torch.full((len(nodes), base + used + len(nodes)), float("-inf"), dtype=dtype)
+    mask[:, :base] = 0.0
+    depths = []
+    for r, node in enumerate(nodes):
+        d, a = 0, node
+        while a >= 0:
+            if a in row_of:
+                mask[r, base + row_of[a]] = 0.0
+            a, d = parents[a], d + 1
+        mask[r, base + used + r] = 0.0
+        depths.append(d)
+    return mask, depths
+
+
 def dynamic_tree(root_logp: Tensor, expand, depth: int, top_k: int, total_tokens: int) -> DraftTree:
     """EAGLE-2 dynamic tree: expand the `top_k` best frontier nodes per step, rerank all candidates.
 

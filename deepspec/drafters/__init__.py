@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from deepspec.config import AutoregressiveMethod, DraftLMMethod, NgramMethod
+from deepspec.config import AutoregressiveMethod, DraftLMMethod, Eagle3Method, NgramMethod
 from deepspec.decoding.proposer import Proposer
 from deepspec.drafters.draft_lm import DraftLMProposer, check_same_tokenizer
 from deepspec.drafters.ngram import NgramProposer
 
 
-def build_proposer(method, target=None, name: str = "") -> Proposer | None:
-    """The proposer of a method config; None for the autoregressive baseline."""
+def build_proposer(method, target=None, name: str = "", drafters_root=None) -> Proposer | None:
+    """The proposer of a method config; None for the autoregressive baseline.
+
+    `drafters_root` is the folder of trained drafters (results/<experiment>/drafters) for methods that
+    decode with one."""
     if isinstance(method, AutoregressiveMethod):
         return None
     if isinstance(method, NgramMethod):
@@ -29,4 +32,17 @@ def build_proposer(method, target=None, name: str = "") -> Proposer | None:
         if method.quantize == "int8":
             draft.quantize_int8()
         return DraftLMProposer(draft, method.depth, method.top_k, method.total_tokens)
+    if isinstance(method, Eagle3Method):
+        from pathlib import Path
+
+        from deepspec.drafters.eagle3 import Eagle3Drafter, Eagle3Proposer
+
+        if drafters_root is None:
+            raise ValueError(f"methods.{name or 'eagle3'}: needs the trained drafters' folder")
+        folder = Path(drafters_root) / method.drafter / "model"
+        drafter = Eagle3Drafter.load(folder, target.loaded.model.get_input_embeddings().weight)
+        if drafter.config.get("target_fingerprint") != target.loaded.fingerprint:
+            raise ValueError(f"{folder}: drafter was trained for another target ({drafter.config.get('target')})")
+        drafter = drafter.to(target.backend.dtype)
+        return Eagle3Proposer(drafter, target.backend.cache.max_len, method.depth, method.top_k, method.total_tokens)
     raise ValueError(f"no proposer for method kind {method.kind!r}")

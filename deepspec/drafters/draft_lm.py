@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from deepspec.decoding.tree import DraftTree, dynamic_tree
+from deepspec.decoding.tree import DraftTree, dynamic_tree, scratch_mask
 from deepspec.models.lean import LeanLlama
 
 
@@ -62,17 +62,7 @@ class DraftLMProposer:
         def expand(nodes: list[int], toks: list[int], parents: list[int]) -> torch.Tensor:
             nonlocal used
             n = len(nodes)
-            depth_of = []
-            mask = torch.full((n, base + used + n), float("-inf"), dtype=self.draft.dtype)
-            mask[:, :base] = 0.0
-            for r, node in enumerate(nodes):
-                d, a = 0, node
-                while a >= 0:
-                    if a in row_of:
-                        mask[r, base + row_of[a]] = 0.0
-                    a, d = parents[a], d + 1
-                mask[r, base + used + r] = 0.0
-                depth_of.append(d)
+            mask, depth_of = scratch_mask(nodes, parents, row_of, base, used, self.draft.dtype)
             positions = torch.tensor([base - 1 + d for d in depth_of])
             logits, _ = self.draft.forward(torch.tensor([toks[x] for x in nodes]), positions, mask=mask, write_at=base + used)
             for r, node in enumerate(nodes):

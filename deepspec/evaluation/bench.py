@@ -118,6 +118,10 @@ def bench_decode(cfg: Config, n_prompts: int = 8, max_new_tokens: int = 128, thr
         for name, method in OURS.items():
             if wanted(name):
                 runners[name] = ours_runner(build_proposer(method, target, name) if method is not None else None)
+        for name, method in cfg.methods.items():  # trained drafters of this experiment, when they exist
+            folder = cfg.out_dir / "drafters" / getattr(method, "drafter", "") / "model"
+            if method.kind == "eagle3" and (folder / "config.json").is_file() and wanted(f"ours_{name}"):
+                runners[f"ours_{name}"] = ours_runner(build_proposer(method, target, name, cfg.out_dir / "drafters"))
         names = list(runners)
         for name in names:  # warm-up
             runners[name](prompts[0][:32])
@@ -199,3 +203,69 @@ def format_table(result: dict[str, Any]) -> str:
               "| ms | " + " | ".join(f"{v:.1f}" for v in result["verify_ms"].values()) + " |",
               "| × one token | " + " | ".join(f"{v:.2f}" for v in result["verify_ratio"].values()) + " |"]
     return "\n".join(lines) + "\n"
+
+
+def bench_extract(cfg: Config, sequences: int = 16, threads: int | None = None) -> dict[str, Any]:
+    """`deepspec bench extract`: feature extraction against a plain target forward over the same tokens.
+
+    Per sequence, interleaved: the plain forward (next-token logits, nothing kept), HF's own forward with
+    `output_hidden_states` (how a naive extractor gets features), and our extraction (captured layers +
+    normed final state converted to the cache dtype, plus its share of writing the shard)."""
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from deepspec.data.training import train_data_file
+    from deepspec.features.extract import DTYPES, capture, feature_layers
+
+    src = train_data_file(cfg)
+    if not src.is_file():
+        raise FileNotFoundError(f"{src}: training data missing; run `deepspec prepare --train` first")
+    rows = io.read_jsonl(src)[:sequences]
+    torch.set_num_threads(threads or cfg.eval.threads or os.cpu_count() or 1)
+    target = load_target(cfg.target.model, cfg.target.dtype, cfg.target.backend, max(cfg.target.max_len, cfg.features.max_len))
+    be, hf = target.backend, target.loaded.model
+    layers = feature_layers(cfg, be.config.num_hidden_layers) or [2]
+    dtype = DTYPES[cfg.features.dtype]
+    seqs = [r["input_ids"][: cfg.features.max_len] for r in rows]
+    times = {"plain_forward": 0.0, "hf_output_hidden_states": 0.0, "extract": 0.0}
+    kept = []
+    with tracking.stage_run(cfg, "bench", "bench extract") as run:
+        capture(be, seqs[0], layers)  # warm-up
+        for ids in tqdm(seqs, desc="bench extract", unit="seq", dynamic_ncols=True):
+            x = torch.tensor(ids)
+            t0 = time.perf_counter()
+            be.cache.reset()
+            be.forward(x, torch.arange(len(ids)), logits_rows=slice(-1, None))
+            be.cache.reset()
+            t1 = time.perf_counter()
+            with torch.inference_mode():
+                hf(input_ids=x[None], output_hidden_states=True, use_cache=False)
+            t2 = time.perf_counter()
+            kept.append(capture(be, ids, layers).to(dtype))
+            times["extract"] += time.perf_counter() - t2
+            times["plain_forward"] += t1 - t0
+            times["hf_output_hidden_states"] += t2 - t1
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            save_file({"hidden": torch.cat(kept)}, f"{tmp}/shard.safetensors")
+            times["extract"] += time.perf_counter() - t0
+        tokens = sum(len(s) for s in seqs)
+        result = {"sequences": len(seqs), "tokens": tokens, "layers": layers, "dtype": cfg.features.dtype,
+                  "threads": torch.get_num_threads(),
+                  "tokens_per_s": {k: tokens / v for k, v in times.items()},
+                  "extract_vs_plain_forward": times["plain_forward"] / times["extract"]}
+        text = "\n".join([
+            f"## Feature extraction benchmark: {len(seqs)} sequences, {tokens} tokens, layers {layers} + final, "
+            f"{cfg.features.dtype}, {result['threads']} threads", "",
+            "| path | tokens/s | vs plain forward |", "|---|---|---|",
+            *[f"| {k} | {tokens / v:.0f} | {times['plain_forward'] / v:.2f}× |" for k, v in times.items()],
+            "", "Extraction includes converting to the cache dtype and writing the shard.", ""])
+        out = cfg.out_dir / "bench"
+        io.write_text(out / "extract.md", text)
+        io.write_json(out / "extract.json", result)
+        run.metrics({f"tokens_per_s.{k}": v for k, v in result["tokens_per_s"].items()}
+                    | {"extract_vs_plain_forward": result["extract_vs_plain_forward"]})
+        run.artifact(out / "extract.md")
+        print(text)
+    return result

@@ -53,18 +53,7 @@ def run_conversation(engine: Engine, target: Target, turns: list[str], max_new_t
 
 
 def _load_partial(path: Path, config_hash: str) -> dict[Any, dict]:
-    done: dict[Any, dict] = {}
-    if not path.is_file():
-        return done
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                break  # a line cut by a kill: everything before it is whole
-            if rec.get("config_hash") == config_hash:
-                done[rec["question_id"]] = rec
-    return done
+    return {r["question_id"]: r for r in io.read_jsonl_prefix(path) if r.get("config_hash") == config_hash}
 
 
 def evaluate(cfg: Config, method: str, task: str, threads: int | None = None) -> dict[str, Any]:
@@ -88,7 +77,7 @@ def evaluate(cfg: Config, method: str, task: str, threads: int | None = None) ->
     with tracking.stage_run(cfg, "evaluate", f"evaluate {method} {task}", method=method, task=task) as run:
         target = load_target(cfg.target.model, cfg.target.dtype, cfg.target.backend, cfg.target.max_len)
         engine = Engine(target.backend, target.loaded.eos_ids, sampling_of(cfg))
-        proposer = build_proposer(cfg.methods[method], target, method)
+        proposer = build_proposer(cfg.methods[method], target, method, cfg.out_dir / "drafters")
         base_proposer = build_proposer(cfg.methods[baseline], target)
         run.params({"method": method, "task": task, "baseline": baseline, "max_new_tokens": max_new,
                     "samples": len(samples), "target": cfg.target.model, "target_fingerprint": target.loaded.fingerprint,

@@ -96,14 +96,92 @@ def plots(cfg: Config, metrics: dict, out: Path) -> list[Path]:
         ax.legend(fontsize=7, frameon=False)
         ax.margins(y=0.15)
         fig.tight_layout()
-        path = out / fname
-        tmp = path.with_name(f".{fname}.tmp.png")
-        fig.text(0.99, 0.01, f"config {cfg.hash()}", ha="right", va="bottom", fontsize=6, color="grey")
-        fig.savefig(tmp, metadata={"Description": f"deepspec {cfg.experiment} config {cfg.hash()}"})
-        plt.close(fig)
-        tmp.replace(path)
-        paths.append(path)
+        paths.append(_save(fig, out / fname, cfg))
     return paths
+
+
+def _save(fig, path: Path, cfg: Config) -> Path:
+    """Stamp the config hash, write under a temp name, rename."""
+    import matplotlib.pyplot as plt
+
+    fig.text(0.99, 0.01, f"config {cfg.hash()}", ha="right", va="bottom", fontsize=6, color="grey")
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, metadata={"Description": f"deepspec {cfg.experiment} config {cfg.hash()}"})
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def acceptance_plot(cfg: Config, metrics: dict, out: Path) -> Path | None:
+    """P(depth d accepted | d-1 accepted) per drafting method, one panel per task."""
+    import matplotlib.pyplot as plt
+
+    methods = [m for m in cfg.methods if any(metrics[(m, t)]["acceptance_by_depth"] for t in cfg.tasks)]
+    if not methods:
+        return None
+    tasks = list(cfg.tasks)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.4 * len(tasks), 3.2), dpi=120, squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for method in methods:
+            acc = metrics[(method, task)]["acceptance_by_depth"]
+            ax.plot(range(1, len(acc) + 1), acc, marker="o", ms=3, label=method)
+        ax.set_title(task, fontsize=9)
+        ax.set_xlabel("draft depth", fontsize=8)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("P(accepted | parent accepted)", fontsize=8)
+    axes[0][-1].legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    return _save(fig, out / "acceptance_by_depth.png", cfg)
+
+
+def training_plot(cfg: Config, name: str, log: list[dict[str, Any]], out: Path) -> Path:
+    """Loss and top-1 accuracy per training-time-test step, and the validation chain τ against tokens seen."""
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in log]
+    ttt = sum(1 for k in log[0] if k.startswith("acc_"))
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2), dpi=120)
+    axes[0].plot(steps, [r["loss"] for r in log], lw=0.8, label="train")
+    val = [r for r in log if "val_loss" in r]
+    axes[0].plot([r["step"] for r in val], [r["val_loss"] for r in val], marker="o", ms=3, label="validation")
+    axes[0].set_title("TTT loss (Σ 0.8^k · soft CE)", fontsize=9)
+    axes[0].legend(fontsize=7, frameon=False)
+    for k in range(ttt):
+        axes[1].plot([r["step"] for r in val], [r[f"val_acc_{k}"] for r in val], lw=1, label=f"step {k}")
+    axes[1].set_title("validation top-1 accuracy per TTT step", fontsize=9)
+    axes[1].legend(fontsize=6, frameon=False, ncol=2)
+    axes[2].plot([r["train_tokens_seen"] / 1e3 for r in val], [r["val_tau_chain"] for r in val], marker="o", ms=3)
+    axes[2].set_title(f"validation chain τ (depth {ttt}) vs training tokens", fontsize=9)
+    axes[2].set_xlabel("training tokens seen (thousands)", fontsize=8)
+    for ax in axes[:2]:
+        ax.set_xlabel("optimizer step", fontsize=8)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"drafter {name}", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, out / f"training_{name}.png", cfg)
+
+
+def _training_section(cfg: Config, out: Path) -> tuple[list[str], list[Path]]:
+    from deepspec.training.trainer import drafter_dir
+
+    lines, paths = [], []
+    for name in cfg.drafters_in_use():
+        folder = drafter_dir(cfg, name)
+        log_path, summary_path = folder / "train_log.jsonl", folder / "metrics.json"
+        if not (log_path.is_file() and summary_path.is_file()):
+            continue
+        log, summary = io.read_jsonl(log_path), json.loads(summary_path.read_text())
+        paths.append(training_plot(cfg, name, log, out / "plots"))
+        acc = ", ".join(f"{a:.2f}" for a in summary["val_acc"] if a is not None)
+        lines += [f"### Drafter `{name}`", "",
+                  f"{summary['steps']} steps over {summary['train_tokens']} training tokens; fused target layers "
+                  f"{summary['layers']}; draft vocabulary {summary['draft_vocab']} tokens covering "
+                  f"{100 * summary['vocab_coverage']:.1f}% of trained tokens. Validation: chain τ "
+                  f"{summary['val_tau_chain']:.2f} (teacher-forced, depth {len(summary['val_acc'])}), top-1 accuracy "
+                  f"by TTT step [{acc}].", "", f"![training {name}](plots/training_{name}.png)", ""]
+    return lines, paths
 
 
 def build_report(cfg: Config) -> Path:
@@ -115,6 +193,10 @@ def build_report(cfg: Config) -> Path:
         tab = tables(cfg, metrics)
         written = [io.write_text(out / "tables" / name, text) for name, text in tab.items()]
         written += plots(cfg, metrics, out / "plots")
+        accept = acceptance_plot(cfg, metrics, out / "plots")
+        written += [accept] if accept else []
+        train_lines, train_plots = _training_section(cfg, out)
+        written += train_plots
         any_m = next(iter(metrics.values()))
         hashes = sorted({m["config_hash"] for m in metrics.values()})
         lossless_bad = [f"{k[0]}/{k[1]}" for k, m in metrics.items() if m["lossless"]["passed"] is False]
@@ -143,6 +225,8 @@ def build_report(cfg: Config) -> Path:
             "(the engine's own overhead). Acceptance by depth is P(depth d accepted | depth d−1 accepted).",
             "",
             tab["details.md"],
+            *(["![acceptance by depth](plots/acceptance_by_depth.png)", ""] if accept else []),
+            *(["## Drafter training", "", *train_lines] if train_lines else []),
         ])
         report = io.write_text(out / "report.md", text + "\n")
         for path in [*written, report]:

@@ -2,7 +2,8 @@
 # that no other job disturbs the timing.
 rule evaluate:
     input:
-        f"{OUT}/data/tasks/{{task}}.jsonl",
+        data=f"{OUT}/data/tasks/{{task}}.jsonl",
+        drafter=lambda wc: method_drafter(wc.method),
     output:
         f"{OUT}/eval/{{method}}/{{task}}/metrics.json",
     params:

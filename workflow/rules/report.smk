@@ -1,6 +1,7 @@
 rule report:
     input:
         expand(f"{OUT}/eval/{{method}}/{{task}}/metrics.json", method=METHODS, task=TASKS),
+        [f"{OUT}/drafters/{name}/metrics.json" for name in DRAFTERS],
     output:
         report=f"{OUT}/report.md",
         table_md=f"{OUT}/tables/summary.md",

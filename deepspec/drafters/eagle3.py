@@ -1,0 +1,359 @@
+"""EAGLE-3: a one-layer drafter over fused target features, with a reduced vocabulary.
+
+Model (names follow vLLM's `LlamaForCausalLMEagle3`, so the state dict is the serving format):
+  fc            [H, K*H]  fuses the K captured target hidden states of a position
+  midlayer      one Llama decoder layer whose q/k/v read [input_layernorm(embed(token)) || hidden_norm(h)]
+                and whose residual stream is h
+  norm, lm_head final norm and a head over the draft vocabulary; `d2t[i]` is the offset from draft id i
+                to its target id, `t2d` marks target ids in the draft vocabulary
+The token embedding is the target's own (frozen, not stored).
+
+A draft step at position t reads (token x_{t+1}, h_t) and returns h'_t, whose logits predict x_{t+2}.
+h_t is fc(target features at t) for committed positions and the draft's own h' of the parent for tree
+nodes, which is exactly what training-time test (`ttt_loss`) rehearses: step k attends to the committed
+prefix plus its own k earlier steps at the same position.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from deepspec.decoding.tree import DraftTree, dynamic_tree, scratch_mask
+
+ALGORITHM = "eagle3"
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+class _Attention(nn.Module):
+    def __init__(self, hidden: int, n_heads: int, n_kv: int, head_dim: int):
+        super().__init__()
+        self.q_proj = nn.Linear(2 * hidden, n_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(2 * hidden, n_kv * head_dim, bias=False)
+        self.v_proj = nn.Linear(2 * hidden, n_kv * head_dim, bias=False)
+        self.o_proj = nn.Linear(n_heads * head_dim, hidden, bias=False)
+
+
+class _MLP(nn.Module):
+    def __init__(self, hidden: int, inter: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class _MidLayer(nn.Module):
+    def __init__(self, c: dict[str, Any]):
+        super().__init__()
+        h = c["hidden_size"]
+        self.hidden_norm = RMSNorm(h, c["rms_norm_eps"])
+        self.input_layernorm = RMSNorm(h, c["rms_norm_eps"])
+        self.self_attn = _Attention(h, c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"])
+        self.post_attention_layernorm = RMSNorm(h, c["rms_norm_eps"])
+        self.mlp = _MLP(h, c["intermediate_size"])
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+class Eagle3Drafter(nn.Module):
+    def __init__(self, config: dict[str, Any], embed: Tensor):
+        super().__init__()
+        c = self.config = dict(config)
+        h, k = c["hidden_size"], len(c["aux_layers"])
+        self.fc = nn.Linear(k * h, h, bias=False)
+        self.midlayer = _MidLayer(c)
+        self.norm = RMSNorm(h, c["rms_norm_eps"])
+        self.lm_head = nn.Linear(h, c["draft_vocab_size"], bias=False)
+        self.register_buffer("d2t", torch.zeros(c["draft_vocab_size"], dtype=torch.long))
+        self.register_buffer("t2d", torch.zeros(c["vocab_size"], dtype=torch.bool))
+        self.register_buffer("embed", embed.detach(), persistent=False)  # the target's, frozen
+        hd = c["head_dim"]
+        inv_freq = 1.0 / (c["rope_theta"] ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.n_heads, self.n_kv, self.head_dim = c["num_attention_heads"], c["num_key_value_heads"], hd
+
+    # ---- construction ---------------------------------------------------------------------------
+    @classmethod
+    def for_target(cls, target_model, aux_layers: list[int], draft_ids: Tensor, init_head: bool = True,
+                   seed: int = 0, **meta: Any) -> "Eagle3Drafter":
+        """A fresh drafter shaped like the target's layers; `draft_ids` are the target ids of the draft vocab."""
+        tc = target_model.config
+        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+        rope_theta = getattr(tc, "rope_theta", None) or (getattr(tc, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+        config = {
+            "architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama", "algorithm": ALGORITHM,
+            "hidden_size": tc.hidden_size, "intermediate_size": tc.intermediate_size,
+            "num_attention_heads": tc.num_attention_heads, "num_key_value_heads": tc.num_key_value_heads,
+            "head_dim": head_dim, "rms_norm_eps": tc.rms_norm_eps, "rope_theta": float(rope_theta),
+            "vocab_size": tc.vocab_size, "draft_vocab_size": int(draft_ids.numel()), "num_hidden_layers": 1,
+            "aux_layers": list(aux_layers), "eagle_config": {"eagle_aux_hidden_state_layer_ids": list(aux_layers)},
+            "tie_word_embeddings": False, **meta,
+        }
+        torch.manual_seed(seed)
+        model = cls(config, target_model.get_input_embeddings().weight)
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                nn.init.normal_(p, std=0.02)
+        draft_ids = draft_ids.sort().values
+        model.d2t.copy_(draft_ids - torch.arange(draft_ids.numel()))
+        model.t2d.zero_()
+        model.t2d[draft_ids] = True
+        if init_head:  # the target's own head over the draft vocabulary: a good output space from step one
+            with torch.no_grad():
+                model.lm_head.weight.copy_(target_model.get_output_embeddings().weight[draft_ids].float())
+                model.norm.weight.copy_(target_model.model.norm.weight.float())
+        return model
+
+    @property
+    def draft_to_target(self) -> Tensor:
+        return torch.arange(self.d2t.numel(), device=self.d2t.device) + self.d2t
+
+    def save(self, directory: str | Path) -> Path:
+        """HF-style folder: config.json + model.safetensors (no pickle), written then renamed into place."""
+        directory = Path(directory)
+        tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(tmp / "model.safetensors"))
+        (tmp / "config.json").write_text(json.dumps(self.config, indent=2, sort_keys=True) + "\n")
+        _replace_dir(tmp, directory)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, embed: Tensor) -> "Eagle3Drafter":
+        directory = Path(directory)
+        cfg_path = directory / "config.json"
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"{cfg_path}: no drafter checkpoint; run `deepspec train` first")
+        config = json.loads(cfg_path.read_text())
+        if config.get("algorithm") != ALGORITHM:
+            raise ValueError(f"{cfg_path}: algorithm is {config.get('algorithm')!r}, not {ALGORITHM!r}")
+        if embed.shape != (config["vocab_size"], config["hidden_size"]):
+            raise ValueError(f"{cfg_path}: drafter is for a {config['vocab_size']}x{config['hidden_size']} embedding, "
+                             f"the target has {tuple(embed.shape)}")
+        model = cls(config, embed)
+        model.load_state_dict(load_file(str(directory / "model.safetensors")))
+        return model
+
+    # ---- shared pieces --------------------------------------------------------------------------
+    def _rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        freqs = torch.outer(positions.float(), self.inv_freq)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos(), emb.sin()
+
+    def _qkv(self, tokens: Tensor, hidden: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q [heads, n, hd], k/v [kv_heads, n, hd] of draft steps reading (tokens, hidden)."""
+        m = self.midlayer
+        e = F.embedding(tokens, self.embed).to(hidden.dtype)
+        x = torch.cat([m.input_layernorm(e), m.hidden_norm(hidden)], dim=-1)
+        n = x.shape[0]
+        a = m.self_attn
+        q = a.q_proj(x).view(n, self.n_heads, self.head_dim).transpose(0, 1)
+        k = a.k_proj(x).view(n, self.n_kv, self.head_dim).transpose(0, 1)
+        v = a.v_proj(x).view(n, self.n_kv, self.head_dim).transpose(0, 1)
+        cos, sin = self._rope(positions)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin), v
+
+    def _finish(self, hidden: Tensor, attn: Tensor) -> Tensor:
+        """o_proj + residual (the hidden stream) + MLP: the step's output hidden state."""
+        m = self.midlayer
+        h = hidden + m.self_attn.o_proj(attn.transpose(0, 1).reshape(hidden.shape[0], -1))
+        return h + m.mlp(m.post_attention_layernorm(h))
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        return self.lm_head(self.norm(hidden))
+
+    # ---- training: training-time test over one sequence ------------------------------------------
+    def ttt_forward(self, hidden: Tensor, input_ids: Tensor, steps: int) -> list[Tensor]:
+        """Draft log-probs [T-1, Vd] of each training-time-test step over one sequence of T positions.
+
+        hidden [T, K*H] are the target features, input_ids [T] the tokens. Base position t (0..T-2) at
+        step k reads token x_{t+1+k} (clamped at the end; the caller masks those) at RoPE position t+k and
+        attends to steps 0 of positions <= t plus its own steps 1..k: what a depth-k tree node sees."""
+        T = input_ids.shape[0]
+        n = T - 1
+        scale = 1.0 / math.sqrt(self.head_dim)
+        base = torch.arange(n)
+        causal = torch.full((n, n), float("-inf")).triu_(1)
+        rep = self.n_heads // self.n_kv
+        h = self.fc(hidden[:n])
+        keys = values = None
+        diag_k: list[Tensor] = []
+        diag_v: list[Tensor] = []
+        out = []
+        for k in range(steps):
+            q, kk, vv = self._qkv(input_ids[(base + 1 + k).clamp(max=T - 1)], h, base + k)
+            kk, vv = kk.repeat_interleave(rep, 0), vv.repeat_interleave(rep, 0)
+            if k == 0:
+                keys, values = kk, vv
+            else:
+                diag_k.append(kk)
+                diag_v.append(vv)
+            scores = [(q @ keys.transpose(1, 2)) * scale + causal] + [(q * dk).sum(-1, keepdim=True) * scale for dk in diag_k]
+            w = torch.softmax(torch.cat(scores, dim=-1), dim=-1)
+            attn = w[..., :n] @ values
+            for i, dv in enumerate(diag_v):
+                attn = attn + w[..., n + i : n + i + 1] * dv
+            h = self._finish(h, attn)
+            out.append(torch.log_softmax(self.logits(h).float(), dim=-1))
+        return out
+
+    def ttt_loss(self, hidden: Tensor, input_ids: Tensor, target_p: Tensor, target_top: Tensor, weight: Tensor,
+                 trained: Tensor, steps: int) -> tuple[list[Tensor], list[Tensor], Tensor]:
+        """Per-step soft cross-entropy sums and top-1 hits over one sequence (see `ttt_forward`).
+
+        target_p [T, Vd] is the target's distribution at each position over the draft vocab, target_top
+        [T] its full-vocab argmax; `trained` [T] marks positions whose next token is an assistant token,
+        `weight` [T] those whose argmax is also in the draft vocab (the soft loss is only defined there;
+        accuracy counts the others as misses). Step k of base t is scored against position t+1+k.
+        Returns (loss sums per step, hit counts per step, consecutive hits from step 0 per base).
+        """
+        T = input_ids.shape[0]
+        base = torch.arange(T - 1)
+        d2t = self.draft_to_target
+        losses, hits = [], []
+        alive = torch.ones(T - 1, dtype=torch.bool)
+        run_length = torch.zeros(T - 1, dtype=torch.long)
+        for k, logp in enumerate(self.ttt_forward(hidden, input_ids, steps)):
+            idx = (base + 1 + k).clamp(max=T - 1)
+            valid = base + 1 + k <= T - 1
+            losses.append(-(target_p[idx] * logp).sum(-1).mul(weight[idx] * valid).sum())
+            hit = (d2t[logp.argmax(-1)] == target_top[idx]) & valid
+            hits.append((hit & trained[idx]).sum())
+            run_length += (alive & hit).long()
+            alive &= hit
+        return losses, hits, run_length
+
+    # ---- inference: cached steps over committed rows and tree nodes ------------------------------
+    @torch.inference_mode()
+    def step(self, tokens: Tensor, hidden: Tensor, positions: Tensor, cache: "DraftCache", write_at: int,
+             mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Draft steps for n rows: K/V go to cache rows [write_at, write_at+n); returns (h' [n, H], logp [n, Vd])."""
+        q, k, v = self._qkv(tokens, hidden, positions)
+        end = write_at + tokens.shape[0]
+        cache.k[:, write_at:end] = k
+        cache.v[:, write_at:end] = v
+        attn = F.scaled_dot_product_attention(q[None], cache.k[None, :, :end], cache.v[None, :, :end], attn_mask=mask,
+                                              enable_gqa=self.n_kv != self.n_heads)[0]
+        h = self._finish(hidden, attn)
+        return h, torch.log_softmax(self.logits(h).float(), dim=-1)
+
+
+def _replace_dir(tmp: Path, directory: Path) -> None:
+    """Swap a finished folder into place: the old one is moved aside first, so a reader never sees half."""
+    old = directory.with_name(f".{directory.name}.old{os.getpid()}")
+    if directory.exists():
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    if old.exists():
+        import shutil
+
+        shutil.rmtree(old)
+
+
+class DraftCache:
+    """The drafter's K/V: [kv_heads, max_len, head_dim]; rows past `length` are scratch for tree nodes."""
+
+    def __init__(self, drafter: Eagle3Drafter, max_len: int):
+        shape = (drafter.n_kv, max_len, drafter.head_dim)
+        dtype = drafter.fc.weight.dtype
+        self.k = torch.zeros(shape, dtype=dtype)
+        self.v = torch.zeros(shape, dtype=dtype)
+        self.max_len = max_len
+        self.length = 0
+
+
+class Eagle3Proposer:
+    """Drafts an EAGLE-2 dynamic tree (or a chain with top_k 1) from target features of committed tokens.
+
+    The engine hands over the features of every committed position (`observe`); each round the drafter
+    first runs its committed-row steps for the new positions (keeping their K/V across rounds), then
+    grows the tree in scratch rows of its own cache."""
+
+    name = "eagle3"
+
+    def __init__(self, drafter: Eagle3Drafter, max_len: int, depth: int = 5, top_k: int = 4, total_tokens: int = 12):
+        self.drafter = drafter.eval()
+        self.capture_layers = tuple(drafter.config["aux_layers"])
+        self.depth, self.top_k, self.total_tokens = depth, top_k, total_tokens
+        self.cache = DraftCache(drafter, max_len)
+        self._d2t = drafter.draft_to_target
+        self._features: list[Tensor] = []  # fused features of committed positions not yet in the draft cache
+        self._covered = 0  # committed positions whose draft step is in the cache
+
+    def reset(self) -> None:
+        self.cache.length = 0
+        self._features = []
+        self._covered = 0
+
+    @torch.inference_mode()
+    def observe(self, captured: list[Tensor]) -> None:
+        """Target hidden states (one tensor per aux layer, rows = newly committed positions, in order)."""
+        self._features.append(self.drafter.fc(torch.cat(captured, dim=-1).to(self.drafter.fc.weight.dtype)))
+
+    @torch.inference_mode()
+    def propose(self, tokens: list[int], max_nodes: int) -> DraftTree | None:
+        if max_nodes < 1 or not self._features:
+            return None
+        d, cache = self.drafter, self.cache
+        start = self._covered  # draft row t reads (token t+1, feature t); the last token has no feature yet
+        n = sum(f.shape[0] for f in self._features)
+        if start + n + 1 != len(tokens):
+            raise RuntimeError(f"eagle3: features for {start + n} positions, but {len(tokens)} committed tokens")
+        if start + n + self.depth * self.top_k + 1 > cache.max_len:
+            return None  # no room for a tree: the engine falls back to a plain step
+        feats = torch.cat(self._features)
+        self._features = []
+        h, logp = d.step(torch.tensor(tokens[start + 1 : start + n + 1]), feats, torch.arange(start, start + n),
+                         cache, start, None if n == 1 else _causal(n, start, feats.dtype))
+        self._covered = cache.length = start + n
+        base = cache.length
+        root_h = h[-1:]
+        row_of: dict[int, int] = {}
+        hidden_of: dict[int, Tensor] = {}
+        used = 0
+
+        def expand(nodes: list[int], toks: list[int], parents: list[int]) -> Tensor:
+            nonlocal used
+            m = len(nodes)
+            mask, depth_of = scratch_mask(nodes, parents, row_of, base, used, feats.dtype)
+            parent_h = [hidden_of[parents[node]] if parents[node] >= 0 else root_h[0] for node in nodes]
+            ids = self._d2t[torch.tensor([toks[x] for x in nodes])]
+            hs, lp = d.step(ids, torch.stack(parent_h), torch.tensor([base - 1 + dd for dd in depth_of]), cache,
+                            base + used, mask)
+            for r, node in enumerate(nodes):
+                row_of[node] = used + r
+                hidden_of[node] = hs[r]
+            used += m
+            return lp
+
+        tree = dynamic_tree(logp[-1], expand, self.depth, self.top_k, min(self.total_tokens, max_nodes))
+        return DraftTree(self._d2t[torch.tensor(tree.tokens)].tolist(), tree.parents)
+
+
+def _causal(n: int, start: int, dtype: torch.dtype) -> Tensor:
+    causal = torch.full((n, n), float("-inf"), dtype=dtype).triu_(1)
+    return torch.cat([torch.zeros((n, start), dtype=dtype), causal], dim=1)

@@ -1,0 +1,242 @@
+"""`deepspec extract`: the target feature cache drafters train on (design §4).
+
+Layout: `features/<target>/shard-NNNNN.safetensors` + `shard-NNNNN.json` (tokens, sha256) per shard,
+and `manifest.json` over all shards. A shard holds, for its sequences concatenated:
+  input_ids [N] int32, loss_mask [N] uint8, offsets [S+1] int64,
+  hidden [N, K+1, H] (features.dtype): the K captured layers, then the final *normed* hidden state.
+Layer ids follow HF's `hidden_states` indexing: id i is the hidden state entering decoder layer i
+(0 = the embeddings). Target logits are not stored: they are `final @ lm_head.T`, recomputed in
+training with the frozen head. That is (K+1)·H values per token (EAGLE-3, K=3: 4H) where DeepSpec
+stores 2·H·(L+1) bytes.
+
+Each shard is written under a temp name, checksummed and renamed, so a killed run resumes at the next
+missing shard and a corrupted one is detected (by `load_manifest`) instead of silently trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from deepspec import io, tracking
+from deepspec.assets import sha256_file
+from deepspec.config import Config
+from deepspec.data.training import train_data_file
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+LAYER_CONVENTION = "hf_hidden_states: id i = input of decoder layer i (0 = embeddings); 'final' = normed output of the last layer"
+
+
+class FeatureCacheError(RuntimeError):
+    pass
+
+
+def default_layers(n_layers: int) -> list[int]:
+    """EAGLE-3's choice: the inputs of layers 2, L/2 and L-3 (low, middle, high)."""
+    return sorted({min(2, n_layers - 1), n_layers // 2, max(n_layers - 3, 0)})
+
+
+def drafter_layers(cfg: Config, name: str, n_layers: int) -> list[int]:
+    layers = cfg.drafters[name].layers or default_layers(n_layers)
+    bad = [i for i in layers if i >= n_layers]
+    if bad:
+        raise FeatureCacheError(f"drafters.{name}.layers: {bad} out of range for a {n_layers}-layer target (ids 0..{n_layers - 1})")
+    return sorted(set(layers))
+
+
+def feature_layers(cfg: Config, n_layers: int) -> list[int]:
+    """Every layer some drafter in use needs: one cache serves them all."""
+    return sorted({i for d in cfg.drafters_in_use() for i in drafter_layers(cfg, d, n_layers)})
+
+
+def target_slug(spec: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", spec).strip("_")
+
+
+def features_dir(cfg: Config) -> Path:
+    return cfg.out_dir / "features" / target_slug(cfg.target.model)
+
+
+def shard_path(cfg: Config, shard: int) -> Path:
+    return features_dir(cfg) / f"shard-{shard:05d}.safetensors"
+
+
+def _shard_rows(rows: list[dict[str, Any]], shard: int, shards: int) -> list[dict[str, Any]]:
+    return rows[shard::shards]  # strided: regenerated.jsonl is sorted by length, so shards stay balanced
+
+
+def capture(backend, ids: list[int], layers: list[int]) -> torch.Tensor:
+    """[n, K+1, H] hidden states of one sequence: the layers' inputs, then the final normed state."""
+    from deepspec.models.lean import LeanLlama, _rms_norm
+
+    n_layers = backend.config.num_hidden_layers
+    backend.cache.reset()
+    x = torch.tensor(ids)
+    if isinstance(backend, LeanLlama):
+        _, caps = backend.forward(x, torch.arange(len(ids)), logits_rows=slice(0, 0), capture_layers=(*layers, n_layers))
+        caps[-1] = _rms_norm(caps[-1], backend.norm, backend.eps)
+    else:  # HF's last hidden state is already normed
+        _, caps = backend.forward(x, torch.arange(len(ids)), logits_rows=slice(0, 0), capture_layers=(*layers, n_layers))
+    backend.cache.reset()
+    return torch.stack(caps, dim=1)
+
+
+def extract_shard(cfg: Config, shard: int, target=None) -> Path:
+    """Write one shard (skipped when it is already there and matches its checksum)."""
+    from deepspec.models import load_target
+
+    if not 0 <= shard < cfg.features.shards:
+        raise FeatureCacheError(f"shard {shard} out of range: features.shards is {cfg.features.shards}")
+    path = shard_path(cfg, shard)
+    meta_path = path.with_suffix(".json")
+    if _shard_ok(path, meta_path, cfg):
+        print(f"[extract] shard {shard}: present and verified, skipped")
+        return path
+    src = train_data_file(cfg)
+    if not src.is_file():
+        raise FileNotFoundError(f"{src}: training data missing; run `deepspec prepare --train` first")
+    rows = _shard_rows(io.read_jsonl(src), shard, cfg.features.shards)
+    max_len = cfg.features.max_len
+    with tracking.stage_run(cfg, "extract", f"extract shard {shard}", shard=str(shard)) as run:
+        if target is None:
+            target = load_target(cfg.target.model, cfg.target.dtype, cfg.target.backend, max(cfg.target.max_len, max_len))
+        backend = target.backend
+        n_layers = backend.config.num_hidden_layers
+        layers = feature_layers(cfg, n_layers)
+        hidden_size = backend.config.hidden_size
+        dtype = DTYPES[cfg.features.dtype]
+        seqs = [(r["input_ids"][:max_len], r["loss_mask"][:max_len]) for r in rows]
+        tokens = sum(len(s) for s, _ in seqs)
+        per_token = (len(layers) + 1) * hidden_size * dtype.itemsize + 5
+        print(f"[extract] shard {shard}/{cfg.features.shards}: {len(seqs)} sequences, {tokens} tokens, layers {layers} + final; "
+              f"about {tokens * per_token / 2**20:.1f} MiB ({per_token} bytes/token)")
+        run.params({"shard": shard, "layers": layers, "dtype": cfg.features.dtype, "sequences": len(seqs),
+                    "tokens": tokens, "estimated_bytes": tokens * per_token})
+        torch.set_num_threads(cfg.eval.threads or os.cpu_count() or 1)
+        hidden = torch.empty((tokens, len(layers) + 1, hidden_size), dtype=dtype)
+        start, fwd = time.perf_counter(), 0.0
+        pos = 0
+        for ids, _ in tqdm(seqs, desc=f"extract {shard}", unit="seq", dynamic_ncols=True):
+            t0 = time.perf_counter()
+            feats = capture(backend, ids, layers)
+            fwd += time.perf_counter() - t0
+            if not torch.isfinite(feats).all():
+                raise FeatureCacheError(f"non-finite hidden states in a sequence of shard {shard}")
+            hidden[pos : pos + len(ids)] = feats.to(dtype)
+            pos += len(ids)
+        tensors = {
+            "input_ids": torch.tensor([t for s, _ in seqs for t in s], dtype=torch.int32),
+            "loss_mask": torch.tensor([m for _, ms in seqs for m in ms], dtype=torch.uint8),
+            "offsets": torch.tensor([0] + [len(s) for s, _ in seqs], dtype=torch.int64).cumsum(0),
+            "hidden": hidden,
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        save_file(tensors, str(tmp), metadata={"layers": json.dumps(layers), "convention": LAYER_CONVENTION})
+        os.replace(tmp, path)
+        elapsed = time.perf_counter() - start
+        meta = {"shard": shard, "sequences": len(seqs), "tokens": tokens, "bytes": path.stat().st_size,
+                "sha256": sha256_file(path), "layers": layers, "hidden_size": hidden_size, "dtype": cfg.features.dtype,
+                "source_hash": _source_hash(cfg), "tokens_per_s": tokens / elapsed,
+                "forward_tokens_per_s": tokens / fwd if fwd else None, "target_fingerprint": target.loaded.fingerprint,
+                "tokenizer_hash": tokenizer_hash(target.tokenizer), "n_layers": n_layers}
+        io.write_json(meta_path, meta)
+        run.metrics({"tokens": tokens, "bytes": meta["bytes"], "tokens_per_s": tokens / elapsed,
+                     "forward_share": fwd / elapsed})
+        print(f"[extract] shard {shard}: {tokens} tokens in {elapsed:.1f}s ({tokens / elapsed:.0f} tok/s, "
+              f"{100 * fwd / elapsed:.0f}% in the target forward), {meta['bytes'] / 2**20:.1f} MiB")
+    return path
+
+
+def _source_hash(cfg: Config) -> str:
+    return cfg.section_hash("train_data") + cfg.section_hash("target") + cfg.section_hash("features")
+
+
+def _shard_ok(path: Path, meta_path: Path, cfg: Config) -> bool:
+    if not (path.is_file() and meta_path.is_file()):
+        return False
+    meta = json.loads(meta_path.read_text())
+    return meta.get("source_hash") == _source_hash(cfg) and meta.get("sha256") == sha256_file(path)
+
+
+def tokenizer_hash(tokenizer) -> str:
+    vocab = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
+
+
+def write_manifest(cfg: Config) -> Path:
+    """manifest.json over all shards; every shard must be present and match its checksum."""
+    metas = []
+    for s in range(cfg.features.shards):
+        path = shard_path(cfg, s)
+        if not _shard_ok(path, path.with_suffix(".json"), cfg):
+            raise FeatureCacheError(f"{path}: missing, stale or corrupted; run `deepspec extract --shard {s}`")
+        metas.append(json.loads(path.with_suffix(".json").read_text()))
+    first = metas[0]
+    manifest = {
+        "target": cfg.target.model, "target_fingerprint": first["target_fingerprint"],
+        "tokenizer_hash": first["tokenizer_hash"], "layers": first["layers"], "layer_convention": LAYER_CONVENTION,
+        "n_layers": first["n_layers"], "dtype": first["dtype"], "hidden_size": first["hidden_size"],
+        "max_len": cfg.features.max_len, "tokens": sum(m["tokens"] for m in metas),
+        "sequences": sum(m["sequences"] for m in metas), "source_hash": first["source_hash"],
+        "shards": [{"file": shard_path(cfg, m["shard"]).name, "tokens": m["tokens"], "sequences": m["sequences"],
+                    "sha256": m["sha256"], "bytes": m["bytes"]} for m in metas],
+    }
+    out = io.write_json(features_dir(cfg) / "manifest.json", manifest)
+    print(f"[extract] manifest: {manifest['sequences']} sequences, {manifest['tokens']} tokens, "
+          f"{sum(m['bytes'] for m in metas) / 2**20:.1f} MiB in {len(metas)} shards")
+    return out
+
+
+def load_manifest(directory: Path, verify: bool = True) -> dict[str, Any]:
+    path = directory / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: feature cache missing; run `deepspec extract` first")
+    manifest = json.loads(path.read_text())
+    if verify:
+        for s in manifest["shards"]:
+            f = directory / s["file"]
+            if not f.is_file():
+                raise FeatureCacheError(f"{f}: shard missing")
+            if sha256_file(f) != s["sha256"]:
+                raise FeatureCacheError(f"{f}: checksum mismatch (corrupted); delete it and rerun `deepspec extract`")
+    return manifest
+
+
+def load_sequences(directory: Path, manifest: dict[str, Any], layers: list[int]) -> list[dict[str, torch.Tensor]]:
+    """All sequences of the cache, each {input_ids, loss_mask, hidden [n, len(layers), H], final [n, H]}."""
+    missing = [i for i in layers if i not in manifest["layers"]]
+    if missing:
+        raise FeatureCacheError(f"feature cache {directory} lacks layers {missing} (has {manifest['layers']})")
+    cols = [manifest["layers"].index(i) for i in layers]
+    seqs = []
+    for s in manifest["shards"]:
+        t = load_file(str(directory / s["file"]))
+        off = t["offsets"].tolist()
+        for a, b in zip(off[:-1], off[1:]):
+            seqs.append({"input_ids": t["input_ids"][a:b].long(), "loss_mask": t["loss_mask"][a:b].bool(),
+                         "hidden": t["hidden"][a:b, cols], "final": t["hidden"][a:b, -1]})
+    return seqs
+
+
+def extract_all(cfg: Config, shard: int | None = None) -> Path:
+    """`deepspec extract`: one shard (a Snakemake job), or every missing shard then the manifest."""
+    if not cfg.drafters_in_use():
+        raise FeatureCacheError("no method decodes with a trained drafter: nothing to extract")
+    if shard is not None:
+        return extract_shard(cfg, shard)
+    from deepspec.models import load_target
+
+    target = load_target(cfg.target.model, cfg.target.dtype, cfg.target.backend, max(cfg.target.max_len, cfg.features.max_len))
+    for s in range(cfg.features.shards):
+        extract_shard(cfg, s, target)
+    return write_manifest(cfg)

@@ -1,0 +1,257 @@
+"""`deepspec train`: distil a drafter from the feature cache.
+
+AdamW, linear warmup then cosine decay, gradient clipping and accumulation, seeded data order. Every
+`save_every` steps the drafter and its train state go to `checkpoint/` (HF-style folder + optimizer
+state loaded with `weights_only=True`); a restarted run resumes from there and, because the data
+order is a function of (seed, epoch) and nothing else is random, continues exactly as an uninterrupted
+run would. Per step it logs the loss and top-1 accuracy of each training-time-test step, the learning
+rate and tokens/s to MLflow; `train_log.jsonl` keeps the same rows for the report's curves.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from deepspec import io, tracking
+from deepspec.config import Config, Eagle3Drafter as Eagle3DrafterConfig
+from deepspec.drafters.eagle3 import Eagle3Drafter, _replace_dir
+from deepspec.features.extract import drafter_layers, features_dir, load_manifest, load_sequences
+
+
+def drafter_dir(cfg: Config, name: str) -> Path:
+    return cfg.out_dir / "drafters" / name
+
+
+def build_vocab(seqs: list[dict[str, torch.Tensor]], vocab_size: int, size: int | None) -> tuple[torch.Tensor, float]:
+    """The `size` most frequent target tokens among trained positions (ties by id); returns (ids, coverage)."""
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for s in seqs:
+        counts += torch.bincount(s["input_ids"][s["loss_mask"]], minlength=vocab_size)
+    if size is None or size >= vocab_size:
+        return torch.arange(vocab_size), 1.0
+    order = sorted(range(vocab_size), key=lambda i: (-int(counts[i]), i))[:size]
+    ids = torch.tensor(sorted(order))
+    total = int(counts.sum())
+    return ids, (float(counts[ids].sum()) / total) if total else 0.0
+
+
+def lr_at(step: int, total: int, dc: Eagle3DrafterConfig) -> float:
+    t = dc.train
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    progress = (step - t.warmup_steps) / max(1, total - t.warmup_steps)
+    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+class _Targets:
+    """Per-sequence training targets from the stored final hidden state and the frozen LM head."""
+
+    def __init__(self, lm_head: torch.Tensor, draft_ids: torch.Tensor, t2d: torch.Tensor):
+        self.lm_head, self.draft_ids, self.t2d = lm_head, draft_ids, t2d
+
+    @torch.no_grad()
+    def __call__(self, seq: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        logits = seq["final"].float() @ self.lm_head.T  # [T, V]
+        top = logits.argmax(-1)
+        p = torch.softmax(logits[:, self.draft_ids], dim=-1)
+        nxt = torch.zeros_like(seq["loss_mask"])
+        nxt[:-1] = seq["loss_mask"][1:]  # position i is scored on token i+1
+        return {"target_p": p, "target_top": top, "trained": nxt, "weight": (nxt & self.t2d[top]).float()}
+
+
+def _order(n: int, seed: int, epoch: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def _batch(train_idx: list[int], micro: int, per: int, seed: int) -> list[int]:
+    """Sequences of global micro-batch `micro`: a pure function of the step, so resume is exact."""
+    per_epoch = max(1, len(train_idx) // per)
+    epoch, i = divmod(micro, per_epoch)
+    order = _order(len(train_idx), seed, epoch)
+    return [train_idx[j] for j in order[i * per : (i + 1) * per]]
+
+
+def _run_batch(model: Eagle3Drafter, seqs: list[dict], targets: _Targets, steps: int, decay: float,
+               train: bool, cache: dict[int, dict] | None = None) -> dict[str, Any]:
+    """Loss (backpropagated when `train`), per-step sums and hits over a list of sequences."""
+    tgts = [cache[id(s)] if cache is not None and id(s) in cache else targets(s) for s in seqs]
+    counts = []
+    for k in range(steps):
+        counts.append(sum(float(t["weight"][1 + k :].sum()) for t in tgts))
+    loss_sum = [0.0] * steps
+    hit_sum = [0.0] * steps
+    trained = [sum(float(t["trained"][1 + k :].sum()) for t in tgts) for k in range(steps)]
+    depth_sum, depth_n = 0.0, 0
+    for s, t in zip(seqs, tgts):
+        if s["input_ids"].numel() < 2:
+            continue
+        with torch.set_grad_enabled(train):
+            losses, hits, first_miss = model.ttt_loss(
+                s["hidden"].flatten(1).float(), s["input_ids"], t["target_p"], t["target_top"], t["weight"], t["trained"], steps)
+            total = sum((decay**k) * losses[k] / max(counts[k], 1.0) for k in range(steps))
+            if train:
+                total.backward()
+        for k in range(steps):
+            loss_sum[k] += float(losses[k].detach())
+            hit_sum[k] += float(hits[k])
+        first_scored = t["trained"][1:]
+        depth_sum += float(first_miss[first_scored].sum())
+        depth_n += int(first_scored.sum())
+    return {
+        "loss": sum((decay**k) * loss_sum[k] / max(counts[k], 1.0) for k in range(steps)),
+        "loss_step": [loss_sum[k] / max(counts[k], 1.0) for k in range(steps)],
+        "acc_step": [hit_sum[k] / max(trained[k], 1.0) for k in range(steps)],
+        "tokens": sum(int(s["input_ids"].numel()) for s in seqs),
+        "tau_chain": 1.0 + depth_sum / max(depth_n, 1),
+    }
+
+
+def _save_checkpoint(directory: Path, model: Eagle3Drafter, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
+    model.save(tmp / "model")
+    (tmp / "train_state").mkdir(parents=True, exist_ok=True)
+    torch.save(opt.state_dict(), tmp / "train_state" / "optimizer.pt")
+    (tmp / "train_state" / "state.json").write_text(json.dumps(state, indent=2))
+    _replace_dir(tmp, directory)
+
+
+def train(cfg: Config, name: str, stop_after_steps: int | None = None) -> Path:
+    """Train drafter `name`; resumes from its checkpoint. `stop_after_steps` ends the run early as a
+    crash would (tests use it to check the exact resume)."""
+    from deepspec.models import load_model
+
+    if name not in cfg.drafters:
+        raise ValueError(f"drafter {name!r} is not in the config (drafters: {', '.join(cfg.drafters) or 'none'})")
+    dc = cfg.drafters[name]
+    tc = dc.train
+    out = drafter_dir(cfg, name)
+    ckpt = out / "checkpoint"
+    log_path = out / "train_log.jsonl"
+    torch.set_num_threads(tc.threads or os.cpu_count() or 1)
+    fdir = features_dir(cfg)
+    with tracking.stage_run(cfg, "train", f"train {name}", drafter=name) as run:
+        manifest = load_manifest(fdir)
+        loaded = load_model(cfg.target.model, cfg.target.dtype)
+        if manifest["target_fingerprint"] != loaded.fingerprint:
+            raise ValueError(f"{fdir}: features were extracted from another target ({manifest['target_fingerprint']})")
+        n_layers = loaded.model.config.num_hidden_layers
+        layers = drafter_layers(cfg, name, n_layers)
+        seqs = load_sequences(fdir, manifest, layers)
+        draft_ids, coverage = build_vocab(seqs, loaded.model.config.vocab_size, dc.draft_vocab)
+        perm = _order(len(seqs), tc.seed, -1)
+        n_val = min(tc.val_sequences, len(seqs) // 5)
+        val_idx, train_idx = perm[:n_val], perm[n_val:]
+        per = min(tc.batch_sequences, len(train_idx))
+        micro_per_epoch = max(1, len(train_idx) // per)
+        total = max(1, math.ceil(tc.epochs * micro_per_epoch / tc.grad_accum))
+        model = Eagle3Drafter.for_target(loaded.model, layers, draft_ids, dc.init_head_from_target, tc.seed,
+                                         target=cfg.target.model, target_fingerprint=loaded.fingerprint,
+                                         layer_convention=manifest["layer_convention"])
+        if dc.freeze_head:
+            if not dc.init_head_from_target:
+                raise ValueError(f"drafters.{name}.freeze_head: a frozen head must be initialised from the target")
+            model.lm_head.weight.requires_grad_(False)
+            model.norm.weight.requires_grad_(False)
+        lm_head = loaded.model.get_output_embeddings().weight.detach().float()
+        targets = _Targets(lm_head, model.draft_to_target, model.t2d)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=tc.lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay)
+        step = 0
+        history: list[dict[str, Any]] = []
+        if (ckpt / "train_state" / "state.json").is_file():
+            state = json.loads((ckpt / "train_state" / "state.json").read_text())
+            if state["config_hash"] == _train_hash(cfg, name):
+                model.load_state_dict(Eagle3Drafter.load(ckpt / "model", model.embed).state_dict())
+                opt.load_state_dict(torch.load(ckpt / "train_state" / "optimizer.pt", weights_only=True))
+                step = state["step"]
+                history = [r for r in io.read_jsonl(log_path)] if log_path.is_file() else []
+                history = [r for r in history if r["step"] <= step]
+                print(f"[train] {name}: resuming at step {step}/{total}")
+        tokens_total = sum(int(seqs[i]["input_ids"].numel()) for i in train_idx)
+        amp = tc.precision == "bfloat16" or (tc.precision == "auto" and torch.cuda.is_available())
+        run.params({"drafter": name, "algorithm": "eagle3", "layers": layers, "draft_vocab": int(draft_ids.numel()),
+                    "vocab_coverage": round(coverage, 4), "train_sequences": len(train_idx), "val_sequences": n_val,
+                    "train_tokens": tokens_total, "total_steps": total, "parameters": sum(p.numel() for p in params),
+                    "bf16_autocast": amp, **{f"train.{k}": v for k, v in tc.model_dump().items()},
+                    "ttt_length": dc.ttt_length, "ttt_decay": dc.ttt_decay})
+        print(f"[train] {name}: {len(train_idx)} train / {n_val} val sequences ({tokens_total} tokens), layers {layers}, "
+              f"draft vocab {draft_ids.numel()} covering {100 * coverage:.1f}% of trained tokens, "
+              f"{sum(p.numel() for p in params) / 1e6:.2f}M parameters, {total} steps")
+        val_cache = {id(seqs[i]): targets(seqs[i]) for i in val_idx}
+        model.train()
+        bar = tqdm(total=total, initial=step, desc=f"train {name}", unit="step", dynamic_ncols=True)
+        ran = 0
+        while step < total:
+            if stop_after_steps is not None and ran >= stop_after_steps:
+                bar.close()
+                raise KeyboardInterrupt(f"stopped after {ran} steps (test hook)")
+            t0 = time.perf_counter()
+            lr = lr_at(step, total, dc)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            opt.zero_grad(set_to_none=True)
+            stats = []
+            for a in range(tc.grad_accum):
+                batch = [seqs[i] for i in _batch(train_idx, step * tc.grad_accum + a, per, tc.seed)]
+                with torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16, enabled=amp):
+                    stats.append(_run_batch(model, batch, targets, dc.ttt_length, dc.ttt_decay, True))
+            if tc.grad_accum > 1:
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.div_(tc.grad_accum)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.grad_clip or float("inf")))
+            opt.step()
+            step += 1
+            ran += 1
+            elapsed = time.perf_counter() - t0
+            tokens = sum(s["tokens"] for s in stats)
+            row: dict[str, Any] = {"step": step, "lr": lr, "loss": sum(s["loss"] for s in stats) / len(stats),
+                                   "grad_norm": grad_norm, "tokens_per_s": tokens / elapsed,
+                                   "epoch": step * tc.grad_accum * per / max(len(train_idx), 1),
+                                   "train_tokens_seen": step * tc.grad_accum * per * tokens_total / max(len(train_idx), 1)}
+            for k in range(dc.ttt_length):
+                row[f"loss_{k}"] = sum(s["loss_step"][k] for s in stats) / len(stats)
+                row[f"acc_{k}"] = sum(s["acc_step"][k] for s in stats) / len(stats)
+            if n_val and (step % tc.eval_every == 0 or step == total):
+                model.eval()
+                v = _run_batch(model, [seqs[i] for i in val_idx], targets, dc.ttt_length, dc.ttt_decay, False, val_cache)
+                model.train()
+                row.update({"val_loss": v["loss"], "val_tau_chain": v["tau_chain"],
+                            **{f"val_acc_{k}": v["acc_step"][k] for k in range(dc.ttt_length)}})
+            history.append(row)
+            run.metrics({k: v for k, v in row.items() if k != "step"}, step=step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", acc0=f"{row['acc_0']:.2f}", tok_s=f"{row['tokens_per_s']:.0f}",
+                            **({"val_tau": f"{row['val_tau_chain']:.2f}"} if "val_tau_chain" in row else {}))
+            if step % tc.save_every == 0 or step == total:
+                io.write_jsonl(log_path, history)
+                _save_checkpoint(ckpt, model, opt, {"step": step, "config_hash": _train_hash(cfg, name), "total": total})
+        bar.close()
+        io.write_jsonl(log_path, history)
+        model.save(out / "model")
+        last_val = next((r for r in reversed(history) if "val_tau_chain" in r), {})
+        summary = {"drafter": name, "steps": total, "train_tokens": tokens_total, "layers": layers,
+                   "draft_vocab": int(draft_ids.numel()), "vocab_coverage": coverage, "final_loss": history[-1]["loss"],
+                   "val_loss": last_val.get("val_loss"), "val_tau_chain": last_val.get("val_tau_chain"),
+                   "val_acc": [last_val.get(f"val_acc_{k}") for k in range(dc.ttt_length)],
+                   "config_hash": _train_hash(cfg, name)}
+        io.write_json(out / "metrics.json", summary)
+        run.artifact(out / "metrics.json")
+        run.artifact(out / "model" / "config.json")
+        acc = ", ".join(f"{a:.2f}" for a in summary["val_acc"] if a is not None)
+        print(f"[train] {name}: {total} steps, final loss {summary['final_loss']:.3f}; validation: "
+              f"chain tau {summary['val_tau_chain'] or float('nan'):.2f}, top-1 accuracy by step [{acc}]")
+    return out
+
+
+def _train_hash(cfg: Config, name: str) -> str:
+    return cfg.section_hash("drafters", name) + cfg.section_hash("train_data") + cfg.section_hash("features")

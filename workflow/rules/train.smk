@@ -1,0 +1,78 @@
+# Drafter training: target-regenerated conversations -> feature cache (one job per shard) -> train.
+# Only drafters some method decodes with are built; every job takes all cores (they are compute bound).
+from deepspec.features.extract import features_dir
+
+FEATURES = str(features_dir(CFG))
+SHARDS = [f"{s:05d}" for s in range(CFG.features.shards)]
+DRAFTERS = CFG.drafters_in_use()
+
+
+def drafter_model(name):
+    return f"{OUT}/drafters/{name}/model/model.safetensors"
+
+
+def method_drafter(method):
+    """The trained drafter a method decodes with (an evaluate input), if any."""
+    m = CFG.methods[method]
+    return [drafter_model(m.drafter)] if m.kind == "eagle3" else []
+
+
+wildcard_constraints:
+    shard=r"\d{5}",
+
+
+rule prepare_train:
+    output:
+        f"{OUT}/data/train/regenerated.jsonl",
+    params:
+        train_data=section("train_data"),
+        target=section("target"),
+    threads: workflow.cores
+    log:
+        f"{OUT}/logs/prepare/train_data.log",
+    shell:
+        "deepspec prepare --train --config {EFFECTIVE} 2>&1 | tee {log}; exit ${{PIPESTATUS[0]}}"
+
+
+rule extract:
+    input:
+        rules.prepare_train.output,
+    output:
+        shard=f"{FEATURES}/shard-{{shard}}.safetensors",
+        meta=f"{FEATURES}/shard-{{shard}}.json",
+    params:
+        features=section("features"),
+        target=section("target"),
+    threads: workflow.cores
+    log:
+        f"{OUT}/logs/extract/shard-{{shard}}.log",
+    shell:
+        "deepspec extract --config {EFFECTIVE} --shard {wildcards.shard} 2>&1 | tee {log}; exit ${{PIPESTATUS[0]}}"
+
+
+rule feature_manifest:
+    input:
+        expand(f"{FEATURES}/shard-{{shard}}.json", shard=SHARDS),
+    output:
+        f"{FEATURES}/manifest.json",
+    log:
+        f"{OUT}/logs/extract/manifest.log",
+    shell:
+        "deepspec extract --manifest --config {EFFECTIVE} 2>&1 | tee {log}; exit ${{PIPESTATUS[0]}}"
+
+
+# The checkpoint folder and train_log.jsonl are not declared outputs: Snakemake would delete them before
+# a rerun, and they are what a killed training resumes from.
+rule train:
+    input:
+        rules.feature_manifest.output,
+    output:
+        model=f"{OUT}/drafters/{{drafter}}/model/model.safetensors",
+        metrics=f"{OUT}/drafters/{{drafter}}/metrics.json",
+    params:
+        drafter=lambda wc: section("drafters", wc.drafter),
+    threads: workflow.cores
+    log:
+        f"{OUT}/logs/train/{{drafter}}.log",
+    shell:
+        "deepspec train --config {EFFECTIVE} --drafter {wildcards.drafter} 2>&1 | tee {log}; exit ${{PIPESTATUS[0]}}"
