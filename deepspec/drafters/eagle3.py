@@ -115,7 +115,7 @@ class Eagle3Drafter(nn.Module):
         }
         torch.manual_seed(seed)
         model = cls(config, target_model.get_input_embeddings().weight)
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 2:
                 nn.init.normal_(p, std=0.02)
         draft_ids = draft_ids.sort().values
