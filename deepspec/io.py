@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -42,3 +43,13 @@ def read_jsonl_prefix(path: str | Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError:
                 break
     return rows
+
+
+def replace_dir(tmp: Path, directory: Path) -> None:
+    """Swap a finished folder into place: the old one is moved aside first, so a reader never sees half."""
+    old = directory.with_name(f".{directory.name}.old{os.getpid()}")
+    if directory.exists():
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    if old.exists():
+        shutil.rmtree(old)

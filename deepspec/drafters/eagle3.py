@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from deepspec import io
 from deepspec.decoding.tree import DraftTree, dynamic_tree, scratch_mask
 
 ALGORITHM = "eagle3"
@@ -139,7 +140,7 @@ class Eagle3Drafter(nn.Module):
         tmp.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(tmp / "model.safetensors"))
         (tmp / "config.json").write_text(json.dumps(self.config, indent=2, sort_keys=True) + "\n")
-        _replace_dir(tmp, directory)
+        io.replace_dir(tmp, directory)
         return directory
 
     @classmethod
@@ -260,18 +261,6 @@ class Eagle3Drafter(nn.Module):
                                               enable_gqa=self.n_kv != self.n_heads)[0]
         h = self._finish(hidden, attn)
         return h, torch.log_softmax(self.logits(h).float(), dim=-1)
-
-
-def _replace_dir(tmp: Path, directory: Path) -> None:
-    """Swap a finished folder into place: the old one is moved aside first, so a reader never sees half."""
-    old = directory.with_name(f".{directory.name}.old{os.getpid()}")
-    if directory.exists():
-        os.replace(directory, old)
-    os.replace(tmp, directory)
-    if old.exists():
-        import shutil
-
-        shutil.rmtree(old)
 
 
 class DraftCache:

@@ -80,12 +80,10 @@ def capture(backend, ids: list[int], layers: list[int]) -> torch.Tensor:
 
     n_layers = backend.config.num_hidden_layers
     backend.cache.reset()
-    x = torch.tensor(ids)
-    if isinstance(backend, LeanLlama):
-        _, caps = backend.forward(x, torch.arange(len(ids)), logits_rows=slice(0, 0), capture_layers=(*layers, n_layers))
+    _, caps = backend.forward(torch.tensor(ids), torch.arange(len(ids)), logits_rows=slice(0, 0),
+                              capture_layers=(*layers, n_layers))
+    if isinstance(backend, LeanLlama):  # HF's last hidden state is already normed; ours is the norm's input
         caps[-1] = _rms_norm(caps[-1], backend.norm, backend.eps)
-    else:  # HF's last hidden state is already normed
-        _, caps = backend.forward(x, torch.arange(len(ids)), logits_rows=slice(0, 0), capture_layers=(*layers, n_layers))
     backend.cache.reset()
     return torch.stack(caps, dim=1)
 

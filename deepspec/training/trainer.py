@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from deepspec import io, tracking
 from deepspec.config import Config, Eagle3Drafter as Eagle3DrafterConfig
-from deepspec.drafters.eagle3 import Eagle3Drafter, _replace_dir
+from deepspec.drafters.eagle3 import Eagle3Drafter
 from deepspec.features.extract import drafter_layers, features_dir, load_manifest, load_sequences
 
 
@@ -121,7 +121,7 @@ def _save_checkpoint(directory: Path, model: Eagle3Drafter, opt: torch.optim.Opt
     (tmp / "train_state").mkdir(parents=True, exist_ok=True)
     torch.save(opt.state_dict(), tmp / "train_state" / "optimizer.pt")
     (tmp / "train_state" / "state.json").write_text(json.dumps(state, indent=2))
-    _replace_dir(tmp, directory)
+    io.replace_dir(tmp, directory)
 
 
 def train(cfg: Config, name: str, stop_after_steps: int | None = None) -> Path:
