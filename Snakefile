@@ -2,6 +2,7 @@
 #   snakemake --cores all                                  # the CPU default (config/default.yaml)
 #   snakemake --cores all --configfile config/smoke.yaml   # the whole DAG in about a minute
 #   snakemake --cores all --config experiment=mine eval='{max_new_tokens: 64}'
+#   snakemake --report results/default/report.html          # HTML report of a finished run
 from snakemake.utils import min_version
 
 min_version("9.0")
@@ -12,6 +13,9 @@ min_version("9.0")
 if not workflow.overwrite_configfiles:
 
     configfile: "config/default.yaml"
+
+
+report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"

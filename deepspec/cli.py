@@ -45,13 +45,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="tables, plots and report.md from the metrics files")
     _config_args(p)
 
-    p = sub.add_parser("bench", help="benchmarks: `decode` (our engine against HF, verify-cost curve), `extract` (feature cache throughput)")
-    p.add_argument("what", choices=["decode", "extract"])
+    p = sub.add_parser("reference", help="make this experiment's finished run the committed reference (results/reference/<experiment>)")
+    _config_args(p)
+
+    p = sub.add_parser("export", help="write a trained drafter in a serving engine's layout (vLLM, SGLang) or ours (hf)")
+    _config_args(p)
+    p.add_argument("--drafter", required=True)
+    p.add_argument("--to", dest="fmt", required=True, choices=["vllm", "sglang", "hf"])
+    p.add_argument("--out", help="output folder (default results/<experiment>/export/<drafter>-<format>)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="weight dtype of the export (default: as trained)")
+
+    p = sub.add_parser("bench", help="benchmarks: `decode` (our engine against HF, verify-cost curve), `extract` "
+                                     "(feature cache throughput), `train` (training recipes on a learning curve)")
+    p.add_argument("what", choices=["decode", "extract", "train"])
     _config_args(p)
     p.add_argument("--prompts", type=int, default=8, help="decode: prompts; extract: training sequences")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--methods", nargs="*", help="subset of methods (HF generate and our AR always run)")
+    p.add_argument("--recipes", default="config/bench_train.yaml", help="train: recipe name -> drafter overrides")
+    p.add_argument("--drafter", help="train: the base drafter (default: the first one a method decodes with)")
+    p.add_argument("--epochs", type=float, help="train: epochs for every recipe (default: each recipe's own)")
 
     p = sub.add_parser("check", help="validate a config and print its hash and effective values")
     _config_args(p)
@@ -117,6 +132,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from deepspec.evaluation.runner import evaluate
 
         evaluate(cfg, args.method, args.task, args.threads)
+    elif args.command == "bench" and args.what == "train":
+        from deepspec.training.bench import bench_train
+
+        bench_train(cfg, args.recipes, args.drafter, args.epochs, args.prompts, args.max_new_tokens, args.threads)
     elif args.command == "bench" and args.what == "extract":
         from deepspec.evaluation.bench import bench_extract
 
@@ -125,6 +144,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         from deepspec.evaluation.bench import bench_decode
 
         bench_decode(cfg, args.prompts, args.max_new_tokens, args.threads, args.methods)
+    elif args.command == "reference":
+        from deepspec.reporting.reproduce import promote
+
+        promote(cfg)
+    elif args.command == "export":
+        from deepspec.export import export_drafter
+
+        export_drafter(cfg, args.drafter, args.fmt, args.out, args.dtype)
     elif args.command == "report":
         from deepspec.reporting.report import build_report
 

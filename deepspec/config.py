@@ -84,13 +84,22 @@ class DraftLMMethod(_Strict):
 
 
 class Eagle3Method(_Strict):
-    """Decoding with a trained EAGLE-3 drafter (see `drafters`): EAGLE-2 dynamic tree, or a chain with top_k 1."""
+    """Decoding with an EAGLE-3 drafter: EAGLE-2 dynamic tree, or a chain with top_k 1. The drafter is one
+    trained here (`drafter`, an entry under `drafters`) or a published checkpoint folder (`checkpoint`: ours,
+    vLLM's, SGLang's or the EAGLE authors' layout)."""
 
     kind: Literal["eagle3"]
-    drafter: str = Field(description="name of an entry under `drafters`")
+    drafter: str | None = Field(None, description="name of an entry under `drafters`")
+    checkpoint: str | None = Field(None, description="folder of a published EAGLE-3 checkpoint (instead of `drafter`)")
     depth: Annotated[int, Field(ge=1)] = 5
     top_k: Annotated[int, Field(ge=1)] = 4
     total_tokens: Annotated[int, Field(ge=1)] = 12
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "Eagle3Method":
+        if (self.drafter is None) == (self.checkpoint is None):
+            raise ValueError("set exactly one of 'drafter' (trained here) or 'checkpoint' (a published folder)")
+        return self
 
 
 MethodConfig = Annotated[
@@ -172,6 +181,15 @@ class TrackingConfig(_Strict):
     uri: str | None = Field(None, description="MLflow tracking URI; MLFLOW_TRACKING_URI wins, else sqlite under results")
 
 
+class ReproduceConfig(_Strict):
+    """Where the committed reference results live and how closely a fresh run must match them."""
+
+    reference: str = Field("results/reference", description="folder holding one committed reference per experiment")
+    tau_tolerance: Annotated[float, Field(ge=0)] = Field(
+        0.03, description="largest relative |Δτ| / τ_reference that counts as a match: decoding is deterministic "
+                          "(untrained methods match exactly), but drafter training on CPU is not bit-reproducible")
+
+
 class Config(_Strict):
     experiment: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")] = "default"
     results_dir: str = "results"
@@ -183,6 +201,7 @@ class Config(_Strict):
     features: FeaturesConfig = FeaturesConfig()
     drafters: dict[str, DrafterConfig] = {}
     tracking: TrackingConfig = TrackingConfig()
+    reproduce: ReproduceConfig = ReproduceConfig()
 
     @field_validator("tasks", "methods", "drafters")
     @classmethod
@@ -199,9 +218,11 @@ class Config(_Strict):
         if not any(m.kind == "autoregressive" for m in self.methods.values()):
             raise ValueError("methods: one method of kind 'autoregressive' is needed as the speedup baseline")
         for name, m in self.methods.items():
-            if m.kind == "eagle3" and m.drafter not in self.drafters:
+            if m.kind == "eagle3" and m.drafter is not None and m.drafter not in self.drafters:
                 known = ", ".join(self.drafters) or "none"
                 raise ValueError(f"methods.{name}.drafter: no drafter named {m.drafter!r} (drafters: {known})")
+        if self.out_dir.resolve() == self.reference_dir.resolve():
+            raise ValueError(f"results_dir: {self.results_dir!r} would write this run over its committed reference")
         return self
 
     # ---- derived -------------------------------------------------------------------------------
@@ -209,12 +230,17 @@ class Config(_Strict):
     def out_dir(self) -> Path:
         return Path(self.results_dir) / self.experiment
 
+    @property
+    def reference_dir(self) -> Path:
+        """The committed reference this experiment's report compares against (apart from the DAG's outputs)."""
+        return Path(self.reproduce.reference) / self.experiment
+
     def baseline_method(self) -> str:
         return next(name for name, m in self.methods.items() if m.kind == "autoregressive")
 
     def drafters_in_use(self) -> list[str]:
         """Drafters some method decodes with: only these are trained (and need features)."""
-        return sorted({m.drafter for m in self.methods.values() if m.kind == "eagle3"})
+        return sorted({m.drafter for m in self.methods.values() if m.kind == "eagle3" and m.drafter is not None})
 
     def section_hash(self, *keys: str) -> str:
         """Hash of one part of the config: stage outputs record what they were built from."""
@@ -225,8 +251,11 @@ class Config(_Strict):
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     def hash(self) -> str:
-        """Stable short hash of the effective config (key order and formatting do not matter)."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        """Stable short hash of the effective config (key order and formatting do not matter).
+
+        `reproduce` is left out: it says what a run is compared with, not what it computes, so a run and
+        the reference it reproduces share one hash."""
+        blob = json.dumps(self.model_dump(mode="json", exclude={"reproduce"}), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -274,6 +303,9 @@ def validate(raw: dict[str, Any]) -> Config:
     for name, task in cfg.tasks.items():
         if task.kind == "jsonl" and not Path(task.source).is_file():
             raise ConfigError(f"config error: tasks.{name}.source: file not found: {task.source}")
+    for name, method in cfg.methods.items():
+        if method.kind == "eagle3" and method.checkpoint and not (Path(method.checkpoint) / "config.json").is_file():
+            raise ConfigError(f"config error: methods.{name}.checkpoint: no config.json in {method.checkpoint}")
     return cfg
 
 

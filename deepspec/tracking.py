@@ -8,7 +8,9 @@ locked", so parallel Snakemake jobs do not lose runs; a stage that raises ends i
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +20,9 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 T = TypeVar("T")
 PIPELINE_ENV = "DEEPSPEC_PIPELINE_RUN_ID"
+# MLflow 3's UI opens an experiment on a GenAI traces overview unless the experiment says it holds
+# model-development runs; ours do, so the UI lands on the runs table.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def tracking_uri(results_dir: str | Path, configured: str | None = None) -> str:
@@ -87,9 +92,13 @@ class Tracker:
     def _experiment(self, name: str, artifact_root: Path) -> str:
         found = self.client.get_experiment_by_name(name)
         if found is not None:
+            if found.tags.get("mlflow.experimentKind") != EXPERIMENT_KIND["mlflow.experimentKind"]:
+                for k, v in EXPERIMENT_KIND.items():
+                    self.client.set_experiment_tag(found.experiment_id, k, v)
             return found.experiment_id
         try:
-            return self.client.create_experiment(name, artifact_location=artifact_root.resolve().as_uri())
+            return self.client.create_experiment(name, artifact_location=artifact_root.resolve().as_uri(),
+                                                 tags=EXPERIMENT_KIND)
         except Exception:
             found = self.client.get_experiment_by_name(name)  # created concurrently by another job
             if found is None:
@@ -119,7 +128,20 @@ class Tracker:
             _retry(lambda chunk=items[i : i + 500]: self.client.log_batch(run_id, metrics=chunk))
 
     def log_artifact(self, run_id: str, path: str | Path, subdir: str | None = None) -> None:
-        _retry(lambda: self.client.log_artifact(run_id, str(path), subdir))
+        """A file, or a whole folder (e.g. a trained drafter) under `subdir`."""
+        if Path(path).is_dir():
+            _retry(lambda: self.client.log_artifacts(run_id, str(path), subdir))
+        else:
+            _retry(lambda: self.client.log_artifact(run_id, str(path), subdir))
+
+    def runs_url(self, host: str = "127.0.0.1", port: int = 5000) -> str:
+        """Where `mlflow ui` (bound to `host`) shows this experiment's runs table. MLflow 3.17's UI opens in
+        its GenAI mode (a traces overview that is empty for us); `workflowType` switches it to model training."""
+        return f"http://{host}:{port}/#/experiments/{self.experiment_id}/runs?workflowType=machine_learning"
+
+    def log_table(self, run_id: str, frame, artifact_file: str) -> None:
+        """A pandas DataFrame as an MLflow table artifact (shown as a table in the UI)."""
+        _retry(lambda: self.client.log_table(run_id, data=frame, artifact_file=artifact_file))
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         for k, v in tags.items():
@@ -164,10 +186,56 @@ class StageRun:
     def tags(self, tags: dict[str, str]) -> None:
         self.tracker.set_tags(self.run_id, tags)
 
+    def table(self, frame, artifact_file: str) -> None:
+        self.tracker.log_table(self.run_id, frame, artifact_file)
+
+    def parent(self) -> "StageRun | None":
+        """The pipeline run this stage belongs to (None when run outside Snakemake)."""
+        parent_id = self.tracker.client.get_run(self.run_id).data.tags.get("mlflow.parentRunId")
+        return StageRun(self.tracker, parent_id) if parent_id else None
+
+
+def lineage(files: dict[str, str | Path] | None = None, sections: dict[str, str] | None = None) -> dict[str, str]:
+    """Tags naming what a stage read: `deepspec.input.<name>` = sha256 (16 hex) of each file (or, for a
+    folder, of its files in name order), `deepspec.config.<name>` = hash of each config section."""
+    from deepspec.assets import sha256_file
+
+    tags = {}
+    for name, path in (files or {}).items():
+        path = Path(path)
+        if path.is_dir():
+            import hashlib
+
+            digest = hashlib.sha256("".join(f"{f.relative_to(path)}:{sha256_file(f)}\n" for f in sorted(path.rglob("*"))
+                                            if f.is_file()).encode()).hexdigest()
+        else:
+            digest = sha256_file(path)
+        tags[f"deepspec.input.{name}"] = digest[:16]
+    tags.update({f"deepspec.config.{k}": v for k, v in (sections or {}).items()})
+    return tags
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Snakemake stops jobs with SIGTERM; turn it into KeyboardInterrupt so the run can end KILLED."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
 
 @contextmanager
 def stage_run(cfg, stage: str, name: str | None = None, **tags: str) -> Iterator[StageRun]:
-    """One MLflow run for one stage invocation, ended FINISHED, or FAILED when the stage raises."""
+    """One MLflow run for one stage invocation, ended FINISHED; KILLED when interrupted (Ctrl-C, or
+    SIGTERM from Snakemake); FAILED when the stage raises."""
     tracker = tracker_for(cfg)
     all_tags = {
         "deepspec.stage": stage,
@@ -178,7 +246,11 @@ def stage_run(cfg, stage: str, name: str | None = None, **tags: str) -> Iterator
     }
     run_id = tracker.start(name or stage, all_tags, os.environ.get(PIPELINE_ENV) or None)
     try:
-        yield StageRun(tracker, run_id)
+        with _sigterm_as_interrupt():
+            yield StageRun(tracker, run_id)
+    except KeyboardInterrupt:
+        tracker.end(run_id, "KILLED")
+        raise
     except BaseException:
         tracker.end(run_id, "FAILED")
         raise

@@ -69,6 +69,93 @@ def test_eagle3_proposer_is_lossless(backend, top_k, total):
         assert sum(spec.proposed) > 0
 
 
+def test_step_k_of_base_t_is_scored_on_token_t_plus_2_plus_k(monkeypatch):
+    """The label alignment of training-time test: a drafter that puts all its mass on x_{t+2+k} at step k
+    of base t scores every valid position and has ~zero loss; one position off, it would score nothing."""
+    target = tiny_llama(vocab=64, layers=3)
+    drafter = _drafter(target)  # full vocabulary: draft id == target id
+    T, steps = 12, 3
+    ids = torch.randperm(64, generator=torch.Generator().manual_seed(0))[:T]  # distinct tokens: no lucky hits
+
+    def oracle(hidden, input_ids, steps):
+        out = []
+        for k in range(steps):
+            lp = torch.full((T - 1, 64), -40.0, dtype=torch.float64)
+            lp[torch.arange(T - 1), input_ids[(torch.arange(T - 1) + 2 + k).clamp(max=T - 1)]] = 0.0
+            out.append(torch.log_softmax(lp, -1))
+        return out
+
+    monkeypatch.setattr(drafter, "ttt_forward", oracle)
+    top = torch.cat([ids[1:], ids[-1:]])  # the target at position j predicts token j+1
+    p = torch.nn.functional.one_hot(top, 64).double()
+    trained = torch.ones(T, dtype=torch.bool)
+    trained[-1] = False  # the last position has no next token
+    losses, hits, run = drafter.ttt_loss(torch.zeros(T, 96, dtype=torch.float64), ids, p, top, trained.double(),
+                                         trained, steps)
+    assert [int(h) for h in hits] == [T - 2 - k for k in range(steps)]
+    assert all(float(x) < 1e-6 for x in losses)
+    assert run[: T - 2 - steps].tolist() == [steps] * (T - 2 - steps)
+
+
+def _overfit_drafter(target, prompts, steps=120):
+    """An EAGLE-3 drafter trained on the target's own greedy continuations of `prompts` until it predicts
+    them well: acceptance is then high, so a lossless test also exercises long accepted paths."""
+    from deepspec.decoding.engine import Engine
+    from deepspec.models import make_backend
+    from deepspec.training.trainer import _Targets
+
+    engine = Engine(make_backend(target, "lean", 256), stop_ids=[])
+    seqs = []
+    for prompt in prompts:
+        ids = torch.tensor(prompt + engine.generate(prompt, 40).tokens)
+        with torch.no_grad():
+            out = target(ids[None], output_hidden_states=True)
+        hs = out.hidden_states
+        seqs.append({"input_ids": ids, "hidden": torch.cat([hs[1][0], hs[2][0]], -1), "final": hs[-1][0],
+                     "loss_mask": torch.ones_like(ids, dtype=torch.bool)})
+    drafter = _drafter(target, layers=(1, 2))
+    targets = _Targets(target.lm_head.weight.detach().float(), drafter.draft_to_target, drafter.t2d)
+    tgts = [targets(s) for s in seqs]
+    opt = torch.optim.Adam([q for q in drafter.parameters() if q.requires_grad], lr=3e-3)
+    torch.manual_seed(0)
+    for _ in range(steps):
+        opt.zero_grad()
+        for s, t in zip(seqs, tgts):
+            losses, _, _ = drafter.ttt_loss(s["hidden"], s["input_ids"], t["target_p"], t["target_top"], t["weight"],
+                                            t["trained"], 3)
+            sum((0.8**k) * x / len(s["input_ids"]) for k, x in enumerate(losses)).backward()
+        opt.step()
+    return drafter.eval()
+
+
+@pytest.fixture(scope="module")
+def overfit():
+    target = tiny_llama(vocab=64, layers=3)
+    prompts = [torch.randint(0, 64, (7,), generator=torch.Generator().manual_seed(s)).tolist() for s in range(3)]
+    return target, prompts, _overfit_drafter(target, prompts)
+
+
+@pytest.mark.parametrize("top_k,total", [(1, 4), (3, 10)])
+def test_overfit_eagle3_drafter_is_lossless_with_long_accepted_paths(overfit, top_k, total):
+    """Losslessness with a drafter that is mostly right: the real proposer's tree masks and positions are
+    exercised on long accepted paths, and a wrong mask or position would break equality or acceptance."""
+    from deepspec.decoding.engine import Engine
+    from deepspec.drafters.eagle3 import Eagle3Proposer
+    from deepspec.models import make_backend
+
+    target, prompts, drafter = overfit
+    engine = Engine(make_backend(target, "lean", 256), stop_ids=[], max_nodes=16)
+    proposer = Eagle3Proposer(drafter, 256, depth=4, top_k=top_k, total_tokens=total)
+    committed = forwards = 0
+    for prompt in prompts:
+        ar = engine.generate(prompt, 40)
+        spec = engine.generate(prompt, 40, proposer)
+        assert spec.tokens == ar.tokens
+        committed += len(spec.tokens)
+        forwards += spec.forwards
+    assert committed / forwards > 2.0, f"tau {committed / forwards:.2f}: the drafter should be right most of the time"
+
+
 def test_sharegpt_reader_recovers_truncated_file(tmp_path):
     from deepspec.data.training import load_conversations, read_sharegpt
     from deepspec.config import TrainDataConfig
@@ -200,3 +287,35 @@ def test_feature_cache_training_and_exact_resume(tmp_path, tiny_target_dir):
     engine = Engine(target.backend, target.loaded.eos_ids, max_nodes=16)
     prompt = list(range(100, 120))
     assert engine.generate(prompt, 24, proposer).tokens == engine.generate(prompt, 24).tokens
+
+
+def test_bench_train_compares_recipes_on_one_feature_cache(tmp_path, tiny_target_dir):
+    """Two recipes from the same cache: both trained, read at equal wall time, decoded losslessly."""
+    from deepspec.config import ConfigError
+    from deepspec.data.training import regenerate
+    from deepspec.features.extract import extract_all
+    from deepspec.training.bench import bench_train, load_recipes
+
+    cfg = _pipeline_cfg(tmp_path, tiny_target_dir)
+    regenerate(cfg)
+    extract_all(cfg)
+    recipes = tmp_path / "recipes.yaml"
+    recipes.write_text("base: {}\nttt2: {ttt_length: 2, train: {lr: 3.0e-3}}\n")
+    result = bench_train(cfg, str(recipes), epochs=2, n_prompts=2, max_new_tokens=12)
+    rows = result["recipes"]
+    assert list(rows) == ["base", "ttt2"] and rows["ttt2"]["overrides"] == {"ttt_length": 2, "train": {"lr": 3.0e-3}}
+    assert all(r["lossless"] and r["decode_tau"] >= 1.0 and r["steps"] > 0 for r in rows.values())
+    shortest = min(rows.values(), key=lambda r: r["wall_s"])
+    assert result["common_wall_s"] == shortest["wall_s"]
+    assert shortest["tau_chain_at_common"] == shortest["final_tau_chain"]  # read at its own end
+    saved = json.loads((cfg.out_dir / "drafters/bench-ttt2/model/config.json").read_text())
+    assert saved["aux_layers"] == [1, 2, 3]
+    table = (cfg.out_dir / "bench/train.md").read_text()
+    assert "| ttt2 " in table and "{lr: 0.003}" in table and (cfg.out_dir / "bench/train.png").is_file()
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("oops: {ttt_length: 0}\n")
+    with pytest.raises(ConfigError, match=r"^config error: recipe oops.ttt_length: Input should be greater than or equal to 1"):
+        bench_train(cfg, str(bad))
+    with pytest.raises(ConfigError, match=r"recipes file not found"):
+        load_recipes(tmp_path / "none.yaml")

@@ -1,4 +1,4 @@
-"""MLflow tracking: failed stages end FAILED, parallel writers to one sqlite store lose no runs."""
+"""MLflow tracking: failed stages end FAILED, interrupted ones KILLED, parallel writers to one sqlite store lose no runs."""
 
 from __future__ import annotations
 
@@ -69,3 +69,56 @@ def test_tracking_uri_precedence(tmp_path, monkeypatch):
     assert tracking.tracking_uri(tmp_path, "http://127.0.0.1:5000") == "http://127.0.0.1:5000"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////tmp/x.db")
     assert tracking.tracking_uri(tmp_path, "http://127.0.0.1:5000") == "sqlite:////tmp/x.db"
+
+
+_SLEEPER = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from test_tracking import _cfg
+from deepspec import tracking
+with tracking.stage_run(_cfg(Path({results!r})), "train") as run:
+    run.metrics({{"step": 1}})
+    print("started", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_sigterm_ends_the_run_killed(tmp_path, monkeypatch):
+    """Snakemake stops a job with SIGTERM: its run must end KILLED (not FAILED, not left RUNNING)."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    code = _SLEEPER.format(tests=str(Path(__file__).parent), results=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "started"
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(60)
+    assert proc.returncode != 0
+    client, exp = _client(tmp_path)
+    (r,) = client.search_runs([exp])
+    assert r.info.status == "KILLED" and r.data.metrics["step"] == 1
+
+
+def test_experiment_lands_on_runs_and_lineage_hashes_inputs(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    data = tmp_path / "task.jsonl"
+    data.write_text('{"question_id": 1}\n')
+    folder = tmp_path / "drafter"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    tags = tracking.lineage({"task_data": data, "drafter": folder}, {"method": "abc"})
+    import hashlib
+
+    assert tags["deepspec.input.task_data"] == hashlib.sha256(data.read_bytes()).hexdigest()[:16]
+    (folder / "config.json").write_text("{ }")  # any change to the folder changes its hash
+    assert tracking.lineage({"drafter": folder})["deepspec.input.drafter"] != tags["deepspec.input.drafter"]
+    assert tags["deepspec.config.method"] == "abc"
+    cfg = _cfg(tmp_path)
+    with tracking.stage_run(cfg, "evaluate"):
+        pass
+    client, exp = _client(tmp_path)
+    assert client.get_experiment(exp).tags["mlflow.experimentKind"] == "custom_model_development"

@@ -35,14 +35,18 @@ def build_proposer(method, target=None, name: str = "", drafters_root=None) -> P
     if isinstance(method, Eagle3Method):
         from pathlib import Path
 
-        from deepspec.drafters.eagle3 import Eagle3Drafter, Eagle3Proposer
+        from deepspec.drafters.eagle3 import Eagle3Proposer
+        from deepspec.export import import_eagle3
 
-        if drafters_root is None:
-            raise ValueError(f"methods.{name or 'eagle3'}: needs the trained drafters' folder")
-        folder = Path(drafters_root) / method.drafter / "model"
-        drafter = Eagle3Drafter.load(folder, target.loaded.model.get_input_embeddings().weight)
-        if drafter.config.get("target_fingerprint") != target.loaded.fingerprint:
-            raise ValueError(f"{folder}: drafter was trained for another target ({drafter.config.get('target')})")
+        if method.checkpoint is not None:  # a published drafter: checked against the target as it loads
+            drafter = import_eagle3(method.checkpoint, target.loaded.model, target.loaded.fingerprint)
+        else:
+            if drafters_root is None:
+                raise ValueError(f"methods.{name or 'eagle3'}: needs the trained drafters' folder")
+            folder = Path(drafters_root) / method.drafter / "model"
+            drafter = import_eagle3(folder, target.loaded.model, target.loaded.fingerprint)
+            if drafter.config.get("target_fingerprint") != target.loaded.fingerprint:
+                raise ValueError(f"{folder}: drafter was trained for another target ({drafter.config.get('target')})")
         drafter = drafter.to(target.backend.dtype)
         return Eagle3Proposer(drafter, target.backend.cache.max_len, method.depth, method.top_k, method.total_tokens)
     raise ValueError(f"no proposer for method kind {method.kind!r}")

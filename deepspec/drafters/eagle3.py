@@ -75,6 +75,27 @@ class _MidLayer(nn.Module):
         self.mlp = _MLP(h, c["intermediate_size"])
 
 
+def _inv_freq(c: dict[str, Any]) -> Tensor:
+    """RoPE inverse frequencies; scaled variants (llama3, linear, ...) come from transformers' own tables."""
+    hd = c["head_dim"]
+    scaling = c.get("rope_scaling") or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return 1.0 / (c["rope_theta"] ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    if kind not in ROPE_INIT_FUNCTIONS:
+        raise ValueError(f"rope_scaling: unknown rope_type {kind!r}")
+    lc = LlamaConfig(hidden_size=c["hidden_size"], num_attention_heads=c["num_attention_heads"], head_dim=hd,
+                     rope_theta=c["rope_theta"], rope_scaling=dict(scaling),
+                     max_position_embeddings=c.get("max_position_embeddings", 8192))
+    inv_freq, attention_scale = ROPE_INIT_FUNCTIONS[kind](lc, "cpu")
+    if abs(float(attention_scale) - 1.0) > 1e-6:
+        raise ValueError(f"rope_scaling: rope_type {kind!r} scales attention, which our EAGLE-3 drafter does not")
+    return inv_freq.float()
+
+
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     half = x.shape[-1] // 2
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
@@ -93,8 +114,7 @@ class Eagle3Drafter(nn.Module):
         self.register_buffer("t2d", torch.zeros(c["vocab_size"], dtype=torch.bool))
         self.register_buffer("embed", embed.detach(), persistent=False)  # the target's, frozen
         hd = c["head_dim"]
-        inv_freq = 1.0 / (c["rope_theta"] ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", _inv_freq(c), persistent=False)
         self.n_heads, self.n_kv, self.head_dim = c["num_attention_heads"], c["num_key_value_heads"], hd
 
     # ---- construction ---------------------------------------------------------------------------
@@ -111,9 +131,13 @@ class Eagle3Drafter(nn.Module):
             "num_attention_heads": tc.num_attention_heads, "num_key_value_heads": tc.num_key_value_heads,
             "head_dim": head_dim, "rms_norm_eps": tc.rms_norm_eps, "rope_theta": float(rope_theta),
             "vocab_size": tc.vocab_size, "draft_vocab_size": int(draft_ids.numel()), "num_hidden_layers": 1,
-            "aux_layers": list(aux_layers), "eagle_config": {"eagle_aux_hidden_state_layer_ids": list(aux_layers)},
+            "aux_layers": list(aux_layers), "target_num_hidden_layers": tc.num_hidden_layers,
+            "max_position_embeddings": getattr(tc, "max_position_embeddings", 8192),
             "tie_word_embeddings": False, **meta,
         }
+        scaling = dict(getattr(tc, "rope_scaling", None) or {})
+        if scaling.get("rope_type", scaling.get("type", "default")) != "default":  # e.g. Llama 3.1's llama3 scaling
+            config["rope_scaling"] = {k: v for k, v in scaling.items() if k != "rope_theta"}
         torch.manual_seed(seed)
         model = cls(config, target_model.get_input_embeddings().weight)
         for p in model.parameters():

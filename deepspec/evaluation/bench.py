@@ -10,6 +10,7 @@ import os
 import statistics
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -118,9 +119,11 @@ def bench_decode(cfg: Config, n_prompts: int = 8, max_new_tokens: int = 128, thr
         for name, method in OURS.items():
             if wanted(name):
                 runners[name] = ours_runner(build_proposer(method, target, name) if method is not None else None)
-        for name, method in cfg.methods.items():  # trained drafters of this experiment, when they exist
-            folder = cfg.out_dir / "drafters" / getattr(method, "drafter", "") / "model"
-            if method.kind == "eagle3" and (folder / "config.json").is_file() and wanted(f"ours_{name}"):
+        for name, method in cfg.methods.items():  # this experiment's EAGLE-3 drafters (trained ones once they exist)
+            if method.kind != "eagle3":
+                continue
+            folder = Path(method.checkpoint) if method.checkpoint else cfg.out_dir / "drafters" / method.drafter / "model"
+            if (folder / "config.json").is_file() and wanted(f"ours_{name}"):
                 runners[f"ours_{name}"] = ours_runner(build_proposer(method, target, name, cfg.out_dir / "drafters"))
         names = list(runners)
         for name in names:  # warm-up

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from deepspec.decoding.engine import Generation
+
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
 
 
 def turn_record(gen: Generation, text: str) -> dict[str, Any]:
@@ -44,6 +49,50 @@ def acceptance_by_depth(turns: list[dict[str, Any]]) -> list[float]:
     return out
 
 
+def _per_sample(records: list[dict[str, Any]], key: str) -> dict[str, np.ndarray]:
+    """Totals of each sample (all its turns) for one side of the pairing ("outputs" or "baseline")."""
+    rows = [_totals(r[key]) for r in records]
+    return {k: np.array([row[k] for row in rows]) for k in ("new_tokens", "wall_time", "forwards")}
+
+
+def _ci95(values: np.ndarray) -> list[float]:
+    lo, hi = np.percentile(values, [2.5, 97.5])
+    return [float(lo), float(hi)]
+
+
+def spread(records: list[dict[str, Any]], paired: bool) -> dict[str, Any]:
+    """How far τ and the speedup can be trusted: a bootstrap over samples (the unit the pairing holds
+    fixed) of the same ratio-of-sums statistics `summarize` reports, and per-sample speedups.
+
+    The speedup interval is what a reproduction is judged against: two runs agree when their
+    intervals overlap. Seeded, so the same records always give the same interval."""
+    m = _per_sample(records, "outputs")
+    n = len(records)
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    idx = rng.integers(0, n, size=(BOOTSTRAP_RESAMPLES, n))
+
+    def resampled(a: np.ndarray) -> np.ndarray:
+        return a[idx].sum(axis=1)
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out: dict[str, Any] = {
+            "unit": "sample", "samples": n, "resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED,
+            "tau_ci95": _ci95(resampled(m["new_tokens"]) / np.maximum(resampled(m["forwards"]), 1)),
+        }
+        if not paired:
+            out.update({"speedup_ci95": [1.0, 1.0], "speedup_per_sample": {"min": 1.0, "median": 1.0, "max": 1.0}})
+            return out
+        b = _per_sample(records, "baseline")
+        tps = resampled(m["new_tokens"]) / resampled(m["wall_time"])
+        base_tps = resampled(b["new_tokens"]) / resampled(b["wall_time"])
+        per = (m["new_tokens"] / m["wall_time"]) / (b["new_tokens"] / b["wall_time"])
+    per = per[np.isfinite(per)]
+    out["speedup_ci95"] = _ci95(tps / base_tps)
+    out["speedup_per_sample"] = ({"min": float(per.min()), "median": float(np.median(per)), "max": float(per.max())}
+                                 if per.size else {"min": 0.0, "median": 0.0, "max": 0.0})
+    return out
+
+
 def summarize(records: list[dict[str, Any]], greedy: bool, paired: bool) -> dict[str, Any]:
     turns = [t for r in records for t in r["outputs"]]
     tot = _totals(turns)
@@ -80,4 +129,6 @@ def summarize(records: list[dict[str, Any]], greedy: bool, paired: bool) -> dict
         metrics["baseline_tokens_per_s"] = tps
         metrics["speedup"] = 1.0
         metrics["lossless"] = {"checked_turns": len(turns), "mismatches": 0, "passed": True, "note": "baseline"}
+    if records:
+        metrics["spread"] = spread(records, paired)
     return metrics

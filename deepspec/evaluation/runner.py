@@ -52,6 +52,15 @@ def run_conversation(engine: Engine, target: Target, turns: list[str], max_new_t
     return outputs
 
 
+def _drafter_weights(cfg: Config, method: str) -> list[Path]:
+    """The trained drafter's weights a method decodes with (empty for methods without one)."""
+    m = cfg.methods[method]
+    if m.kind != "eagle3":
+        return []
+    folder = Path(m.checkpoint) if m.checkpoint else cfg.out_dir / "drafters" / m.drafter / "model"
+    return [folder / "config.json"]
+
+
 def _load_partial(path: Path, config_hash: str) -> dict[Any, dict]:
     return {r["question_id"]: r for r in io.read_jsonl_prefix(path) if r.get("config_hash") == config_hash}
 
@@ -79,6 +88,10 @@ def evaluate(cfg: Config, method: str, task: str, threads: int | None = None) ->
         engine = Engine(target.backend, target.loaded.eos_ids, sampling_of(cfg))
         proposer = build_proposer(cfg.methods[method], target, method, cfg.out_dir / "drafters")
         base_proposer = build_proposer(cfg.methods[baseline], target)
+        drafter_files = {"drafter": p.parent for p in _drafter_weights(cfg, method)}
+        run.tags(tracking.lineage({"task_data": data_path, **drafter_files},
+                                  {"method": cfg.section_hash("methods", method), "target": cfg.section_hash("target"),
+                                   "eval": cfg.section_hash("eval")}))
         run.params({"method": method, "task": task, "baseline": baseline, "max_new_tokens": max_new,
                     "samples": len(samples), "target": cfg.target.model, "target_fingerprint": target.loaded.fingerprint,
                     "temperature": cfg.eval.temperature, "top_p": cfg.eval.top_p, "top_k": cfg.eval.top_k,
@@ -124,6 +137,9 @@ def evaluate(cfg: Config, method: str, task: str, threads: int | None = None) ->
         flat = {"tau": metrics["tau"], "tokens_per_s": metrics["tokens_per_s"], "speedup": metrics["speedup"],
                 "baseline_tokens_per_s": metrics["baseline_tokens_per_s"], "new_tokens": metrics["new_tokens"],
                 "lossless_mismatches": metrics["lossless"]["mismatches"],
+                **dict(zip(("tau_ci95_lo", "tau_ci95_hi"), metrics["spread"]["tau_ci95"])),
+                **dict(zip(("speedup_ci95_lo", "speedup_ci95_hi"), metrics["spread"]["speedup_ci95"])),
+                **{f"speedup_sample_{k}": v for k, v in metrics["spread"]["speedup_per_sample"].items()},
                 **{f"time_frac_{k}": v for k, v in metrics["time_split"].items()},
                 **{f"accept_depth_{d + 1}": a for d, a in enumerate(metrics["acceptance_by_depth"])}}
         run.metrics(flat)
@@ -131,6 +147,8 @@ def evaluate(cfg: Config, method: str, task: str, threads: int | None = None) ->
         run.artifact(out / "metrics.json")
         lossless = metrics["lossless"]
         verdict = "n/a" if lossless["passed"] is None else ("PASS" if lossless["passed"] else f"FAIL ({lossless['mismatches']} turns differ)")
+        lo, hi = metrics["spread"]["speedup_ci95"]
         print(f"[evaluate] {method}/{task}: tau {metrics['tau']:.2f}, {metrics['tokens_per_s']:.1f} tok/s, "
-              f"speedup {metrics['speedup']:.2f}x vs {baseline}, lossless {verdict}")
+              f"speedup {metrics['speedup']:.2f}x (95% {lo:.2f}-{hi:.2f}) vs {baseline} at "
+              f"{metrics['baseline_tokens_per_s']:.1f} tok/s, lossless {verdict}")
     return metrics

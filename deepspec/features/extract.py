@@ -172,7 +172,22 @@ def tokenizer_hash(tokenizer) -> str:
 
 
 def write_manifest(cfg: Config) -> Path:
-    """manifest.json over all shards; every shard must be present and match its checksum."""
+    """manifest.json over all shards (its own MLflow run); every shard must be present and match its checksum."""
+    with tracking.stage_run(cfg, "feature_manifest", "feature manifest") as run:
+        out = _write_manifest(cfg)
+        manifest = json.loads(out.read_text())
+        run.tags(tracking.lineage({"train_data": train_data_file(cfg)},
+                                  {"train_data": cfg.section_hash("train_data"), "features": cfg.section_hash("features"),
+                                   "target": cfg.section_hash("target")}))
+        run.params({"layers": manifest["layers"], "layer_convention": manifest["layer_convention"],
+                    "dtype": manifest["dtype"], "shards": len(manifest["shards"]), "max_len": manifest["max_len"]})
+        run.metrics({"tokens": manifest["tokens"], "sequences": manifest["sequences"],
+                     "bytes": sum(s["bytes"] for s in manifest["shards"])})
+        run.artifact(out)
+    return out
+
+
+def _write_manifest(cfg: Config) -> Path:
     metas = []
     for s in range(cfg.features.shards):
         path = shard_path(cfg, s)

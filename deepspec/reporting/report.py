@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io as _io
 import json
 from pathlib import Path
 from typing import Any
@@ -11,6 +9,8 @@ from typing import Any
 from deepspec import io, tracking
 from deepspec.config import Config
 from deepspec.evaluation.runner import eval_dir
+from deepspec.reporting.reproduce import compare
+from deepspec.reporting.tables import long_frame, tables
 
 
 def collect(cfg: Config) -> dict[tuple[str, str], dict[str, Any]]:
@@ -28,71 +28,34 @@ def collect(cfg: Config) -> dict[tuple[str, str], dict[str, Any]]:
     return found
 
 
-def _cell(m: dict[str, Any]) -> str:
-    flag = "" if m["lossless"]["passed"] in (True, None) else " ✗"
-    return f"{m['tau']:.2f} / {m['speedup']:.2f}×{flag}"
-
-
-def _macro(metrics: dict, method: str, tasks: list[str], key: str) -> float:
-    return sum(metrics[(method, t)][key] for t in tasks) / len(tasks)
-
-
-def tables(cfg: Config, metrics: dict) -> dict[str, str]:
-    methods, tasks = list(cfg.methods), list(cfg.tasks)
-    head = ["method", *tasks, "mean"]
-    md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    rows_csv = [["method", "task", "tau", "speedup", "tokens_per_s", "baseline_tokens_per_s", "lossless", "samples",
-                 "new_tokens", "config_hash"]]
-    tex = [r"\begin{tabular}{l" + "c" * (len(tasks) + 1) + "}", r"\toprule",
-           "Method & " + " & ".join(t.replace("_", r"\_") for t in tasks) + r" & Mean \\", r"\midrule"]
-    for method in methods:
-        cells = [_cell(metrics[(method, t)]) for t in tasks]
-        mean = f"{_macro(metrics, method, tasks, 'tau'):.2f} / {_macro(metrics, method, tasks, 'speedup'):.2f}×"
-        md.append("| " + " | ".join([method, *cells, mean]) + " |")
-        tex.append(method.replace("_", r"\_") + " & " + " & ".join(c.replace("×", r"$\times$") for c in [*cells, mean]) + r" \\")
-        for t in tasks:
-            m = metrics[(method, t)]
-            rows_csv.append([method, t, f"{m['tau']:.4f}", f"{m['speedup']:.4f}", f"{m['tokens_per_s']:.3f}",
-                             f"{m['baseline_tokens_per_s']:.3f}", m["lossless"]["passed"], m["samples"], m["new_tokens"],
-                             m["config_hash"]])
-    tex += [r"\bottomrule", r"\end{tabular}", f"% config hash {cfg.hash()}"]
-    md.append(f"\nτ / speedup vs autoregressive; config hash `{cfg.hash()}`.")
-    buf = _io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerows(rows_csv)
-    split = ["| method | task | tokens/s | prefill | draft | verify | other | outside forwards | acceptance by depth |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for method in methods:
-        for t in tasks:
-            m = metrics[(method, t)]
-            s = m["time_split"]
-            acc = ", ".join(f"{a:.2f}" for a in m["acceptance_by_depth"][:8]) or "–"
-            split.append(f"| {method} | {t} | {m['tokens_per_s']:.1f} | {s['prefill']:.0%} | {s['draft']:.0%} | "
-                         f"{s['verify']:.0%} | {s['other']:.0%} | {m.get('overhead_frac', 0.0):.0%} | {acc} |")
-    return {"summary.md": "\n".join(md) + "\n", "summary.csv": buf.getvalue(), "summary.tex": "\n".join(tex) + "\n",
-            "details.md": "\n".join(split) + "\n"}
-
-
 def plots(cfg: Config, metrics: dict, out: Path) -> list[Path]:
+    """Speedup and τ per task and method, each bar with its 95% bootstrap interval."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     methods, tasks = list(cfg.methods), list(cfg.tasks)
+    df = long_frame(cfg, metrics)
     paths = []
     for key, label, fname in (("speedup", "wall-clock speedup vs autoregressive (×)", "speedup.png"),
                               ("tau", "mean accepted length τ (tokens / target forward)", "tau.png")):
         fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(tasks) * max(1, len(methods)) / 2, 3.6), dpi=120)
         width = 0.8 / len(methods)
         for i, method in enumerate(methods):
-            vals = [metrics[(method, t)][key] for t in tasks]
+            rows = df.loc[method].loc[tasks]
+            vals = rows[key].to_numpy()
+            err = [vals - rows[f"{key}_lo"].to_numpy(), rows[f"{key}_hi"].to_numpy() - vals]
             xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(tasks))]
-            bars = ax.bar(xs, vals, width, label=method)
-            ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)
+            ax.bar(xs, vals, width, label=method, yerr=err, capsize=2, error_kw={"lw": 0.8})
+            for x, v, top in zip(xs, vals, rows[f"{key}_hi"].to_numpy()):  # the value above its interval
+                ax.annotate(f"{v:.2f}", (x, max(v, top)), xytext=(0, 2), textcoords="offset points", ha="center",
+                            fontsize=7)
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
         ax.set_xticks(range(len(tasks)), tasks)
         ax.set_ylabel(label, fontsize=8)
-        ax.set_title(f"{cfg.experiment}: {key} per task and method", fontsize=9)
+        ax.set_title(f"{cfg.experiment}: {key} per task and method (bars: 95% bootstrap interval over samples)",
+                     fontsize=9)
         ax.legend(fontsize=7, frameon=False)
         ax.margins(y=0.15)
         fig.tight_layout()
@@ -197,6 +160,15 @@ def build_report(cfg: Config) -> Path:
         written += [accept] if accept else []
         train_lines, train_plots = _training_section(cfg, out)
         written += train_plots
+        repro = compare(cfg, metrics)
+        if repro.table is not None:
+            written.append(io.write_text(out / "tables" / "reproduction.csv", repro.table.to_csv(index=False)))
+        else:
+            (out / "tables" / "reproduction.csv").unlink(missing_ok=True)  # no stale comparison left behind
+        written.append(io.write_text(out / "tables" / "reproduction.md", repro.markdown()))
+        written.append(io.write_json(out / "tables" / "reproduction.json", {
+            "verdict": repro.verdict, "passed": repro.passed, "reference": str(cfg.reference_dir),
+            "tau_tolerance": cfg.reproduce.tau_tolerance}))
         any_m = next(iter(metrics.values()))
         hashes = sorted({m["config_hash"] for m in metrics.values()})
         lossless_bad = [f"{k[0]}/{k[1]}" for k, m in metrics.items() if m["lossless"]["passed"] is False]
@@ -227,11 +199,26 @@ def build_report(cfg: Config) -> Path:
             tab["details.md"],
             *(["![acceptance by depth](plots/acceptance_by_depth.png)", ""] if accept else []),
             *(["## Drafter training", "", *train_lines] if train_lines else []),
+            repro.markdown(),
         ])
         report = io.write_text(out / "report.md", text + "\n")
         for path in [*written, report]:
             run.artifact(path, "report")
-        run.metrics({f"tau.{m}.{t}": v["tau"] for (m, t), v in metrics.items()}
-                    | {f"speedup.{m}.{t}": v["speedup"] for (m, t), v in metrics.items()})
-        print(f"[report] {report}\n" + tab["summary.md"])
+        cells = ({f"tau.{m}.{t}": v["tau"] for (m, t), v in metrics.items()}
+                 | {f"speedup.{m}.{t}": v["speedup"] for (m, t), v in metrics.items()})
+        if repro.passed is not None:
+            cells["reproduced"] = float(repro.passed)
+        run.metrics(cells)
+        run.tags({"reproduction": repro.verdict[:5000]})
+        # The pipeline's parent run carries the summary, so MLflow's compare view lines up whole
+        # experiments (and their methods) side by side.
+        parent = run.parent()
+        if parent is not None:
+            parent.metrics(cells)
+            parent.table(long_frame(cfg, metrics).reset_index(), "summary_table.json")
+            parent.artifact(out / "tables" / "summary.md")
+            parent.tags({"reproduction": repro.verdict[:5000]})
+        print(f"[report] {report}\n" + tab["summary.md"] + "\n" + repro.verdict)
+        print(f"[report] runs in MLflow: `mlflow ui --backend-store-uri {run.tracker.uri} --host 127.0.0.1`, "
+              f"then {run.tracker.runs_url()}")
     return report

@@ -140,6 +140,9 @@ def train(cfg: Config, name: str, stop_after_steps: int | None = None) -> Path:
     fdir = features_dir(cfg)
     with tracking.stage_run(cfg, "train", f"train {name}", drafter=name) as run:
         manifest = load_manifest(fdir)
+        run.tags(tracking.lineage({"feature_manifest": fdir / "manifest.json"},
+                                  {"drafter": cfg.section_hash("drafters", name), "train_data": cfg.section_hash("train_data"),
+                                   "features": cfg.section_hash("features"), "target": cfg.section_hash("target")}))
         loaded = load_model(cfg.target.model, cfg.target.dtype)
         if manifest["target_fingerprint"] != loaded.fingerprint:
             raise ValueError(f"{fdir}: features were extracted from another target ({manifest['target_fingerprint']})")
@@ -190,6 +193,7 @@ def train(cfg: Config, name: str, stop_after_steps: int | None = None) -> Path:
         model.train()
         bar = tqdm(total=total, initial=step, desc=f"train {name}", unit="step", dynamic_ncols=True)
         ran = 0
+        wall = history[-1].get("wall_s", 0.0) if history else 0.0  # training time so far (validation excluded)
         while step < total:
             if stop_after_steps is not None and ran >= stop_after_steps:
                 bar.close()
@@ -213,9 +217,10 @@ def train(cfg: Config, name: str, stop_after_steps: int | None = None) -> Path:
             step += 1
             ran += 1
             elapsed = time.perf_counter() - t0
+            wall += elapsed
             tokens = sum(s["tokens"] for s in stats)
             row: dict[str, Any] = {"step": step, "lr": lr, "loss": sum(s["loss"] for s in stats) / len(stats),
-                                   "grad_norm": grad_norm, "tokens_per_s": tokens / elapsed,
+                                   "grad_norm": grad_norm, "tokens_per_s": tokens / elapsed, "wall_s": wall,
                                    "epoch": step * tc.grad_accum * per / max(len(train_idx), 1),
                                    "train_tokens_seen": step * tc.grad_accum * per * tokens_total / max(len(train_idx), 1)}
             for k in range(dc.ttt_length):
@@ -246,7 +251,7 @@ def train(cfg: Config, name: str, stop_after_steps: int | None = None) -> Path:
                    "config_hash": _train_hash(cfg, name)}
         io.write_json(out / "metrics.json", summary)
         run.artifact(out / "metrics.json")
-        run.artifact(out / "model" / "config.json")
+        run.artifact(out / "model", "drafter")  # the whole HF-style folder: config.json + model.safetensors
         acc = ", ".join(f"{a:.2f}" for a in summary["val_acc"] if a is not None)
         print(f"[train] {name}: {total} steps, final loss {summary['final_loss']:.3f}; validation: "
               f"chain tau {summary['val_tau_chain'] or float('nan'):.2f}, top-1 accuracy by step [{acc}]")

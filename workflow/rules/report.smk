@@ -1,3 +1,6 @@
+# Tables, plots and report.md from every metrics file; the reproduction section compares them with the
+# committed reference (results/reference/<experiment>). Items marked report() also make up Snakemake's
+# HTML report: `snakemake --report results/<experiment>/report.html`.
 rule report:
     input:
         expand(f"{OUT}/eval/{{method}}/{{task}}/metrics.json", method=METHODS, task=TASKS),
@@ -5,9 +8,15 @@ rule report:
     output:
         report=f"{OUT}/report.md",
         table_md=f"{OUT}/tables/summary.md",
-        table_csv=f"{OUT}/tables/summary.csv",
-        speedup=f"{OUT}/plots/speedup.png",
-        tau=f"{OUT}/plots/tau.png",
+        table_csv=report(f"{OUT}/tables/summary.csv", caption="../report/summary.rst", category="Results",
+                         labels={"table": "τ and speedup per method × task"}),
+        reproduction=report(f"{OUT}/tables/reproduction.md", caption="../report/reproduction.rst",
+                            category="Reproduction", labels={"table": "this run vs the committed reference"}),
+        speedup=report(f"{OUT}/plots/speedup.png", caption="../report/speedup.rst", category="Results",
+                       labels={"plot": "speedup"}),
+        tau=report(f"{OUT}/plots/tau.png", caption="../report/tau.rst", category="Results", labels={"plot": "τ"}),
+    params:
+        reproduce=section("reproduce"),
     log:
         f"{OUT}/logs/report.log",
     shell:

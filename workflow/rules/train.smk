@@ -14,7 +14,9 @@ def drafter_model(name):
 def method_drafter(method):
     """The trained drafter a method decodes with (an evaluate input), if any."""
     m = CFG.methods[method]
-    return [drafter_model(m.drafter)] if m.kind == "eagle3" else []
+    if m.kind != "eagle3":
+        return []
+    return [f"{m.checkpoint}/config.json"] if m.checkpoint else [drafter_model(m.drafter)]
 
 
 wildcard_constraints:

@@ -1,0 +1,146 @@
+"""This run against the committed reference, cell by cell, with one verdict; and `deepspec reference`,
+which makes a finished run the new reference.
+
+The reference lives apart from the DAG's outputs (`results/reference/<experiment>/`), so a fresh clone's
+`snakemake --cores all` recomputes everything and the report says whether it reproduced. τ comes from
+deterministic decoding: methods without a trained drafter match exactly, and a trained drafter's τ
+drifts only as far as its training does (MKL on CPU is not bit-reproducible from run to run), so a cell
+matches within the relative `reproduce.tau_tolerance`. A wall-clock speedup is noisy, so it matches when
+its 95% interval overlaps the reference's.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from deepspec import io
+from deepspec.config import Config
+from deepspec.reporting.tables import Metrics, _spread
+
+# What a reference holds: small, human-readable results, never records or weights.
+REFERENCE_FILES = ("report.md", "tables/*", "plots/*.png", "eval/*/*/metrics.json", "drafters/*/metrics.json",
+                   "drafters/*/train_log.jsonl", "bench/*")
+
+
+@dataclass
+class Reproduction:
+    verdict: str  # one line a person reads first
+    table: pd.DataFrame | None  # per cell; None without a reference
+    notes: list[str]
+    passed: bool | None  # None: nothing to compare
+
+    def markdown(self) -> str:
+        lines = ["## Reproduction", "", f"**{self.verdict}**", ""]
+        lines += [f"- {n}" for n in self.notes]
+        if self.table is not None:
+            lines += ["", self.table.to_markdown(index=False)]
+        return "\n".join(lines) + "\n"
+
+
+def load_reference(directory: Path) -> Metrics:
+    found = {}
+    for path in sorted(directory.glob("eval/*/*/metrics.json")):
+        found[(path.parent.parent.name, path.parent.name)] = json.loads(path.read_text())
+    return found
+
+
+def _overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    return a[0] <= b[1] and b[0] <= a[1]
+
+
+def compare(cfg: Config, metrics: Metrics, reference: Metrics | None = None) -> Reproduction:
+    """Compare this run's metrics with the reference's (read from `cfg.reference_dir` unless given)."""
+    ref_dir = cfg.reference_dir
+    if reference is None:
+        if not ref_dir.is_dir():
+            return Reproduction(f"No reference for experiment '{cfg.experiment}' ({ref_dir} does not exist): nothing "
+                                "to compare. `deepspec reference` makes this run the reference.", None, [], None)
+        reference = load_reference(ref_dir)
+    tol = cfg.reproduce.tau_tolerance
+    rows, notes = [], []
+    for (method, task), m in metrics.items():
+        r = reference.get((method, task))
+        if r is None:
+            notes.append(f"{method}/{task}: not in the reference (new cell)")
+            continue
+        ms, rs = _spread(m), _spread(r)
+        d_tau = m["tau"] - r["tau"]
+        acc_run, acc_ref = m.get("acceptance_by_depth", []), r.get("acceptance_by_depth", [])
+        d_acc = max((abs(a - b) for a, b in zip(acc_run, acc_ref)), default=0.0)
+        if len(acc_run) != len(acc_ref):
+            d_acc = max(d_acc, 1.0)  # a depth reached in one run only: acceptance did not reproduce
+        speed_ok = _overlap((ms["speedup_lo"], ms["speedup_hi"]), (rs["speedup_lo"], rs["speedup_hi"]))
+        rows.append({"method": method, "task": task, "τ reference": round(r["tau"], 4), "τ this run": round(m["tau"], 4),
+                     "Δτ": round(d_tau, 4), "max Δ acceptance": round(d_acc, 4),
+                     "τ match": abs(d_tau) <= tol * abs(r["tau"]) + 1e-12, "τ identical": d_tau == 0,
+                     "speedup reference": _fmt_speed(r["speedup"], rs), "speedup this run": _fmt_speed(m["speedup"], ms),
+                     "speedup within spread": speed_ok,
+                     "lossless": m["lossless"]["passed"] in (True, None)})
+    missing = sorted(set(reference) - set(metrics))
+    if missing:
+        notes.append("in the reference but not in this run: " + ", ".join(f"{a}/{b}" for a, b in missing))
+    ref_hashes = sorted({r["config_hash"] for r in reference.values()})
+    run_hashes = sorted({m["config_hash"] for m in metrics.values()})
+    if ref_hashes != run_hashes:
+        notes.append(f"config differs: reference {', '.join(ref_hashes)}, this run {', '.join(run_hashes)} "
+                     "(τ need not match when the config changed)")
+    else:
+        notes.append(f"same config as the reference ({', '.join(run_hashes)})")
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return Reproduction("No cell of this run is in the reference: nothing to compare.", table, notes, None)
+    tau_bad, speed_bad, lossy = (_failing(table, col) for col in ("τ match", "speedup within spread", "lossless"))
+    n, same = len(table), int(table["τ identical"].sum())
+    within = "all identical" if same == n else f"{same} identical, the rest within {tol:.0%}"
+    if tau_bad or lossy:
+        verdict = "NOT REPRODUCED: " + "; ".join(
+            ([f"τ differs by more than {tol:.0%} in {', '.join(tau_bad)}"] if tau_bad else [])
+            + ([f"lossless check failed in {', '.join(lossy)}"] if lossy else []))
+        passed = False
+    elif speed_bad:
+        verdict = f"τ REPRODUCED in all {n} cells ({within}); speedup outside the reference's spread in {', '.join(speed_bad)}"
+        passed = True
+    else:
+        verdict = f"REPRODUCED: τ matches in all {n} cells ({within}) and every speedup lies within its spread"
+        passed = True
+    notes.insert(0, f"reference: {ref_dir}; τ matches within {tol:.0%} of the reference's (exactly, for methods "
+                    "without a trained drafter); speedups match when their 95% intervals overlap")
+    return Reproduction(verdict, table, notes, passed)
+
+
+def _failing(table: pd.DataFrame, column: str) -> list[str]:
+    """'method/task' of the cells where a boolean column is False."""
+    return [f"{m}/{t}" for m, t, ok in zip(table["method"], table["task"], table[column]) if not ok]
+
+
+def _fmt_speed(value: float, s: dict[str, Any]) -> str:
+    if s["speedup_lo"] == s["speedup_hi"]:
+        return f"{value:.2f}×"
+    return f"{value:.2f}× ({s['speedup_lo']:.2f}–{s['speedup_hi']:.2f})"
+
+
+def promote(cfg: Config) -> Path:
+    """`deepspec reference`: copy this run's small results over the experiment's reference folder."""
+    src = cfg.out_dir
+    if not (src / "report.md").is_file():
+        raise FileNotFoundError(f"{src / 'report.md'}: no finished run to promote; run the DAG first")
+    dst = cfg.reference_dir
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    copied = 0
+    for pattern in REFERENCE_FILES:
+        for path in sorted(src.glob(pattern)):
+            if path.is_file() and not path.name.startswith("."):
+                target = tmp / path.relative_to(src)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, target)
+                copied += 1
+    io.replace_dir(tmp, dst)
+    print(f"[reference] {copied} files from {src} are now the reference in {dst}")
+    return dst

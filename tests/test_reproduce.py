@@ -1,0 +1,141 @@
+"""Spreads and the reproduction verdict: bootstrap intervals from records, the cell-by-cell comparison with a
+reference (matching, τ off, speedup off, missing), the pandas tables, and promoting a run to the reference."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from deepspec.config import validate
+
+
+def _turn(tokens: int, wall: float, forwards: int) -> dict:
+    return {"token_ids": [1] * tokens, "new_tokens": tokens, "wall_time": wall, "forwards": forwards, "prefill_time": 0.0,
+            "draft_time": 0.0, "verify_time": wall, "forward_time": wall, "accepted": [1] * forwards,
+            "proposed": [0] * forwards}
+
+
+def _records(speeds: list[float]) -> list[dict]:
+    """One record per sample: the method at `speed` times the baseline's tokens/s, τ 2."""
+    return [{"question_id": i, "outputs": [_turn(40, 1.0 / s, 20)], "baseline": [_turn(40, 1.0, 40)]}
+            for i, s in enumerate(speeds)]
+
+
+def test_spread_brackets_the_point_estimate_and_is_seeded():
+    from deepspec.evaluation.metrics import summarize
+
+    m = summarize(_records([1.2, 1.5, 0.9, 1.4, 1.1]), greedy=True, paired=True)
+    s = m["spread"]
+    lo, hi = s["speedup_ci95"]
+    assert lo < m["speedup"] < hi and 0.9 <= lo and hi <= 1.5
+    assert s["speedup_per_sample"] == pytest.approx({"min": 0.9, "median": 1.2, "max": 1.5})
+    assert s["tau_ci95"] == pytest.approx([2.0, 2.0]) and m["tau"] == pytest.approx(2.0)
+    assert summarize(_records([1.2, 1.5, 0.9, 1.4, 1.1]), True, True)["spread"] == s  # same records, same interval
+    one = summarize(_records([1.3]), True, True)["spread"]
+    assert one["speedup_ci95"] == pytest.approx([1.3, 1.3])
+
+
+def _cfg(tmp_path, reference):
+    return validate({"experiment": "exp", "results_dir": str(tmp_path / "results"),
+                     "reproduce": {"reference": str(reference)}, "tasks": {"t": {"kind": "humaneval"}},
+                     "methods": {"ar": {"kind": "autoregressive"}, "pld": {"kind": "ngram"}}})
+
+
+def _metrics(cfg, speeds=(1.2, 1.5, 0.9, 1.4, 1.1)):
+    from deepspec.evaluation.metrics import summarize
+
+    out = {}
+    for method, paired in (("ar", False), ("pld", True)):
+        m = summarize(_records(list(speeds)), greedy=True, paired=paired)
+        m.update({"config_hash": cfg.hash(), "target_fingerprint": "fp"})
+        out[(method, "t")] = m
+    return out
+
+
+def test_verdicts(tmp_path):
+    from deepspec.reporting.reproduce import compare
+
+    cfg = _cfg(tmp_path, tmp_path / "ref")
+    run = _metrics(cfg)
+    none = compare(cfg, run)
+    assert none.passed is None and none.verdict.startswith("No reference for experiment 'exp'")
+
+    same = compare(cfg, run, copy.deepcopy(run))
+    assert same.passed is True and same.verdict.startswith("REPRODUCED: τ matches in all 2 cells (all identical)")
+    assert same.table["Δτ"].tolist() == [0.0, 0.0]
+
+    ref = copy.deepcopy(run)
+    ref[("pld", "t")]["tau"] += 0.05  # 2.5%: a trained drafter's drift, within the 3% tolerance
+    near = compare(cfg, run, ref)
+    assert near.passed is True and near.verdict.startswith("REPRODUCED: τ matches in all 2 cells (1 identical, the rest within 3%)")
+    ref[("pld", "t")]["tau"] += 0.05  # 5%
+    off = compare(cfg, run, ref)
+    assert off.passed is False and off.verdict == "NOT REPRODUCED: τ differs by more than 3% in pld/t"
+
+    ref = copy.deepcopy(run)
+    ref[("pld", "t")]["speedup"] = 3.0
+    ref[("pld", "t")]["spread"]["speedup_ci95"] = [2.8, 3.2]
+    slow = compare(cfg, run, ref)
+    assert slow.passed is True and slow.verdict.startswith("τ REPRODUCED in all 2 cells")
+    assert slow.verdict.endswith("speedup outside the reference's spread in pld/t")
+
+    ref = copy.deepcopy(run)
+    ref[("draft", "t")] = ref.pop(("pld", "t"))
+    partial = compare(cfg, run, ref)
+    assert "pld/t: not in the reference (new cell)" in partial.notes
+    assert "in the reference but not in this run: draft/t" in partial.notes
+    assert partial.passed is True and len(partial.table) == 1
+
+    ref = copy.deepcopy(run)
+    for m in ref.values():
+        m["config_hash"] = "000000000000"
+    assert any(n.startswith("config differs: reference 000000000000") for n in compare(cfg, run, ref).notes)
+
+    lossy = copy.deepcopy(run)
+    lossy[("pld", "t")]["lossless"] = {"passed": False, "mismatches": 1, "checked_turns": 5}
+    assert compare(cfg, lossy, run).verdict == "NOT REPRODUCED: lossless check failed in pld/t"
+
+
+def test_tables_carry_spreads(tmp_path):
+    from deepspec.reporting.tables import tables
+
+    cfg = _cfg(tmp_path, tmp_path / "ref")
+    tab = tables(cfg, _metrics(cfg))
+    md = tab["summary.md"].splitlines()
+    assert [c.strip() for c in md[0].split("|")[1:-1]] == ["method", "t", "mean"]
+    pld = next(line for line in md if line.startswith("| pld"))
+    assert "2.00 / 1.18× (" in pld  # τ exact here (no interval), speedup with its interval
+    csv = tab["summary.csv"].splitlines()
+    assert csv[0].startswith("method,task,tau,tau_lo,tau_hi,speedup_lo,speedup_hi,speedup_min,speedup_median,speedup_max,speedup,")
+    assert "baseline tokens/s" in tab["details.md"] and "0.90 / 1.20 / 1.50" in tab["details.md"]
+    assert r"\begin{tabular}" in tab["summary.tex"] and r"$\times$" in tab["summary.tex"]
+
+
+def test_promote_copies_only_small_results(tmp_path):
+    from deepspec import io
+    from deepspec.reporting.reproduce import promote
+
+    cfg = _cfg(tmp_path, tmp_path / "ref")
+    with pytest.raises(FileNotFoundError, match="no finished run to promote"):
+        promote(cfg)
+    out = cfg.out_dir
+    io.write_text(out / "report.md", "# r\n")
+    io.write_json(out / "eval/pld/t/metrics.json", {"tau": 2.0})
+    io.write_text(out / "eval/pld/t/records.jsonl", "{}\n")
+    io.write_text(out / "drafters/d/model/model.safetensors", "weights")
+    io.write_json(out / "drafters/d/metrics.json", {"steps": 3})
+    io.write_text(out / "plots/tau.png", "png")
+    dst = promote(cfg)
+    files = sorted(str(p.relative_to(dst)) for p in dst.rglob("*") if p.is_file())
+    assert files == ["drafters/d/metrics.json", "eval/pld/t/metrics.json", "plots/tau.png", "report.md"]
+    assert json.loads((dst / "eval/pld/t/metrics.json").read_text()) == {"tau": 2.0}
+
+
+def test_a_run_may_not_write_over_its_reference(tmp_path):
+    from deepspec.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^config error: results_dir: .* would write this run over its committed reference$"):
+        validate({"experiment": "exp", "results_dir": str(tmp_path / "ref"), "reproduce": {"reference": str(tmp_path / "ref")},
+                  "tasks": {"t": {"kind": "humaneval"}}, "methods": {"ar": {"kind": "autoregressive"}}})
