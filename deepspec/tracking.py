@@ -7,6 +7,7 @@ locked", so parallel Snakemake jobs do not lose runs; a stage that raises ends i
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -204,8 +205,6 @@ def lineage(files: dict[str, str | Path] | None = None, sections: dict[str, str]
     for name, path in (files or {}).items():
         path = Path(path)
         if path.is_dir():
-            import hashlib
-
             digest = hashlib.sha256("".join(f"{f.relative_to(path)}:{sha256_file(f)}\n" for f in sorted(path.rglob("*"))
                                             if f.is_file()).encode()).hexdigest()
         else:

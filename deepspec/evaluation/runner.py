@@ -52,13 +52,12 @@ def run_conversation(engine: Engine, target: Target, turns: list[str], max_new_t
     return outputs
 
 
-def _drafter_weights(cfg: Config, method: str) -> list[Path]:
-    """The trained drafter's weights a method decodes with (empty for methods without one)."""
+def _drafter_folder(cfg: Config, method: str) -> Path | None:
+    """The drafter checkpoint folder a method decodes with (None for methods without one)."""
     m = cfg.methods[method]
     if m.kind != "eagle3":
-        return []
-    folder = Path(m.checkpoint) if m.checkpoint else cfg.out_dir / "drafters" / m.drafter / "model"
-    return [folder / "config.json"]
+        return None
+    return Path(m.checkpoint) if m.checkpoint else cfg.out_dir / "drafters" / m.drafter / "model"
 
 
 def _load_partial(path: Path, config_hash: str) -> dict[Any, dict]:
@@ -88,8 +87,8 @@ def evaluate(cfg: Config, method: str, task: str, threads: int | None = None) ->
         engine = Engine(target.backend, target.loaded.eos_ids, sampling_of(cfg))
         proposer = build_proposer(cfg.methods[method], target, method, cfg.out_dir / "drafters")
         base_proposer = build_proposer(cfg.methods[baseline], target)
-        drafter_files = {"drafter": p.parent for p in _drafter_weights(cfg, method)}
-        run.tags(tracking.lineage({"task_data": data_path, **drafter_files},
+        folder = _drafter_folder(cfg, method)
+        run.tags(tracking.lineage({"task_data": data_path, **({"drafter": folder} if folder else {})},
                                   {"method": cfg.section_hash("methods", method), "target": cfg.section_hash("target"),
                                    "eval": cfg.section_hash("eval")}))
         run.params({"method": method, "task": task, "baseline": baseline, "max_new_tokens": max_new,
