@@ -95,8 +95,11 @@ def export_drafter(cfg: Config, name: str, fmt: str, out: str | None = None, dty
         write_export(drafter, fmt, dest, DTYPES[dtype] if dtype else None)
         run.params({"format": fmt, "dtype": dtype or "as trained", "out": str(dest)})
         run.artifact(dest, "export")
-    print(f"[export] {name} -> {dest} ({fmt}; aux layers "
-          f"{json.loads((dest / 'config.json').read_text()).get('eagle_aux_hidden_state_layer_ids', drafter.config['aux_layers'])})")
+    written = json.loads((dest / "config.json").read_text())
+    ids = (written.get("eagle_aux_hidden_state_layer_ids") or (written.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
+           or written["aux_layers"])
+    convention = written.get("aux_hidden_state_layer_convention", INPUT_OF_LAYER)
+    print(f"[export] {name} -> {dest} ({fmt}): aux layer ids {ids}, {convention}")
     return dest
 
 

@@ -66,3 +66,17 @@ def write_config(path, results_dir, **over):
         cfg[key] = value
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_target_dir(tmp_path_factory):
+    """A small random Llama that shares SmolLM2's tokenizer: a real `any causal LM by path` target."""
+    from deepspec.models import load_model
+
+    folder = tmp_path_factory.mktemp("tiny_target")
+    tok = load_model(REAL_MODEL).tokenizer
+    model = tiny_llama(vocab=len(tok), layers=4, dtype=torch.float32, seed=3)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

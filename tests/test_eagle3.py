@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import REAL_MODEL, tiny_llama
+from tests.conftest import tiny_llama
 
 
 def _drafter(target, vocab_ids=None, layers=(0, 1), dtype=torch.float64, seed=0):
@@ -176,20 +176,6 @@ def test_sharegpt_reader_recovers_truncated_file(tmp_path):
 
 
 # ---- the training pipeline on a tiny model with the real tokenizer ----------------------------------
-
-@pytest.fixture(scope="module")
-def tiny_target_dir(tmp_path_factory):
-    """A small random Llama that shares SmolLM2's tokenizer: a real `any causal LM by path` target."""
-    from deepspec.models import load_model
-
-    folder = tmp_path_factory.mktemp("tiny_target")
-    tok = load_model(REAL_MODEL).tokenizer
-    model = tiny_llama(vocab=len(tok), layers=4, dtype=torch.float32, seed=3)
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
 
 def _pipeline_cfg(tmp_path, target_dir, **train):
     from deepspec.config import validate

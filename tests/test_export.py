@@ -202,3 +202,27 @@ def test_llama3_rope_scaling_is_imported(tmp_path, target):
     plain = 1.0 / (500000.0 ** (torch.arange(0, 8, 2, dtype=torch.float32) / 8))
     assert not torch.allclose(drafter.inv_freq, plain)
     assert drafter.config["rope_scaling"]["rope_type"] == "llama3"
+
+
+def test_a_published_checkpoint_decodes_through_the_method_config(tmp_path, tiny_target_dir):
+    """`checkpoint:` in an eagle3 method: the folder is fit-checked against the target and decodes losslessly."""
+    from deepspec.config import Eagle3Method
+    from deepspec.decoding.engine import Engine
+    from deepspec.drafters import build_proposer
+    from deepspec.drafters.eagle3 import Eagle3Drafter
+    from deepspec.export import CheckpointError, write_export
+    from deepspec.models import load_target
+
+    target = load_target(str(tiny_target_dir), max_len=256)
+    model = target.loaded.model
+    drafter = Eagle3Drafter.for_target(model, [1, 2, 3], torch.arange(0, 4000), target_fingerprint=target.loaded.fingerprint)
+    method = Eagle3Method(kind="eagle3", checkpoint=str(write_export(drafter, "sglang", tmp_path / "s")), depth=3,
+                          top_k=2, total_tokens=6)
+    proposer = build_proposer(method, target, "published")
+    engine = Engine(target.backend, target.loaded.eos_ids, max_nodes=16)
+    prompt = list(range(100, 120))
+    assert engine.generate(prompt, 24, proposer).tokens == engine.generate(prompt, 24).tokens
+    other = Eagle3Drafter.for_target(model, [1, 2, 3], torch.arange(0, 4000), target_fingerprint="0123456789abcdef")
+    method = method.model_copy(update={"checkpoint": str(write_export(other, "vllm", tmp_path / "v"))})
+    with pytest.raises(CheckpointError, match=r"trained for target weights 0123456789abcdef"):
+        build_proposer(method, target, "published")
