@@ -15,13 +15,12 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
 from deepspec import io
 from deepspec.config import Config
-from deepspec.reporting.tables import Metrics, _spread
+from deepspec.reporting.tables import Metrics, fmt_interval, spread_of
 
 # What a reference holds: small, human-readable results, never records or weights.
 REFERENCE_FILES = ("report.md", "tables/*", "plots/*.png", "eval/*/*/metrics.json", "drafters/*/metrics.json",
@@ -69,7 +68,7 @@ def compare(cfg: Config, metrics: Metrics, reference: Metrics | None = None) -> 
         if r is None:
             notes.append(f"{method}/{task}: not in the reference (new cell)")
             continue
-        ms, rs = _spread(m), _spread(r)
+        ms, rs = spread_of(m), spread_of(r)
         d_tau = m["tau"] - r["tau"]
         acc_run, acc_ref = m.get("acceptance_by_depth", []), r.get("acceptance_by_depth", [])
         d_acc = max((abs(a - b) for a, b in zip(acc_run, acc_ref)), default=0.0)
@@ -79,7 +78,8 @@ def compare(cfg: Config, metrics: Metrics, reference: Metrics | None = None) -> 
         rows.append({"method": method, "task": task, "τ reference": round(r["tau"], 4), "τ this run": round(m["tau"], 4),
                      "Δτ": round(d_tau, 4), "max Δ acceptance": round(d_acc, 4),
                      "τ match": abs(d_tau) <= tol * abs(r["tau"]) + 1e-12, "τ identical": d_tau == 0,
-                     "speedup reference": _fmt_speed(r["speedup"], rs), "speedup this run": _fmt_speed(m["speedup"], ms),
+                     "speedup reference": fmt_interval(r["speedup"], rs["speedup_lo"], rs["speedup_hi"], "×"),
+                     "speedup this run": fmt_interval(m["speedup"], ms["speedup_lo"], ms["speedup_hi"], "×"),
                      "speedup within spread": speed_ok,
                      "lossless": m["lossless"]["passed"] in (True, None)})
     missing = sorted(set(reference) - set(metrics))
@@ -117,12 +117,6 @@ def compare(cfg: Config, metrics: Metrics, reference: Metrics | None = None) -> 
 def _failing(table: pd.DataFrame, column: str) -> list[str]:
     """'method/task' of the cells where a boolean column is False."""
     return [f"{m}/{t}" for m, t, ok in zip(table["method"], table["task"], table[column]) if not ok]
-
-
-def _fmt_speed(value: float, s: dict[str, Any]) -> str:
-    if s["speedup_lo"] == s["speedup_hi"]:
-        return f"{value:.2f}×"
-    return f"{value:.2f}× ({s['speedup_lo']:.2f}–{s['speedup_hi']:.2f})"
 
 
 def promote(cfg: Config) -> Path:

@@ -16,7 +16,7 @@ from deepspec.config import Config
 Metrics = dict[tuple[str, str], dict[str, Any]]
 
 
-def _spread(m: dict[str, Any]) -> dict[str, Any]:
+def spread_of(m: dict[str, Any]) -> dict[str, Any]:
     """The metrics' spread; metrics written before spreads were recorded give point intervals."""
     s = m.get("spread") or {}
     per = s.get("speedup_per_sample") or {}
@@ -35,7 +35,7 @@ def long_frame(cfg: Config, metrics: Metrics) -> pd.DataFrame:
     for method in cfg.methods:
         for task in cfg.tasks:
             m = metrics[(method, task)]
-            rows.append({"method": method, "task": task, "tau": m["tau"], **_spread(m), "speedup": m["speedup"],
+            rows.append({"method": method, "task": task, "tau": m["tau"], **spread_of(m), "speedup": m["speedup"],
                          "tokens_per_s": m["tokens_per_s"], "baseline_tokens_per_s": m["baseline_tokens_per_s"],
                          "lossless": m["lossless"]["passed"], "samples": m["samples"], "new_tokens": m["new_tokens"],
                          "config_hash": m["config_hash"]})
@@ -44,7 +44,7 @@ def long_frame(cfg: Config, metrics: Metrics) -> pd.DataFrame:
                                                                                names=["method", "task"]))
 
 
-def _interval(value: float, lo: float, hi: float, suffix: str = "") -> str:
+def fmt_interval(value: float, lo: float, hi: float, suffix: str = "") -> str:
     if math.isclose(lo, hi) and math.isclose(lo, value):
         return f"{value:.2f}{suffix}"
     return f"{value:.2f}{suffix} ({lo:.2f}–{hi:.2f})"
@@ -52,8 +52,8 @@ def _interval(value: float, lo: float, hi: float, suffix: str = "") -> str:
 
 def _cell(row: pd.Series) -> str:
     flag = "" if row["lossless"] in (True, None) else " ✗"
-    return (f"{_interval(row['tau'], row['tau_lo'], row['tau_hi'])} / "
-            f"{_interval(row['speedup'], row['speedup_lo'], row['speedup_hi'], '×')}{flag}")
+    return (f"{fmt_interval(row['tau'], row['tau_lo'], row['tau_hi'])} / "
+            f"{fmt_interval(row['speedup'], row['speedup_lo'], row['speedup_hi'], '×')}{flag}")
 
 
 def _macro(df: pd.DataFrame, method: str, key: str) -> tuple[float, float, float]:
@@ -70,7 +70,7 @@ def summary_frame(cfg: Config, df: pd.DataFrame) -> pd.DataFrame:
     for method in cfg.methods:
         row = {task: _cell(df.loc[(method, task)]) for task in cfg.tasks}
         tau, speed = _macro(df, method, "tau"), _macro(df, method, "speedup")
-        row["mean"] = f"{_interval(*tau)} / {_interval(*speed, '×')}"
+        row["mean"] = f"{fmt_interval(*tau)} / {fmt_interval(*speed, '×')}"
         wide[method] = row
     out = pd.DataFrame.from_dict(wide, orient="index")
     out.index.name = "method"
