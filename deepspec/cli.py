@@ -57,10 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight dtype of the export (default: as trained)")
 
     p = sub.add_parser("bench", help="benchmarks: `decode` (our engine against HF, verify-cost curve), `extract` "
-                                     "(feature cache throughput), `train` (training recipes on a learning curve)")
-    p.add_argument("what", choices=["decode", "extract", "train"])
+                                     "(feature cache throughput), `train` (training recipes on a learning curve), "
+                                     "`regenerate` (our batched generation against HF generate)")
+    p.add_argument("what", choices=["decode", "extract", "train", "regenerate"])
     _config_args(p)
-    p.add_argument("--prompts", type=int, default=8, help="decode: prompts; extract: training sequences")
+    p.add_argument("--prompts", type=int, default=8, help="decode: prompts; extract: training sequences; "
+                                                           "regenerate: training prompts in the batch")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--methods", nargs="*", help="subset of methods (HF generate and our AR always run)")
@@ -136,6 +138,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from deepspec.training.bench import bench_train
 
         bench_train(cfg, args.recipes, args.drafter, args.epochs, args.prompts, args.max_new_tokens, args.threads)
+    elif args.command == "bench" and args.what == "regenerate":
+        from deepspec.evaluation.bench import bench_regenerate
+
+        bench_regenerate(cfg, args.prompts, args.max_new_tokens, args.threads)
     elif args.command == "bench" and args.what == "extract":
         from deepspec.evaluation.bench import bench_extract
 

@@ -70,7 +70,8 @@ def write_export(drafter: Eagle3Drafter, fmt: str, out: str | Path, dtype: torch
     out = Path(out)
     if fmt == "hf":  # our own folder, as trained
         return drafter.to(dtype).save(out)
-    state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().contiguous() for k, v in drafter.state_dict().items()}
+    state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().contiguous()
+             for k, v in drafter.folded_state_dict().items()}
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})

@@ -87,11 +87,10 @@ def test_step_k_of_base_t_is_scored_on_token_t_plus_2_plus_k(monkeypatch):
 
     monkeypatch.setattr(drafter, "ttt_forward", oracle)
     top = torch.cat([ids[1:], ids[-1:]])  # the target at position j predicts token j+1
-    p = torch.nn.functional.one_hot(top, 64).double()
     trained = torch.ones(T, dtype=torch.bool)
     trained[-1] = False  # the last position has no next token
-    losses, hits, run = drafter.ttt_loss(torch.zeros(T, 96, dtype=torch.float64), ids, p, top, trained.double(),
-                                         trained, steps)
+    losses, hits, run = drafter.ttt_loss(torch.zeros(T, 96, dtype=torch.float64), ids, top[:, None],
+                                         torch.ones(T, 1, dtype=torch.float64), top, trained.double(), trained, steps)
     assert [int(h) for h in hits] == [T - 2 - k for k in range(steps)]
     assert all(float(x) < 1e-6 for x in losses)
     assert run[: T - 2 - steps].tolist() == [steps] * (T - 2 - steps)
@@ -102,7 +101,7 @@ def _overfit_drafter(target, prompts, steps=120):
     them well: acceptance is then high, so a lossless test also exercises long accepted paths."""
     from deepspec.decoding.engine import Engine
     from deepspec.models import make_backend
-    from deepspec.training.trainer import _Targets
+    from deepspec.training.targets import soft_targets, training_targets
 
     engine = Engine(make_backend(target, "lean", 256), stop_ids=[])
     seqs = []
@@ -114,15 +113,16 @@ def _overfit_drafter(target, prompts, steps=120):
         seqs.append({"input_ids": ids, "hidden": torch.cat([hs[1][0], hs[2][0]], -1), "final": hs[-1][0],
                      "loss_mask": torch.ones_like(ids, dtype=torch.bool)})
     drafter = _drafter(target, layers=(1, 2))
-    targets = _Targets(target.lm_head.weight.detach().float(), drafter.draft_to_target, drafter.t2d)
-    tgts = [targets(s) for s in seqs]
+    cached = soft_targets(seqs, target.lm_head.weight.detach().float(), k=16)
+    lookup = torch.arange(64)  # full vocabulary: draft id == target id
+    tgts = [training_targets(c, s["loss_mask"], lookup, "all") for c, s in zip(cached, seqs)]
     opt = torch.optim.Adam([q for q in drafter.parameters() if q.requires_grad], lr=3e-3)
     torch.manual_seed(0)
     for _ in range(steps):
         opt.zero_grad()
         for s, t in zip(seqs, tgts):
-            losses, _, _ = drafter.ttt_loss(s["hidden"], s["input_ids"], t["target_p"], t["target_top"], t["weight"],
-                                            t["trained"], 3)
+            losses, _, _ = drafter.ttt_loss(s["hidden"], s["input_ids"], t["target_idx"], t["target_p"],
+                                            t["target_top"], t["weight"], t["trained"], 3)
             sum((0.8**k) * x / len(s["input_ids"]) for k, x in enumerate(losses)).backward()
         opt.step()
     return drafter.eval()
@@ -169,7 +169,7 @@ def test_sharegpt_reader_recovers_truncated_file(tmp_path):
     got, truncated = read_sharegpt(path)
     assert truncated and [r["id"] for r in got] == ["c0", "c1", "c2"]
     convs, _, _, note = load_conversations(TrainDataConfig(kind="sharegpt", source=str(path)))
-    assert convs[1] == {"id": "c1", "turns": ["q1", "q1b"]} and "3 whole conversations" in note
+    assert convs[1] == {"id": "c1", "turns": ["q1", "q1b"], "answers": ["a", None]} and "3 whole conversations" in note
     path.write_text("{}")
     with pytest.raises(ValueError, match="not a JSON array"):
         read_sharegpt(path)
@@ -222,6 +222,39 @@ def test_regeneration_resumes_without_duplicates_or_gaps(tmp_path, tiny_target_d
     assert not partial.exists()
 
 
+def test_fixed_data_keeps_dataset_answers_next_to_regenerated_ones(tmp_path, tiny_target_dir):
+    """EAGLE-1's fixed-data mode: `dataset_samples` more conversations keep their own answers (cut at
+    max_new_tokens), marked as such, disjoint from the regenerated ones; the HF backend regenerates the
+    same greedy answers as our batched lean forward."""
+    from deepspec import io
+    from deepspec.config import validate
+    from deepspec.data.training import regenerate
+    from deepspec.models import load_model
+
+    cfg = _pipeline_cfg(tmp_path, tiny_target_dir)
+    src = tmp_path / "chats.jsonl"
+    src.write_text("".join(json.dumps({"id": f"m{i}", "messages": [
+        {"role": "user", "content": f"Question {i}?"},
+        {"role": "assistant", "content": "Short answer." if i % 2 else "A long answer " + "and more " * 20}]}) + "\n"
+        for i in range(7)))
+    raw = cfg.model_dump(mode="json")
+    raw["train_data"].update(source=str(src), max_samples=3, dataset_samples=3, max_turns=1, temperature=0.0)
+    rows = io.read_jsonl(regenerate(validate(raw)))
+    kinds = [r["answer_source"] for r in rows]
+    assert kinds == ["target"] * 3 + ["dataset"] * 3 and len({r["id"] for r in rows}) == 6
+    tok = load_model(str(tiny_target_dir)).tokenizer
+    for r in rows[3:]:
+        answer = [t for t, m in zip(r["input_ids"], r["loss_mask"]) if m]
+        if r["answers"][0].startswith("A long"):
+            assert len(answer) == 12 and tok.decode(answer).startswith("A long answer")  # cut, no stop token
+        else:
+            assert tok.decode(answer[:-1]) == "Short answer." and answer[-1] == tok.eos_token_id
+    raw["results_dir"] = str(tmp_path / "hf")
+    raw["train_data"]["backend"] = "hf"
+    hf_rows = io.read_jsonl(regenerate(validate(raw)))
+    assert [r["input_ids"] for r in hf_rows] == [r["input_ids"] for r in rows]
+
+
 def test_feature_cache_training_and_exact_resume(tmp_path, tiny_target_dir):
     from deepspec import io
     from deepspec.data.training import regenerate
@@ -262,7 +295,11 @@ def test_feature_cache_training_and_exact_resume(tmp_path, tiny_target_dir):
     assert [r["loss"] for r in resumed] == [r["loss"] for r in reference]
     assert [r["lr"] for r in resumed] == [r["lr"] for r in reference]
     saved = json.loads((out / "model" / "config.json").read_text())
-    assert saved["architectures"] == ["LlamaForCausalLMEagle3"] and saved["draft_vocab_size"] == 300
+    metrics = json.loads((out / "metrics.json").read_text())
+    # The draft vocabulary holds only argmax tokens that occur (capped at 300), so it covers them all.
+    assert saved["architectures"] == ["LlamaForCausalLMEagle3"] and saved["draft_vocab_size"] == metrics["draft_vocab"]
+    assert 50 < metrics["draft_vocab"] <= 300 and metrics["vocab_coverage"] == 1.0
+    assert metrics["supervise"] == "all" and metrics["supervised_positions"] > metrics["assistant_positions"] > 0
     assert {p.name for p in out.rglob("*.pt")} == {"optimizer.pt"}  # weights only as safetensors
 
     # The trained drafter decodes losslessly through the engine.

@@ -59,6 +59,25 @@ def test_export_import_round_trip_is_bit_exact(tmp_path, target, fmt):
     assert torch.equal(back.draft_to_target, torch.arange(0, 64, 2))
 
 
+@pytest.mark.parametrize("fmt", ["vllm", "hf"])
+def test_fc_input_scale_is_folded_into_fc_on_export(tmp_path, target, fmt):
+    """A drafter trained with a per-layer fc input scale exports as plain EAGLE-3 (scale folded into fc's
+    columns; no extra key for vLLM/SGLang) and computes the same fused features after the round trip."""
+    from deepspec.drafters.eagle3 import Eagle3Drafter
+    from deepspec.export import import_eagle3, write_export
+    from safetensors.torch import load_file
+
+    ids = torch.arange(0, 64, 2)
+    d = Eagle3Drafter.for_target(target, [1, 2, 3], ids, seed=0, target_fingerprint="fp-tiny", fc_input_scale=True)
+    with torch.no_grad():
+        d.fc_in_scale.copy_(torch.tensor([0.5, 0.25, 0.125]).repeat_interleave(target.config.hidden_size))
+    out = write_export(d, fmt, tmp_path / fmt)
+    back = import_eagle3(out, target, "fp-tiny")
+    assert ("fc_in_scale" in load_file(str(out / "model.safetensors"))) == (fmt == "hf")
+    x = torch.randn(5, 3 * target.config.hidden_size)
+    torch.testing.assert_close(back.fuse(x), d.fuse(x))
+
+
 def test_serving_layouts_follow_the_engines_conventions(tmp_path, target):
     from deepspec.export import write_export
 

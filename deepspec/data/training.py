@@ -54,24 +54,31 @@ def read_sharegpt(path: Path) -> tuple[list[dict[str, Any]], bool]:
 
 
 _HUMAN = ("human", "user")
+_ASSISTANT = ("gpt", "assistant", "chatgpt", "bard", "bing", "model")
 
 
-def _human_turns(row: dict[str, Any]) -> list[str]:
-    """The user turns of one conversation in any of the usual shapes (ShareGPT, OpenAI messages, turns)."""
+def _dialogue(row: dict[str, Any]) -> tuple[list[str], list[str | None]]:
+    """The user turns of one conversation in any of the usual shapes (ShareGPT, OpenAI messages, turns),
+    and the dataset's own answer to each (None where it has none): the answers are only used as-is when
+    `train_data.dataset_samples` asks for fixed data."""
     if isinstance(row.get("turns"), list):
-        return [t for t in row["turns"] if isinstance(t, str)]
-    msgs = row.get("conversations") or row.get("messages") or []
-    turns = []
+        turns = [t for t in row["turns"] if isinstance(t, str)]
+        return turns, [None] * len(turns)
+    msgs = [m for m in (row.get("conversations") or row.get("messages") or []) if isinstance(m, dict)]
+    if msgs and msgs[0].get("from", msgs[0].get("role")) not in _HUMAN:
+        return [], []  # starts with the assistant or a system prompt we would drop: skip it
+    turns: list[str] = []
+    answers: list[str | None] = []
     for m in msgs:
-        if not isinstance(m, dict):
+        role, text = m.get("from", m.get("role")), m.get("value", m.get("content"))
+        if not isinstance(text, str):
             continue
-        role = m.get("from", m.get("role"))
-        text = m.get("value", m.get("content"))
-        if role in _HUMAN and isinstance(text, str):
+        if role in _HUMAN:
             turns.append(text)
-    if msgs and isinstance(msgs[0], dict) and msgs[0].get("from", msgs[0].get("role")) not in _HUMAN:
-        return []  # starts with the assistant or a system prompt we would drop: skip it
-    return turns
+            answers.append(None)
+        elif role in _ASSISTANT and answers and answers[-1] is None:
+            answers[-1] = text
+    return turns, answers
 
 
 def load_conversations(cfg: TrainDataConfig) -> tuple[list[dict[str, Any]], str, str, str]:
@@ -107,33 +114,63 @@ def load_conversations(cfg: TrainDataConfig) -> tuple[list[dict[str, Any]], str,
 def _conversations(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for i, row in enumerate(rows):
-        turns = [t for t in _human_turns(row) if t.strip()]
-        if turns:
-            out.append({"id": str(row.get("id", row.get("question_id", i))), "turns": turns})
+        turns, answers = _dialogue(row)
+        kept = [(t, a) for t, a in zip(turns, answers) if t.strip()]
+        if kept:
+            out.append({"id": str(row.get("id", row.get("question_id", i))), "turns": [t for t, _ in kept],
+                        "answers": [a for _, a in kept]})
     return out
 
 
-def plan_batches(convs: list[dict[str, Any]], cfg: TrainDataConfig, tokenizer) -> list[list[dict[str, Any]]]:
-    """Seeded selection of conversations whose first prompt fits, grouped by length into batches."""
+def plan_batches(convs: list[dict[str, Any]], cfg: TrainDataConfig, tokenizer
+                 ) -> tuple[list[list[dict[str, Any]]], list[dict[str, Any]]]:
+    """Seeded selection of conversations whose first prompt fits: the first `max_samples` are grouped by
+    length into regeneration batches; the next `dataset_samples` that carry an answer for every kept turn
+    keep those answers (fixed data). Returns (batches, fixed)."""
     order = list(range(len(convs)))
     random.Random(cfg.seed).shuffle(order)
-    chosen = []
+    limit = len(convs) if cfg.max_samples is None else cfg.max_samples
+    chosen, fixed = [], []
     for i in order:
+        if len(chosen) >= limit and len(fixed) >= cfg.dataset_samples:
+            break
         conv = convs[i]
         turns = conv["turns"][: cfg.max_turns]
+        regen = len(chosen) < limit
+        if not regen and any(a is None or not a.strip() for a in conv["answers"][: len(turns)]):
+            continue
         n = len(chat_ids(tokenizer, [{"role": "user", "content": turns[0]}]))
-        if n <= cfg.max_prompt_tokens:
-            chosen.append({"id": conv["id"], "turns": turns, "prompt_tokens": n})
-        if cfg.max_samples and len(chosen) >= cfg.max_samples:
-            break
+        if n > cfg.max_prompt_tokens:
+            continue
+        item = {"id": conv["id"], "turns": turns, "prompt_tokens": n}
+        if regen:
+            chosen.append(item)
+        else:
+            fixed.append(dict(item, answers=conv["answers"][: len(turns)]))
     chosen.sort(key=lambda c: (-c["prompt_tokens"], c["id"]))  # similar lengths share a batch: less padding
-    return [chosen[i : i + cfg.batch_size] for i in range(0, len(chosen), cfg.batch_size)]
+    return [chosen[i : i + cfg.batch_size] for i in range(0, len(chosen), cfg.batch_size)], fixed
+
+
+def dataset_record(tokenizer, conv: dict[str, Any], max_new_tokens: int, stop_id: int) -> dict[str, Any]:
+    """A conversation with the dataset's own answers (EAGLE-1's fixed data): the target never wrote them,
+    but the drafter is still trained on the target's distribution at every position (features and soft
+    targets come from the target reading this text). Each answer is cut at `max_new_tokens` as a
+    regenerated one would be, and ends with the stop token when it fits."""
+    messages: list[dict[str, str]] = []
+    prompts, answers = [], []
+    for turn, text in zip(conv["turns"], conv["answers"]):
+        messages.append({"role": "user", "content": turn})
+        prompts.append(chat_ids(tokenizer, messages))
+        ids = tokenizer.encode(text.strip(), add_special_tokens=False)
+        answers.append(ids[:max_new_tokens] if len(ids) >= max_new_tokens else ids + [stop_id])
+        messages.append({"role": "assistant", "content": tokenizer.decode(answers[-1], skip_special_tokens=True)})
+    return dict(_conversation_record(tokenizer, conv, prompts, answers), answer_source="dataset")
 
 
 @torch.inference_mode()
-def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, eos_ids: list[int], pad_id: int,
+def hf_generate_batch(model, prompts: list[list[int]], max_new_tokens: int, eos_ids: list[int], pad_id: int,
                    temperature: float, seed: int) -> list[list[int]]:
-    """Batched target generation (left padded); each answer ends at and includes its first stop token."""
+    """HF's batched `generate` (left padded); each answer ends at and includes its first stop token."""
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     attn = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -170,6 +207,33 @@ def _conversation_record(tokenizer, conv: dict[str, Any], prompts: list[list[int
     return {"id": conv["id"], "turns": conv["turns"], "answers": texts, "input_ids": ids, "loss_mask": mask}
 
 
+class _Generate:
+    """Batched answers for a list of prompts with one seed: our lean forward over a batched KV cache
+    (Llama-family targets) or HF's `generate`."""
+
+    def __init__(self, loaded, td: TrainDataConfig, pad_id: int, max_len: int):
+        from deepspec.models.lean import SUPPORTED_MODEL_TYPES, LeanLlama
+
+        self.loaded, self.td, self.pad_id = loaded, td, pad_id
+        lean = td.backend == "lean" or (td.backend == "auto" and loaded.model.config.model_type in SUPPORTED_MODEL_TYPES)
+        if td.backend == "lean" and loaded.model.config.model_type not in SUPPORTED_MODEL_TYPES:
+            raise TaskError(f"train_data.backend: 'lean' supports {', '.join(SUPPORTED_MODEL_TYPES)}, "
+                            f"not {loaded.model.config.model_type!r}")
+        self.lean = LeanLlama(loaded.model, max_len) if lean else None
+        self.backend = "lean" if lean else "hf"
+
+    def __call__(self, prompts: list[list[int]], seed: int) -> list[list[int]]:
+        td = self.td
+        if self.lean is None:
+            return hf_generate_batch(self.loaded.model, prompts, td.max_new_tokens, self.loaded.eos_ids, self.pad_id,
+                                     td.temperature, seed)
+        need = max(len(p) for p in prompts) + td.max_new_tokens
+        if need > self.lean.cache.max_len:
+            raise TaskError(f"train_data: a prompt plus max_new_tokens needs {need} positions; raise target.max_len")
+        return self.lean.generate_batch(prompts, td.max_new_tokens, self.loaded.eos_ids, td.temperature,
+                                        torch.Generator().manual_seed(seed))
+
+
 def train_data_file(cfg: Config) -> Path:
     return cfg.out_dir / "data" / "train" / "regenerated.jsonl"
 
@@ -184,7 +248,8 @@ def _whole_batches(partial: Path, plan: list[list[dict[str, Any]]], data_hash: s
 
 
 def regenerate(cfg: Config, stop_after_batches: int | None = None) -> Path:
-    """`deepspec prepare --train`: regenerate the selected conversations' answers with the target.
+    """`deepspec prepare --train`: regenerate the selected conversations' answers with the target, and
+    add the `dataset_samples` conversations that keep their dataset answers.
 
     `stop_after_batches` ends the run early as a crash would (tests use it to check the resume)."""
     from deepspec.models import load_model
@@ -198,15 +263,17 @@ def regenerate(cfg: Config, stop_after_batches: int | None = None) -> Path:
         loaded = load_model(cfg.target.model, cfg.target.dtype)
         tok = loaded.tokenizer
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else loaded.eos_ids[0]
-        plan = plan_batches(convs, td, tok)
-        if not plan:
+        plan, fixed = plan_batches(convs, td, tok)
+        if not plan and not fixed:
             raise TaskError(f"train_data: no conversation has a first prompt of at most {td.max_prompt_tokens} tokens")
+        generate = _Generate(loaded, td, pad_id, cfg.target.max_len)
         done = _whole_batches(partial, plan, data_hash)
         # Rewrite the partial file with whole batches only, so appending continues from a clean end.
         io.write_text(partial, "".join(json.dumps(r) + "\n" for b in sorted(done) for r in done[b]))
         n_samples = sum(len(b) for b in plan)
-        print(f"[prepare] train_data: {n_samples} conversations from {source} ({note or 'all read'}); "
-              f"{len(plan)} batches of {td.batch_size}, {len(done)} already done")
+        print(f"[prepare] train_data: {n_samples} conversations from {source} ({note or 'all read'}) regenerated "
+              f"by the target in {len(plan)} batches of {td.batch_size} ({generate.backend}), {len(done)} already "
+              f"done; {len(fixed)} more keep their dataset answers")
         run.params({"source": source, "source_sha256": sha, "recovered": note, "samples": n_samples,
                     **{f"train_data.{k}": v for k, v in td.model_dump().items()}})
         generated, gen_time, ran = 0, 0.0, 0
@@ -229,14 +296,13 @@ def regenerate(cfg: Config, stop_after_batches: int | None = None) -> Path:
                     for r in rows:
                         messages[r].append({"role": "user", "content": batch[r]["turns"][turn]})
                         turn_prompts.append(chat_ids(tok, messages[r]))
-                    new = generate_batch(loaded.model, turn_prompts, td.max_new_tokens, loaded.eos_ids, pad_id,
-                                         td.temperature, td.seed * 1_000_003 + b * 101 + turn)
+                    new = generate(turn_prompts, td.seed * 1_000_003 + b * 101 + turn)
                     for r, p, a in zip(rows, turn_prompts, new):
                         prompts[r].append(p)
                         answers[r].append(a)
                         messages[r].append({"role": "assistant", "content": tok.decode(a, skip_special_tokens=True)})
                         generated += len(a)
-                recs = [dict(_conversation_record(tok, c, p, a), batch=b, data_hash=data_hash)
+                recs = [dict(_conversation_record(tok, c, p, a), answer_source="target", batch=b, data_hash=data_hash)
                         for c, p, a in zip(batch, prompts, answers)]
                 fh.write("".join(json.dumps(r) + "\n" for r in recs))  # one write per batch
                 fh.flush()
@@ -248,17 +314,24 @@ def regenerate(cfg: Config, stop_after_batches: int | None = None) -> Path:
         bar.close()
         records = _whole_batches(partial, plan, data_hash)
         rows = [r for b in range(len(plan)) for r in records[b]]
+        stop_id = tok.eos_token_id if tok.eos_token_id is not None else loaded.eos_ids[0]
+        rows += [dict(dataset_record(tok, c, td.max_new_tokens, stop_id), data_hash=data_hash) for c in fixed]
         io.write_jsonl(out, rows)
         partial.unlink(missing_ok=True)
         tokens = sum(len(r["input_ids"]) for r in rows)
-        target_tokens = sum(sum(r["loss_mask"]) for r in rows)
+        target_tokens = sum(sum(r["loss_mask"]) for r in rows if r["answer_source"] == "target")
+        dataset_tokens = sum(sum(r["loss_mask"]) for r in rows if r["answer_source"] == "dataset")
         meta = {"source": source, "source_sha256": sha, "recovered": note, "conversations": len(rows),
-                "tokens": tokens, "assistant_tokens": target_tokens, "data_hash": data_hash,
+                "regenerated_conversations": n_samples, "dataset_conversations": len(fixed), "tokens": tokens,
+                "assistant_tokens": target_tokens + dataset_tokens, "target_written_tokens": target_tokens,
+                "dataset_answer_tokens": dataset_tokens, "data_hash": data_hash, "backend": generate.backend,
                 "generated_tokens_per_s": generated / gen_time if gen_time else None}
         io.write_json(out.with_suffix(".meta.json"), meta)
-        run.metrics({"conversations": len(rows), "tokens": tokens, "assistant_tokens": target_tokens,
+        run.metrics({"conversations": len(rows), "tokens": tokens, "target_written_tokens": target_tokens,
+                     "dataset_answer_tokens": dataset_tokens,
                      **({"generated_tokens_per_s": generated / gen_time} if gen_time else {})})
         run.artifact(out.with_suffix(".meta.json"))
-        print(f"[prepare] train_data: {len(rows)} conversations, {tokens} tokens ({target_tokens} written by the target)")
+        print(f"[prepare] train_data: {len(rows)} conversations, {tokens} tokens ({target_tokens} written by the "
+              f"target, {dataset_tokens} dataset answer tokens)")
     return out
 

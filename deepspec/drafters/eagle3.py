@@ -107,6 +107,8 @@ class Eagle3Drafter(nn.Module):
         c = self.config = dict(config)
         h, k = c["hidden_size"], len(c["aux_layers"])
         self.fc = nn.Linear(k * h, h, bias=False)
+        if c.get("fc_input_scale"):  # a fixed 1/RMS per fused layer (their scales differ ~8x); folded on export
+            self.register_buffer("fc_in_scale", torch.ones(k * h))
         self.midlayer = _MidLayer(c)
         self.norm = RMSNorm(h, c["rms_norm_eps"])
         self.lm_head = nn.Linear(h, c["draft_vocab_size"], bias=False)
@@ -208,6 +210,20 @@ class Eagle3Drafter(nn.Module):
         h = hidden + m.self_attn.o_proj(attn.transpose(0, 1).reshape(hidden.shape[0], -1))
         return h + m.mlp(m.post_attention_layernorm(h))
 
+    def fuse(self, features: Tensor) -> Tensor:
+        """fc over the concatenated target features of each position."""
+        if hasattr(self, "fc_in_scale"):
+            features = features * self.fc_in_scale.to(features.dtype)
+        return self.fc(features)
+
+    def folded_state_dict(self) -> dict[str, Tensor]:
+        """The state dict with the fixed input scale folded into fc's columns: the plain EAGLE-3 layout."""
+        state = dict(self.state_dict())
+        scale = state.pop("fc_in_scale", None)
+        if scale is not None:
+            state["fc.weight"] = state["fc.weight"] * scale.to(state["fc.weight"].dtype)[None]
+        return state
+
     def logits(self, hidden: Tensor) -> Tensor:
         return self.lm_head(self.norm(hidden))
 
@@ -224,7 +240,7 @@ class Eagle3Drafter(nn.Module):
         base = torch.arange(n)
         causal = torch.full((n, n), float("-inf")).triu_(1)
         rep = self.n_heads // self.n_kv
-        h = self.fc(hidden[:n])
+        h = self.fuse(hidden[:n])
         keys = values = None
         diag_k: list[Tensor] = []
         diag_v: list[Tensor] = []
@@ -246,15 +262,16 @@ class Eagle3Drafter(nn.Module):
             out.append(torch.log_softmax(self.logits(h).float(), dim=-1))
         return out
 
-    def ttt_loss(self, hidden: Tensor, input_ids: Tensor, target_p: Tensor, target_top: Tensor, weight: Tensor,
-                 trained: Tensor, steps: int) -> tuple[list[Tensor], list[Tensor], Tensor]:
+    def ttt_loss(self, hidden: Tensor, input_ids: Tensor, target_idx: Tensor, target_p: Tensor, target_top: Tensor,
+                 weight: Tensor, trained: Tensor, steps: int) -> tuple[list[Tensor], list[Tensor], Tensor]:
         """Per-step soft cross-entropy sums and top-1 hits over one sequence (see `ttt_forward`).
 
-        target_p [T, Vd] is the target's distribution at each position over the draft vocab, target_top
-        [T] its full-vocab argmax; `trained` [T] marks positions whose next token is an assistant token,
-        `weight` [T] those whose argmax is also in the draft vocab (the soft loss is only defined there;
-        accuracy counts the others as misses). Step k of base t is scored against position t+1+k.
-        Returns (loss sums per step, hit counts per step, consecutive hits from step 0 per base).
+        target_idx / target_p [T, k] are the target's distribution at each position as draft ids and
+        probabilities (a top-k cache, or k = the whole draft vocabulary), target_top [T] its full-vocab
+        argmax; `trained` [T] marks supervised positions, `weight` [T] the loss weight of each (zero where
+        the argmax is outside the draft vocab; accuracy counts those as misses). Step k of base t is scored
+        against position t+1+k. Returns (loss sums per step, hit counts per step, consecutive hits from
+        step 0 per base).
         """
         T = input_ids.shape[0]
         base = torch.arange(T - 1)
@@ -265,7 +282,8 @@ class Eagle3Drafter(nn.Module):
         for k, logp in enumerate(self.ttt_forward(hidden, input_ids, steps)):
             idx = (base + 1 + k).clamp(max=T - 1)
             valid = base + 1 + k <= T - 1
-            losses.append(-(target_p[idx] * logp).sum(-1).mul(weight[idx] * valid).sum())
+            ce = -(target_p[idx] * logp.gather(-1, target_idx[idx])).sum(-1)
+            losses.append(ce.mul(weight[idx] * valid).sum())
             hit = (d2t[logp.argmax(-1)] == target_top[idx]) & valid
             hits.append((hit & trained[idx]).sum())
             run_length += (alive & hit).long()
@@ -325,7 +343,7 @@ class Eagle3Proposer:
     @torch.inference_mode()
     def observe(self, captured: list[Tensor]) -> None:
         """Target hidden states (one tensor per aux layer, rows = newly committed positions, in order)."""
-        self._features.append(self.drafter.fc(torch.cat(captured, dim=-1).to(self.drafter.fc.weight.dtype)))
+        self._features.append(self.drafter.fuse(torch.cat(captured, dim=-1).to(self.drafter.fc.weight.dtype)))
 
     @torch.inference_mode()
     def propose(self, tokens: list[int], max_nodes: int) -> DraftTree | None:

@@ -272,3 +272,52 @@ def bench_extract(cfg: Config, sequences: int = 16, threads: int | None = None) 
         run.artifact(out / "extract.md")
         print(text)
     return result
+
+
+def bench_regenerate(cfg: Config, prompts: int = 32, max_new_tokens: int | None = None,
+                     threads: int | None = None) -> dict[str, Any]:
+    """`deepspec bench regenerate`: HF's batched `generate` against our lean forward over a batched KV
+    cache, on the same training prompts (the first planned batch) and settings, greedy. Reports generated
+    tokens/s of each and how many answers are token-identical (batched fp32 matmuls may round differently,
+    so a few answers can part ways late; both are the target's own greedy text)."""
+    from deepspec.data.tasks import chat_ids
+    from deepspec.data.training import hf_generate_batch, load_conversations, plan_batches
+    from deepspec.models.lean import LeanLlama
+
+    td = cfg.train_data.model_copy(update={"max_samples": prompts, "dataset_samples": 0, "batch_size": prompts})
+    new = max_new_tokens or td.max_new_tokens
+    torch.set_num_threads(threads or cfg.eval.threads or os.cpu_count() or 1)
+    target = load_target(cfg.target.model, cfg.target.dtype, "hf", cfg.target.max_len)
+    model, tok = target.loaded.model, target.tokenizer
+    convs = load_conversations(td)[0]
+    batch = plan_batches(convs, td, tok)[0][0]
+    ids = [chat_ids(tok, [{"role": "user", "content": c["turns"][0]}]) for c in batch]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else target.loaded.eos_ids[0]
+    lean = LeanLlama(model, max(len(p) for p in ids) + new + 1)
+    with tracking.stage_run(cfg, "bench", "bench regenerate") as run:
+        lean.generate_batch(ids[:2], 4, target.loaded.eos_ids)  # warm-up
+        t0 = time.perf_counter()
+        hf = hf_generate_batch(model, ids, new, target.loaded.eos_ids, pad, 0.0, 0)
+        t1 = time.perf_counter()
+        ours = lean.generate_batch(ids, new, target.loaded.eos_ids)
+        t2 = time.perf_counter()
+        result = {"prompts": len(ids), "max_new_tokens": new, "threads": torch.get_num_threads(),
+                  "prompt_tokens": sum(map(len, ids)),
+                  "tokens_per_s": {"hf_generate": sum(map(len, hf)) / (t1 - t0), "lean_batched": sum(map(len, ours)) / (t2 - t1)},
+                  "seconds": {"hf_generate": t1 - t0, "lean_batched": t2 - t1},
+                  "identical_answers": sum(a == b for a, b in zip(hf, ours))}
+        result["speedup"] = result["seconds"]["hf_generate"] / result["seconds"]["lean_batched"]
+        text = "\n".join([
+            f"## Regeneration benchmark: {len(ids)} training prompts in one batch, up to {new} new tokens, greedy, "
+            f"{result['threads']} threads", "",
+            "| path | seconds | generated tokens/s | vs HF generate |", "|---|---|---|---|",
+            *[f"| {k} | {result['seconds'][k]:.1f} | {v:.0f} | {result['seconds']['hf_generate'] / result['seconds'][k]:.2f}× |"
+              for k, v in result["tokens_per_s"].items()],
+            "", f"{result['identical_answers']} of {len(ids)} answers token-identical between the two.", ""])
+        out = cfg.out_dir / "bench"
+        io.write_text(out / "regenerate.md", text)
+        io.write_json(out / "regenerate.json", result)
+        run.metrics({f"tokens_per_s.{k}": v for k, v in result["tokens_per_s"].items()} | {"speedup": result["speedup"]})
+        run.artifact(out / "regenerate.md")
+        print(text)
+    return result

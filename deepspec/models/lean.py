@@ -200,50 +200,111 @@ class LeanLlama:
         cache = self.cache
         n = input_ids.shape[0]
         start = cache.length if write_at is None else write_at
-        end = start + n
-        if end > cache.max_len:
-            raise ValueError(f"KV cache overflow: {end} positions needed, room for {cache.max_len}")
-        h = F.embedding(input_ids, self.embed)  # [n, d]
-        cos, sin = self.cos[positions].unsqueeze(0), self.sin[positions].unsqueeze(0)
+        if start + n > cache.max_len:
+            raise ValueError(f"KV cache overflow: {start + n} positions needed, room for {cache.max_len}")
         if mask is None and n > 1:
             causal = torch.full((n, n), float("-inf"), dtype=self.dtype, device=self.device).triu_(1)
             mask = torch.cat([torch.zeros((n, start), dtype=self.dtype, device=self.device), causal], dim=1)
+        h, captured = self._layers(input_ids[None], positions[None], None if mask is None else mask[None, None],
+                                   cache.k.unsqueeze(1), cache.v.unsqueeze(1), start, capture_layers)
+        h = h[0]
+        captured = [c[0] for c in captured]
+        if logits_rows is not None:
+            h = h[logits_rows]
+        return self.logits(h), captured
+
+    def logits(self, h: Tensor) -> Tensor:
+        """Final norm and head over rows [m, d]."""
+        h = _rms_norm(h, self.norm, self.eps)
+        if h.shape[0] == 1 and self.lm_head_t is not None:
+            return h @ self.lm_head_t
+        return _linear(h, self.lm_head)
+
+    def _layers(self, input_ids: Tensor, positions: Tensor, mask: Tensor | None, k_store: Tensor, v_store: Tensor,
+                start: int, capture_layers: tuple[int, ...] = ()) -> tuple[Tensor, list[Tensor]]:
+        """The decoder stack over B sequences of n new tokens each ([B, n] ids and positions), writing K/V at
+        columns [start, start+n) of k_store / v_store [layers, B, kv_heads, S, head_dim] and attending to
+        columns [0, start+n) under the additive `mask` [B or 1, 1, n, start+n]. Returns (h [B, n, d], captured)."""
+        B, n = input_ids.shape
+        end = start + n
+        h = F.embedding(input_ids, self.embed)  # [B, n, d]
+        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)  # [B, 1, n, hd]
         captured: list[Tensor] = []
         nh, nkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
         q_size, kv_size = nh * hd, nkv * hd
         for i, layer in enumerate(self.layers):
             if i in capture_layers:
                 captured.append(h)
-            x = _rms_norm(h, layer.attn_norm, self.eps)
-            qkv = _linear(x, layer.wqkv, layer.bqkv)
-            q = qkv[:, :q_size].view(n, nh, hd).transpose(0, 1)
-            k = qkv[:, q_size : q_size + kv_size].view(n, nkv, hd).transpose(0, 1)
-            v = qkv[:, q_size + kv_size :].view(n, nkv, hd).transpose(0, 1)
+            x = _rms_norm(h, layer.attn_norm, self.eps).reshape(B * n, -1)
+            qkv = _linear(x, layer.wqkv, layer.bqkv).view(B, n, -1)
+            q = qkv[..., :q_size].view(B, n, nh, hd).transpose(1, 2)
+            k = qkv[..., q_size : q_size + kv_size].view(B, n, nkv, hd).transpose(1, 2)
+            v = qkv[..., q_size + kv_size :].view(B, n, nkv, hd).transpose(1, 2)
             if layer.q_norm is not None:
                 q = _rms_norm(q, layer.q_norm, self.eps)
                 k = _rms_norm(k, layer.k_norm, self.eps)
             q = self._rope(q, cos, sin)
             k = self._rope(k, cos, sin)
-            cache.k[i, :, start:end] = k
-            cache.v[i, :, start:end] = v
-            attn = F.scaled_dot_product_attention(
-                q.unsqueeze(0),
-                cache.k[i, :, :end].unsqueeze(0),
-                cache.v[i, :, :end].unsqueeze(0),
-                attn_mask=mask,
-                enable_gqa=nkv != nh,
-            )
-            h = h + _linear(attn[0].transpose(0, 1).reshape(n, q_size), layer.wo)
-            x = _rms_norm(h, layer.mlp_norm, self.eps)
+            k_store[i, :, :, start:end] = k
+            v_store[i, :, :, start:end] = v
+            attn = F.scaled_dot_product_attention(q, k_store[i, :, :, :end], v_store[i, :, :, :end], attn_mask=mask,
+                                                  enable_gqa=nkv != nh)
+            h = h + _linear(attn.transpose(1, 2).reshape(B * n, q_size), layer.wo).view(B, n, -1)
+            x = _rms_norm(h, layer.mlp_norm, self.eps).reshape(B * n, -1)
             gate_up = _linear(x, layer.w_gate_up)
-            h = h + _linear(F.silu(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate :], layer.w_down)
+            h = h + _linear(F.silu(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate :], layer.w_down).view(B, n, -1)
         if len(self.layers) in capture_layers:
             captured.append(h)
-        if logits_rows is not None:
-            h = h[logits_rows]
-        h = _rms_norm(h, self.norm, self.eps)
-        if h.shape[0] == 1 and self.lm_head_t is not None:
-            logits = h @ self.lm_head_t
-        else:
-            logits = _linear(h, self.lm_head)
-        return logits, captured
+        return h, captured
+
+    @torch.inference_mode()
+    def generate_batch(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int],
+                       temperature: float = 0.0, generator: torch.Generator | None = None) -> list[list[int]]:
+        """Plain generation for many prompts at once over a batched KV cache (distillation data, not the
+        engine: nothing is verified). Prompts are left-padded to a common end so every step writes one
+        cache column for all rows; a row's padding is masked out of its attention. Finished rows are
+        dropped from the batch whenever a quarter of it has finished. Each answer ends at and includes
+        its first stop token."""
+        B, width = len(prompts), max(len(p) for p in prompts)
+        S = width + max_new_tokens
+        pad = torch.tensor([width - len(p) for p in prompts])
+        ids = torch.zeros((B, width), dtype=torch.long)
+        for r, p in enumerate(prompts):
+            ids[r, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        col = torch.arange(S)
+        positions = (torch.arange(width)[None] - pad[:, None]).clamp(min=0)
+        shape = (len(self.layers), B, self.n_kv_heads, S, self.head_dim)
+        k_store = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        v_store = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        visible = col[None, :width] >= pad[:, None]  # [B, width]: a row's own tokens
+        allowed = visible[:, None, :] & (col[None, :width, None] >= col[None, None, :width])  # causal
+        allowed |= torch.eye(width, dtype=torch.bool)[None]  # a padding query sees itself (no empty rows)
+        mask = torch.zeros(allowed.shape, dtype=self.dtype).masked_fill_(~allowed, float("-inf"))[:, None]
+        h, _ = self._layers(ids, positions, mask, k_store, v_store, 0)
+        stops = set(stop_ids)
+        out: list[list[int]] = [[] for _ in prompts]
+        rows = torch.arange(B)  # the prompt each batch row holds
+        alive = torch.ones(B, dtype=torch.bool)
+        lengths = torch.tensor([len(p) for p in prompts])
+        for step in range(max_new_tokens):
+            logits = self.logits(h[:, -1])
+            if temperature > 0:
+                nxt = torch.multinomial(torch.softmax(logits.float() / temperature, -1), 1, generator=generator)[:, 0]
+            else:
+                nxt = logits.argmax(-1)
+            for b, (r, tok) in enumerate(zip(rows.tolist(), nxt.tolist())):
+                if alive[b]:
+                    out[r].append(tok)
+                    alive[b] = tok not in stops
+            if step == max_new_tokens - 1 or not bool(alive.any()):
+                break
+            if int(alive.sum()) <= 0.75 * rows.numel():  # drop finished rows from the batch
+                keep = alive.nonzero()[:, 0]
+                rows, lengths, pad, nxt, alive = rows[keep], lengths[keep], pad[keep], nxt[keep], alive[keep]
+                k_store, v_store = k_store[:, keep], v_store[:, keep]
+            at = width + step
+            mask = torch.zeros((rows.numel(), 1, 1, at + 1), dtype=self.dtype)
+            mask.masked_fill_((col[None, : at + 1] < pad[:, None])[:, None, None], float("-inf"))
+            h, _ = self._layers(nxt[:, None], (lengths + step)[:, None], mask, k_store, v_store, at)
+        return out
+

@@ -126,6 +126,25 @@ def training_plot(cfg: Config, name: str, log: list[dict[str, Any]], out: Path) 
     return _save(fig, out / f"training_{name}.png", cfg)
 
 
+def _data_line(cfg: Config, summary: dict) -> str:
+    """What the drafter learned from, counted honestly: who wrote the tokens and which positions were scored."""
+    from deepspec.data.training import train_data_file
+
+    meta_path = train_data_file(cfg).with_suffix(".meta.json")
+    if not meta_path.is_file() or "supervised_positions" not in summary:
+        return ""
+    m = json.loads(meta_path.read_text())
+    target_written = m.get("target_written_tokens", m["assistant_tokens"])
+    dataset = m.get("dataset_answer_tokens", 0)
+    prompt = m["tokens"] - target_written - dataset
+    how = ("every position (the target's distribution is the label in prompts too)" if summary["supervise"] == "all"
+           else "only positions before an answer token")
+    return (f"Training data: {m['conversations']} conversations, {m['tokens']} tokens: {target_written} written by the "
+            f"target, {dataset} dataset answers kept as they are, {prompt} prompt and template tokens (training and "
+            f"validation splits together). Supervised: {how}, {summary['supervised_positions']} positions of the "
+            f"training split, {summary['assistant_positions']} of them before an answer token.")
+
+
 def _training_section(cfg: Config, out: Path) -> tuple[list[str], list[Path]]:
     from deepspec.training.trainer import drafter_dir
 
@@ -138,10 +157,10 @@ def _training_section(cfg: Config, out: Path) -> tuple[list[str], list[Path]]:
         log, summary = io.read_jsonl(log_path), json.loads(summary_path.read_text())
         paths.append(training_plot(cfg, name, log, out / "plots"))
         acc = ", ".join(f"{a:.2f}" for a in summary["val_acc"] if a is not None)
-        lines += [f"### Drafter `{name}`", "",
+        lines += [f"### Drafter `{name}`", "", _data_line(cfg, summary), "",
                   f"{summary['steps']} steps over {summary['train_tokens']} training tokens; fused target layers "
                   f"{summary['layers']}; draft vocabulary {summary['draft_vocab']} tokens covering "
-                  f"{100 * summary['vocab_coverage']:.1f}% of trained tokens. Validation: chain τ "
+                  f"{100 * summary['vocab_coverage']:.1f}% of supervised argmaxes. Validation: chain τ "
                   f"{summary['val_tau_chain']:.2f} (teacher-forced, depth {len(summary['val_acc'])}), top-1 accuracy "
                   f"by TTT step [{acc}].", "", f"![training {name}](plots/training_{name}.png)", ""]
     return lines, paths

@@ -24,23 +24,11 @@ from deepspec import io, tracking
 from deepspec.config import Config, Eagle3Drafter as Eagle3DrafterConfig
 from deepspec.drafters.eagle3 import Eagle3Drafter
 from deepspec.features.extract import drafter_layers, features_dir, load_manifest, load_sequences
+from deepspec.training.targets import draft_vocab, soft_targets, supervised, topk_mass, training_targets
 
 
 def drafter_dir(cfg: Config, name: str) -> Path:
     return cfg.out_dir / "drafters" / name
-
-
-def build_vocab(seqs: list[dict[str, torch.Tensor]], vocab_size: int, size: int | None) -> tuple[torch.Tensor, float]:
-    """The `size` most frequent target tokens among trained positions (ties by id); returns (ids, coverage)."""
-    counts = torch.zeros(vocab_size, dtype=torch.long)
-    for s in seqs:
-        counts += torch.bincount(s["input_ids"][s["loss_mask"]], minlength=vocab_size)
-    if size is None or size >= vocab_size:
-        return torch.arange(vocab_size), 1.0
-    order = sorted(range(vocab_size), key=lambda i: (-int(counts[i]), i))[:size]
-    ids = torch.tensor(sorted(order))
-    total = int(counts.sum())
-    return ids, (float(counts[ids].sum()) / total) if total else 0.0
 
 
 def lr_at(step: int, total: int, dc: Eagle3DrafterConfig) -> float:
@@ -51,20 +39,11 @@ def lr_at(step: int, total: int, dc: Eagle3DrafterConfig) -> float:
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-class _Targets:
-    """Per-sequence training targets from the stored final hidden state and the frozen LM head."""
-
-    def __init__(self, lm_head: torch.Tensor, draft_ids: torch.Tensor, t2d: torch.Tensor):
-        self.lm_head, self.draft_ids, self.t2d = lm_head, draft_ids, t2d
-
-    @torch.no_grad()
-    def __call__(self, seq: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        logits = seq["final"].float() @ self.lm_head.T  # [T, V]
-        top = logits.argmax(-1)
-        p = torch.softmax(logits[:, self.draft_ids], dim=-1)
-        nxt = torch.zeros_like(seq["loss_mask"])
-        nxt[:-1] = seq["loss_mask"][1:]  # position i is scored on token i+1
-        return {"target_p": p, "target_top": top, "trained": nxt, "weight": (nxt & self.t2d[top]).float()}
+def layer_rms(hidden: list[torch.Tensor]) -> torch.Tensor:
+    """Median RMS of each fused layer over positions (the first of each sequence, an attention sink with
+    activations ~100x larger, left out)."""
+    rms = torch.cat([h[1:].float().pow(2).mean(-1).sqrt() for h in hidden if h.shape[0] > 1])  # [N, K]
+    return rms.median(dim=0).values.clamp(min=1e-6)
 
 
 def _order(n: int, seed: int, epoch: int) -> list[int]:
@@ -80,23 +59,21 @@ def _batch(train_idx: list[int], micro: int, per: int, seed: int) -> list[int]:
     return [train_idx[j] for j in order[i * per : (i + 1) * per]]
 
 
-def _run_batch(model: Eagle3Drafter, seqs: list[dict], targets: _Targets, steps: int, decay: float,
-               train: bool, cache: dict[int, dict] | None = None) -> dict[str, Any]:
+def _run_batch(model: Eagle3Drafter, seqs: list[dict], labels: list[dict], steps: int, decay: float,
+               train: bool) -> dict[str, Any]:
     """Loss (backpropagated when `train`), per-step sums and hits over a list of sequences."""
-    tgts = [cache[id(s)] if cache is not None and id(s) in cache else targets(s) for s in seqs]
-    counts = []
-    for k in range(steps):
-        counts.append(sum(float(t["weight"][1 + k :].sum()) for t in tgts))
+    counts = [sum(float(t["weight"][1 + k :].sum()) for t in labels) for k in range(steps)]
+    trained = [sum(float(t["trained"][1 + k :].sum()) for t in labels) for k in range(steps)]
     loss_sum = [0.0] * steps
     hit_sum = [0.0] * steps
-    trained = [sum(float(t["trained"][1 + k :].sum()) for t in tgts) for k in range(steps)]
     depth_sum, depth_n = 0.0, 0
-    for s, t in zip(seqs, tgts):
+    for s, t in zip(seqs, labels):
         if s["input_ids"].numel() < 2:
             continue
         with torch.set_grad_enabled(train):
             losses, hits, first_miss = model.ttt_loss(
-                s["hidden"].flatten(1).float(), s["input_ids"], t["target_p"], t["target_top"], t["weight"], t["trained"], steps)
+                s["hidden"].flatten(1).float(), s["input_ids"], t["target_idx"], t["target_p"], t["target_top"],
+                t["weight"], t["trained"], steps)
             total = sum((decay**k) * losses[k] / max(counts[k], 1.0) for k in range(steps))
             if train:
                 total.backward()
@@ -149,23 +126,44 @@ def train(cfg: Config, name: str, stop_after_steps: int | None = None) -> Path:
         n_layers = loaded.model.config.num_hidden_layers
         layers = drafter_layers(cfg, name, n_layers)
         seqs = load_sequences(fdir, manifest, layers)
-        draft_ids, coverage = build_vocab(seqs, loaded.model.config.vocab_size, dc.draft_vocab)
         perm = _order(len(seqs), tc.seed, -1)
         n_val = min(tc.val_sequences, len(seqs) // 5)
         val_idx, train_idx = perm[:n_val], perm[n_val:]
+        lm_head = loaded.model.get_output_embeddings().weight.detach().float()
+        t_soft = time.perf_counter()
+        cached = soft_targets(seqs, lm_head, dc.soft_top_k)
+        for s in seqs:
+            del s["final"]  # only the cached top-k is needed from here on
+        soft_s = time.perf_counter() - t_soft
+        train_masks = [supervised(seqs[i]["loss_mask"], dc.supervise) for i in train_idx]
+        vocab_size = loaded.model.config.vocab_size
+        draft_ids, coverage = draft_vocab([cached[i] for i in train_idx], train_masks, vocab_size, dc.draft_vocab,
+                                          dc.vocab_coverage)
         per = min(tc.batch_sequences, len(train_idx))
         micro_per_epoch = max(1, len(train_idx) // per)
         total = max(1, math.ceil(tc.epochs * micro_per_epoch / tc.grad_accum))
         model = Eagle3Drafter.for_target(loaded.model, layers, draft_ids, dc.init_head_from_target, tc.seed,
                                          target=cfg.target.model, target_fingerprint=loaded.fingerprint,
-                                         layer_convention=manifest["layer_convention"])
+                                         layer_convention=manifest["layer_convention"],
+                                         **({"fc_input_scale": True} if dc.fc_input_scale else {}))
+        if dc.fc_input_scale:
+            rms = layer_rms([seqs[i]["hidden"] for i in train_idx])
+            model.fc_in_scale.copy_((1.0 / rms).repeat_interleave(seqs[0]["hidden"].shape[-1]))
+            print(f"[train] {name}: fc input scale 1/RMS per layer, RMS {[round(float(r), 2) for r in rms]}")
         if dc.freeze_head:
             if not dc.init_head_from_target:
                 raise ValueError(f"drafters.{name}.freeze_head: a frozen head must be initialised from the target")
             model.lm_head.weight.requires_grad_(False)
             model.norm.weight.requires_grad_(False)
-        lm_head = loaded.model.get_output_embeddings().weight.detach().float()
-        targets = _Targets(lm_head, model.draft_to_target, model.t2d)
+        lookup = torch.full((vocab_size,), -1, dtype=torch.long)
+        lookup[draft_ids] = torch.arange(draft_ids.numel())
+        # Training follows `supervise`; validation always scores the assistant positions, where the target
+        # writes at inference, so recipes are compared on the same examples.
+        val_set = set(val_idx)
+        labels = [training_targets(cached[i], s["loss_mask"], lookup, "assistant" if i in val_set else dc.supervise)
+                  for i, s in enumerate(seqs)]
+        mass = topk_mass(cached)
+        del cached
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=tc.lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay)
         step = 0
@@ -180,16 +178,22 @@ def train(cfg: Config, name: str, stop_after_steps: int | None = None) -> Path:
                 history = [r for r in history if r["step"] <= step]
                 print(f"[train] {name}: resuming at step {step}/{total}")
         tokens_total = sum(int(seqs[i]["input_ids"].numel()) for i in train_idx)
+        supervised_total = sum(int(m.sum()) for m in train_masks)
+        assistant_total = sum(int(supervised(seqs[i]["loss_mask"], "assistant").sum()) for i in train_idx)
         amp = tc.precision == "bfloat16" or (tc.precision == "auto" and torch.cuda.is_available())
         run.params({"drafter": name, "algorithm": "eagle3", "layers": layers, "draft_vocab": int(draft_ids.numel()),
                     "vocab_coverage": round(coverage, 4), "train_sequences": len(train_idx), "val_sequences": n_val,
-                    "train_tokens": tokens_total, "total_steps": total, "parameters": sum(p.numel() for p in params),
+                    "train_tokens": tokens_total, "supervised_positions": supervised_total,
+                    "assistant_positions": assistant_total, "soft_topk_mass": round(mass, 4),
+                    "soft_targets_s": round(soft_s, 1), "total_steps": total, "parameters": sum(p.numel() for p in params),
                     "bf16_autocast": amp, **{f"train.{k}": v for k, v in tc.model_dump().items()},
-                    "ttt_length": dc.ttt_length, "ttt_decay": dc.ttt_decay})
-        print(f"[train] {name}: {len(train_idx)} train / {n_val} val sequences ({tokens_total} tokens), layers {layers}, "
-              f"draft vocab {draft_ids.numel()} covering {100 * coverage:.1f}% of trained tokens, "
+                    "ttt_length": dc.ttt_length, "ttt_decay": dc.ttt_decay, "supervise": dc.supervise,
+                    "soft_top_k": dc.soft_top_k, "freeze_head": dc.freeze_head})
+        print(f"[train] {name}: {len(train_idx)} train / {n_val} val sequences ({tokens_total} tokens; supervised "
+              f"{supervised_total} positions, {assistant_total} of them before a target-written token), layers {layers}, "
+              f"draft vocab {draft_ids.numel()} covering {100 * coverage:.1f}% of supervised argmaxes, "
+              f"top-{dc.soft_top_k} soft targets keep {100 * mass:.1f}% of the mass ({soft_s:.0f} s), "
               f"{sum(p.numel() for p in params) / 1e6:.2f}M parameters, {total} steps")
-        val_cache = {id(seqs[i]): targets(seqs[i]) for i in val_idx}
         model.train()
         bar = tqdm(total=total, initial=step, desc=f"train {name}", unit="step", dynamic_ncols=True)
         ran = 0
@@ -205,9 +209,10 @@ def train(cfg: Config, name: str, stop_after_steps: int | None = None) -> Path:
             opt.zero_grad(set_to_none=True)
             stats = []
             for a in range(tc.grad_accum):
-                batch = [seqs[i] for i in _batch(train_idx, step * tc.grad_accum + a, per, tc.seed)]
+                batch = _batch(train_idx, step * tc.grad_accum + a, per, tc.seed)
                 with torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16, enabled=amp):
-                    stats.append(_run_batch(model, batch, targets, dc.ttt_length, dc.ttt_decay, True))
+                    stats.append(_run_batch(model, [seqs[i] for i in batch], [labels[i] for i in batch],
+                                            dc.ttt_length, dc.ttt_decay, True))
             if tc.grad_accum > 1:
                 for p in params:
                     if p.grad is not None:
@@ -228,7 +233,8 @@ def train(cfg: Config, name: str, stop_after_steps: int | None = None) -> Path:
                 row[f"acc_{k}"] = sum(s["acc_step"][k] for s in stats) / len(stats)
             if n_val and (step % tc.eval_every == 0 or step == total):
                 model.eval()
-                v = _run_batch(model, [seqs[i] for i in val_idx], targets, dc.ttt_length, dc.ttt_decay, False, val_cache)
+                v = _run_batch(model, [seqs[i] for i in val_idx], [labels[i] for i in val_idx], dc.ttt_length,
+                               dc.ttt_decay, False)
                 model.train()
                 row.update({"val_loss": v["loss"], "val_tau_chain": v["tau_chain"],
                             **{f"val_acc_{k}": v["acc_step"][k] for k in range(dc.ttt_length)}})
@@ -244,7 +250,8 @@ def train(cfg: Config, name: str, stop_after_steps: int | None = None) -> Path:
         io.write_jsonl(log_path, history)
         model.save(out / "model")
         last_val = next((r for r in reversed(history) if "val_tau_chain" in r), {})
-        summary = {"drafter": name, "steps": total, "train_tokens": tokens_total, "layers": layers,
+        summary = {"drafter": name, "steps": total, "train_tokens": tokens_total, "supervise": dc.supervise,
+                   "supervised_positions": supervised_total, "assistant_positions": assistant_total, "layers": layers,
                    "draft_vocab": int(draft_ids.numel()), "vocab_coverage": coverage, "final_loss": history[-1]["loss"],
                    "val_loss": last_val.get("val_loss"), "val_tau_chain": last_val.get("val_tau_chain"),
                    "val_acc": [last_val.get(f"val_acc_{k}") for k in range(dc.ttt_length)],
