@@ -80,13 +80,14 @@ def test_backend_choice():
         make_backend(gpt2, "lean", 64)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
-def test_lean_batched_generation_equals_one_sequence_at_a_time(model_type):
-    """Regeneration's batched KV cache (left padding, per-row positions, finished rows dropped mid-run)
-    writes what our single-sequence greedy decoding writes, row by row, in float64."""
+@pytest.mark.parametrize("model_type,dtype", [("llama", torch.float64), ("qwen3", torch.float64), ("llama", torch.float32)])
+def test_lean_batched_generation_equals_one_sequence_at_a_time(model_type, dtype):
+    """Regeneration's batched KV cache (right-aligned prompts, per-row positions, finished rows dropped
+    mid-run) writes what our single-sequence greedy decoding writes, row by row (float32: through the
+    oneDNN-packed weights where available)."""
     from deepspec.decoding.engine import Engine
 
-    model = tiny_llama(model_type=model_type, layers=3)
+    model = tiny_llama(model_type=model_type, layers=3, dtype=dtype)
     lean = LeanLlama(model, 128)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 64, (n,), generator=g).tolist() for n in (3, 9, 5, 14, 1, 7)]
@@ -99,3 +100,26 @@ def test_lean_batched_generation_equals_one_sequence_at_a_time(model_type):
         cut = next((i + 1 for i, t in enumerate(single) if t in stops), len(single))
         assert got == single[:cut]
     assert sum(len(b) < 20 for b in batched) >= 3  # several rows did stop early
+
+
+def test_onednn_packed_linear_matches_plain_matmuls():
+    """The prepacked oneDNN weights compute the same forward as plain matmuls (float32 rounding apart),
+    for one row and for several, and the engine's greedy output is unchanged."""
+    from deepspec.decoding.engine import Engine
+    from deepspec.models.lean import onednn_available
+
+    if not onednn_available():
+        pytest.skip("no oneDNN in this torch build")
+    model = tiny_llama(dtype=torch.float32, layers=3)
+    plain, packed = LeanLlama(model, 128, linear="torch"), LeanLlama(model, 128, linear="onednn")
+    assert packed.linear == "onednn" and plain.linear == "torch"
+    ids = torch.randint(0, 64, (20,), generator=torch.Generator().manual_seed(1))
+    for n in (1, 4, 20):
+        plain.cache.reset()
+        packed.cache.reset()
+        torch.testing.assert_close(packed.forward(ids[:n], torch.arange(n))[0], plain.forward(ids[:n], torch.arange(n))[0],
+                                   rtol=1e-4, atol=1e-4)
+    prompt = ids[:6].tolist()
+    assert Engine(packed, []).generate(prompt, 30).tokens == Engine(plain, []).generate(prompt, 30).tokens
+    with pytest.raises(ValueError, match="float32 model"):
+        LeanLlama(tiny_llama(), 64, linear="onednn")

@@ -28,7 +28,8 @@ def build_proposer(method, target=None, name: str = "", drafters_root=None) -> P
             loaded = load_model(method.model)
             check_same_tokenizer(loaded.tokenizer, target.tokenizer, where)
             hf = loaded.model
-        draft = LeanLlama(hf, target.backend.cache.max_len, n_layers=method.layers)
+        draft = LeanLlama(hf, target.backend.cache.max_len, n_layers=method.layers,
+                          linear="torch" if method.quantize == "int8" else "auto")
         if method.quantize == "int8":
             draft.quantize_int8()
         return DraftLMProposer(draft, method.depth, method.top_k, method.total_tokens)

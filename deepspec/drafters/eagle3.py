@@ -310,7 +310,7 @@ class DraftCache:
 
     def __init__(self, drafter: Eagle3Drafter, max_len: int):
         shape = (drafter.n_kv, max_len, drafter.head_dim)
-        dtype = drafter.fc.weight.dtype
+        dtype = drafter.norm.weight.dtype  # (a norm: linears may be prepacked for inference)
         self.k = torch.zeros(shape, dtype=dtype)
         self.v = torch.zeros(shape, dtype=dtype)
         self.max_len = max_len
@@ -327,7 +327,9 @@ class Eagle3Proposer:
     name = "eagle3"
 
     def __init__(self, drafter: Eagle3Drafter, max_len: int, depth: int = 5, top_k: int = 4, total_tokens: int = 12):
-        self.drafter = drafter.eval()
+        from deepspec.models.lean import pack_linears
+
+        self.drafter = pack_linears(drafter.eval())  # inference only from here: weights prepacked for oneDNN
         self.capture_layers = tuple(drafter.config["aux_layers"])
         self.depth, self.top_k, self.total_tokens = depth, top_k, total_tokens
         self.cache = DraftCache(drafter, max_len)
@@ -343,7 +345,7 @@ class Eagle3Proposer:
     @torch.inference_mode()
     def observe(self, captured: list[Tensor]) -> None:
         """Target hidden states (one tensor per aux layer, rows = newly committed positions, in order)."""
-        self._features.append(self.drafter.fuse(torch.cat(captured, dim=-1).to(self.drafter.fc.weight.dtype)))
+        self._features.append(self.drafter.fuse(torch.cat(captured, dim=-1).to(self.drafter.norm.weight.dtype)))
 
     @torch.inference_mode()
     def propose(self, tokens: list[int], max_nodes: int) -> DraftTree | None:

@@ -68,10 +68,62 @@ class KVCache:
         self.length += n
 
 
+@dataclass(frozen=True)
+class OneDNNWeight:
+    """A linear weight reordered once into oneDNN's blocked layout (`LeanLlama(linear="onednn")`).
+
+    MKL's sgemm re-packs the weight on every call, so a forward over a few rows reads each weight about
+    as slowly as a matrix-vector product does several times over; a prepacked weight makes 4 rows cost
+    about what 1 row does (`deepspec bench decode` has the curve)."""
+
+    packed: Tensor
+
+
+def onednn_available() -> bool:
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(8, 8), 1)
+        return True
+    except (RuntimeError, AttributeError):
+        return False
+
+
+def _pack_onednn(w: Tensor) -> OneDNNWeight:
+    return OneDNNWeight(torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 8))
+
+
+class PackedLinear(torch.nn.Module):
+    """Inference-only stand-in for an `nn.Linear` with its weight prepacked for oneDNN."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.weight = _pack_onednn(linear.weight.detach())
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        return _linear(x.reshape(-1, shape[-1]), self.weight, self.bias).view(*shape[:-1], -1)
+
+
+def pack_linears(module: torch.nn.Module) -> torch.nn.Module:
+    """Swap every float32 `nn.Linear` of an inference-only module for a `PackedLinear`, in place (drafters
+    run a few rows per step, where MKL's per-call packing costs most). A no-op without oneDNN."""
+    if not onednn_available():
+        return module
+    for name, child in list(module.named_children()):
+        if isinstance(child, torch.nn.Linear) and child.weight.dtype == torch.float32 and child.weight.device.type == "cpu":
+            setattr(module, name, PackedLinear(child))
+        else:
+            pack_linears(child)
+    return module
+
+
 def _linear(x: Tensor, weight, bias: Tensor | None = None) -> Tensor:
-    """x @ weight.T. For several rows MKL is markedly faster with the weight as the left operand
-    (measured 1.3-1.5x at 4-16 rows on AVX2); a single row stays a matrix-vector product.
-    A packed int8 weight (see `LeanLlama.quantize_int8`) goes through fbgemm's dynamic linear."""
+    """x @ weight.T. A oneDNN-packed weight goes through oneDNN's linear. Otherwise, for several rows MKL
+    is markedly faster with the weight as the left operand (measured 1.3-1.5x at 4-16 rows on AVX2); a
+    single row stays a matrix-vector product. A packed int8 weight (see `LeanLlama.quantize_int8`) goes
+    through fbgemm's dynamic linear."""
+    if isinstance(weight, OneDNNWeight):
+        return torch.ops.mkldnn._linear_pointwise(x, weight.packed, bias, "none", [], "")
     if not isinstance(weight, Tensor):
         out = torch.ops.quantized.linear_dynamic(x, weight, True)  # reduce_range: AVX2 fbgemm saturates without it
         return out if bias is None else out + bias
@@ -92,7 +144,10 @@ class LeanLlama:
     """Inference-only Llama-family forward. `forward` writes K/V of the new tokens at the cache's scratch
     rows and returns logits for the requested rows (all rows by default)."""
 
-    def __init__(self, hf_model: torch.nn.Module, max_len: int = 4096, n_layers: int | None = None):
+    def __init__(self, hf_model: torch.nn.Module, max_len: int = 4096, n_layers: int | None = None,
+                 linear: str = "auto"):
+        """`linear`: "onednn" prepacks every weight for oneDNN (float32 on CPU), "torch" keeps plain
+        matmuls, "auto" packs where oneDNN can."""
         cfg = hf_model.config
         if cfg.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"lean backend supports {SUPPORTED_MODEL_TYPES}, not model_type={cfg.model_type!r}")
@@ -140,6 +195,15 @@ class LeanLlama:
                 )
             )
         self.intermediate = self.layers[0].w_gate_up.shape[0] // 2
+        packable = self.dtype == torch.float32 and self.device.type == "cpu" and onednn_available()
+        if linear == "onednn" and not packable:
+            raise ValueError("linear='onednn' needs a float32 model on a CPU with oneDNN")
+        self.linear = "onednn" if linear == "onednn" or (linear == "auto" and packable) else "torch"
+        if self.linear == "onednn":
+            for layer in self.layers:
+                layer.wqkv, layer.wo = _pack_onednn(layer.wqkv), _pack_onednn(layer.wo)
+                layer.w_gate_up, layer.w_down = _pack_onednn(layer.w_gate_up), _pack_onednn(layer.w_down)
+            self.lm_head, self.lm_head_t = _pack_onednn(self.lm_head), None
         self.cache = KVCache(len(self.layers), self.n_kv_heads, self.head_dim, max_len, self.dtype, self.device)
         self._rope_table(max_len)
 
@@ -151,6 +215,8 @@ class LeanLlama:
         """
         if "fbgemm" not in torch.backends.quantized.supported_engines:
             raise RuntimeError("int8 drafting needs torch's fbgemm engine (x86 CPUs)")
+        if self.linear != "torch":
+            raise ValueError("quantize_int8 needs the plain weights: build the model with linear='torch'")
 
         def pack(w: Tensor):
             w = w.float()
@@ -261,26 +327,25 @@ class LeanLlama:
     def generate_batch(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int],
                        temperature: float = 0.0, generator: torch.Generator | None = None) -> list[list[int]]:
         """Plain generation for many prompts at once over a batched KV cache (distillation data, not the
-        engine: nothing is verified). Prompts are left-padded to a common end so every step writes one
-        cache column for all rows; a row's padding is masked out of its attention. Finished rows are
-        dropped from the batch whenever a quarter of it has finished. Each answer ends at and includes
-        its first stop token."""
+        engine: nothing is verified). Each prompt is prefilled on its own, right-aligned in the cache, so
+        every decode step writes one cache column for all rows; the columns left of a row's prompt are
+        masked out of its attention. Finished rows are dropped from the batch whenever a quarter of it
+        has finished. Each answer ends at and includes its first stop token."""
         B, width = len(prompts), max(len(p) for p in prompts)
         S = width + max_new_tokens
         pad = torch.tensor([width - len(p) for p in prompts])
-        ids = torch.zeros((B, width), dtype=torch.long)
-        for r, p in enumerate(prompts):
-            ids[r, width - len(p) :] = torch.tensor(p, dtype=torch.long)
         col = torch.arange(S)
-        positions = (torch.arange(width)[None] - pad[:, None]).clamp(min=0)
         shape = (len(self.layers), B, self.n_kv_heads, S, self.head_dim)
         k_store = torch.zeros(shape, dtype=self.dtype, device=self.device)
         v_store = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        visible = col[None, :width] >= pad[:, None]  # [B, width]: a row's own tokens
-        allowed = visible[:, None, :] & (col[None, :width, None] >= col[None, None, :width])  # causal
-        allowed |= torch.eye(width, dtype=torch.bool)[None]  # a padding query sees itself (no empty rows)
-        mask = torch.zeros(allowed.shape, dtype=self.dtype).masked_fill_(~allowed, float("-inf"))[:, None]
-        h, _ = self._layers(ids, positions, mask, k_store, v_store, 0)
+        last = []
+        for r, p in enumerate(prompts):  # prefill row by row at its own length: no compute spent on padding
+            n, at = len(p), width - len(p)
+            causal = torch.full((n, n), float("-inf"), dtype=self.dtype, device=self.device).triu_(1)[None, None]
+            h, _ = self._layers(torch.tensor([p]), torch.arange(n)[None], causal if n > 1 else None,
+                                k_store[:, r : r + 1, :, at:], v_store[:, r : r + 1, :, at:], 0)
+            last.append(h[:, -1:])
+        h = torch.cat(last)
         stops = set(stop_ids)
         out: list[list[int]] = [[] for _ in prompts]
         rows = torch.arange(B)  # the prompt each batch row holds
