@@ -322,7 +322,7 @@ def test_bench_train_compares_recipes_on_one_feature_cache(tmp_path, tiny_target
     cfg = _pipeline_cfg(tmp_path, tiny_target_dir)
     regenerate(cfg)
     extract_all(cfg)
-    recipes = tmp_path / "recipes.yaml"
+    recipes = tmp_path / "bench_train_tiny.yaml"  # outputs are named after it: bench/train_tiny.*
     recipes.write_text("base: {}\nttt2: {ttt_length: 2, train: {lr: 3.0e-3}}\n")
     result = bench_train(cfg, str(recipes), epochs=2, n_prompts=2, max_new_tokens=12)
     rows = result["recipes"]
@@ -333,8 +333,9 @@ def test_bench_train_compares_recipes_on_one_feature_cache(tmp_path, tiny_target
     assert shortest["tau_chain_at_common"] == shortest["final_tau_chain"]  # read at its own end
     saved = json.loads((cfg.out_dir / "drafters/bench-ttt2/model/config.json").read_text())
     assert saved["aux_layers"] == [1, 2, 3]
-    table = (cfg.out_dir / "bench/train.md").read_text()
-    assert "| ttt2 " in table and "{lr: 0.003}" in table and (cfg.out_dir / "bench/train.png").is_file()
+    table = (cfg.out_dir / "bench/train_tiny.md").read_text()
+    assert "| ttt2 " in table and "{lr: 0.003}" in table and (cfg.out_dir / "bench/train_tiny.png").is_file()
+    assert "![learning curves](train_tiny.png)" in table
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("oops: {ttt_length: 0}\n")

@@ -23,6 +23,7 @@ from deepspec.decoding.engine import Engine
 from deepspec.decoding.tree import DraftTree
 from deepspec.drafters import build_proposer
 from deepspec.models import load_target
+from deepspec.models.lean import LeanLlama
 
 # Our methods in the benchmark; HF's two are added in `bench_decode`.
 OURS: dict[str, Any] = {
@@ -147,6 +148,12 @@ def bench_decode(cfg: Config, n_prompts: int = 8, max_new_tokens: int = 128, thr
         curve = verify_cost_curve(target.backend)
         result = _summarize(tallies, curve)
         result.update({"prompts": len(prompts), "max_new_tokens": max_new_tokens, "threads": torch.get_num_threads()})
+        if isinstance(target.backend, LeanLlama):
+            result["memory_bound"] = memory_bound(target.backend, curve["chain_1"])
+            if target.backend.linear == "onednn":  # the same curve with plain matmuls: what prepacking buys
+                plain = verify_cost_curve(LeanLlama(hf, cfg.target.max_len, linear="torch"))
+                result["verify_ms_plain"] = plain
+                result["verify_ratio_plain"] = {k: v / plain["chain_1"] for k, v in plain.items()}
         text = format_table(result)
         out = cfg.out_dir / "bench"
         io.write_json(out / "decode.json", result)
@@ -160,6 +167,25 @@ def bench_decode(cfg: Config, n_prompts: int = 8, max_new_tokens: int = 128, thr
         run.artifact(out / "decode.json")
         print(text)
     return result
+
+
+def memory_bound(backend: LeanLlama, one_row_ms: float) -> dict[str, float]:
+    """The one-token forward against the rate memory allows: every linear weight and the head read once
+    per token, at the read bandwidth measured here (a sum over 512 MB, median of 5)."""
+    big = torch.ones(128 * 1024 * 1024)
+    ts = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        big.sum()
+        ts.append(time.perf_counter() - t0)
+    gbps = big.numel() * 4 / statistics.median(ts) / 1e9
+    c = backend.config
+    per_layer = c.hidden_size * (backend.n_heads + 2 * backend.n_kv_heads) * backend.head_dim + \
+        backend.n_heads * backend.head_dim * c.hidden_size + 3 * c.hidden_size * backend.intermediate
+    weight_bytes = (len(backend.layers) * per_layer + c.vocab_size * c.hidden_size) * backend.dtype.itemsize
+    bound_ms = weight_bytes / (gbps * 1e9) * 1e3
+    return {"read_gb_per_s": gbps, "weight_mb": weight_bytes / 1e6, "bound_ms": bound_ms,
+            "bound_tokens_per_s": 1e3 / bound_ms, "one_row_ms": one_row_ms, "one_row_vs_bound": one_row_ms / bound_ms}
 
 
 def _summarize(tallies: dict[str, Tally], curve: dict[str, float]) -> dict[str, Any]:
@@ -205,6 +231,17 @@ def format_table(result: dict[str, Any]) -> str:
               "|---|" + "---|" * len(result["verify_ms"]),
               "| ms | " + " | ".join(f"{v:.1f}" for v in result["verify_ms"].values()) + " |",
               "| × one token | " + " | ".join(f"{v:.2f}" for v in result["verify_ratio"].values()) + " |"]
+    if "verify_ms_plain" in result:
+        lines += ["| ms, plain matmuls | " + " | ".join(f"{v:.1f}" for v in result["verify_ms_plain"].values()) + " |",
+                  "| × one token, plain | " + " | ".join(f"{v:.2f}" for v in result["verify_ratio_plain"].values()) + " |",
+                  "", "The first two rows use the engine's oneDNN-prepacked weights; the last two the plain "
+                  "torch matmuls."]
+    if "memory_bound" in result:
+        m = result["memory_bound"]
+        lines += ["", f"One-token forward: {m['one_row_ms']:.1f} ms ({1e3 / m['one_row_ms']:.1f} tokens/s). Memory "
+                  f"bound: {m['weight_mb']:.0f} MB of weights read once per token at {m['read_gb_per_s']:.1f} GB/s "
+                  f"(measured read bandwidth) = {m['bound_ms']:.1f} ms ({m['bound_tokens_per_s']:.1f} tokens/s); the "
+                  f"forward takes {m['one_row_vs_bound']:.2f}× that."]
     return "\n".join(lines) + "\n"
 
 
@@ -282,7 +319,6 @@ def bench_regenerate(cfg: Config, prompts: int = 32, max_new_tokens: int | None 
     so a few answers can part ways late; both are the target's own greedy text)."""
     from deepspec.data.tasks import chat_ids
     from deepspec.data.training import hf_generate_batch, load_conversations, plan_batches
-    from deepspec.models.lean import LeanLlama
 
     td = cfg.train_data.model_copy(update={"max_samples": prompts, "dataset_samples": 0, "batch_size": prompts})
     new = max_new_tokens or td.max_new_tokens

@@ -124,18 +124,19 @@ def bench_train(cfg: Config, recipes_path: str, drafter: str | None = None, epoc
         result = {"drafter": base, "common_wall_s": common, "prompts": len(prompts), "max_new_tokens": max_new_tokens,
                   "recipes": rows}
         out = cfg.out_dir / "bench"
-        text = format_table(result)
-        io.write_json(out / "train.json", result)
-        io.write_text(out / "train.md", text)
-        plot = learning_curves(cfg, logs, out / "train.png", f"{cfg.experiment}: drafter {base}")
+        stem = Path(recipes_path).stem.removeprefix("bench_")  # bench_train.yaml -> train.{md,json,png}
+        text = format_table(result, f"{stem}.png")
+        io.write_json(out / f"{stem}.json", result)
+        io.write_text(out / f"{stem}.md", text)
+        plot = learning_curves(cfg, logs, out / f"{stem}.png", f"{cfg.experiment}: drafter {base}")
         run.metrics({f"{r}.{k}": v for r, row in rows.items() for k, v in row.items() if isinstance(v, (int, float))})
-        for path in (out / "train.md", out / "train.json", plot):
+        for path in (out / f"{stem}.md", out / f"{stem}.json", plot):
             run.artifact(path)
         print(text)
     return result
 
 
-def format_table(result: dict[str, Any]) -> str:
+def format_table(result: dict[str, Any], plot_name: str = "train.png") -> str:
     import pandas as pd
 
     t = result["common_wall_s"]
@@ -151,7 +152,7 @@ def format_table(result: dict[str, Any]) -> str:
             f"shortest recipe) and at each recipe's end; decode τ and speed come from the engine on "
             f"{result['prompts']} benchmark prompts ({result['max_new_tokens']} new tokens), against our "
             f"autoregressive decoding in the same run.\n\n" + df.to_markdown(index=False, disable_numparse=True)
-            + "\n\n![learning curves](train.png)\n")
+            + f"\n\n![learning curves]({plot_name})\n")
 
 
 def _fmt(v: float | None) -> str:
