@@ -76,8 +76,10 @@ def test_backend_choice():
 
     gpt2 = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", n_layer=1, n_embd=16, n_head=2, vocab_size=32))
     assert isinstance(make_backend(gpt2, "auto", 64), HFBackend)
-    with pytest.raises(ModelLoadError, match="'lean' supports"):
+    with pytest.raises(ModelLoadError, match="^target.backend: 'lean' supports"):
         make_backend(gpt2, "lean", 64)
+    with pytest.raises(ModelLoadError, match="^train_data.backend: 'lean' supports"):  # regeneration's own key
+        make_backend(gpt2, "lean", 64, key="train_data.backend")
 
 
 @pytest.mark.parametrize("model_type,dtype", [("llama", torch.float64), ("qwen3", torch.float64), ("llama", torch.float32)])

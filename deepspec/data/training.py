@@ -212,15 +212,13 @@ class _Generate:
     (Llama-family targets) or HF's `generate`."""
 
     def __init__(self, loaded, td: TrainDataConfig, pad_id: int, max_len: int):
-        from deepspec.models.lean import SUPPORTED_MODEL_TYPES, LeanLlama
+        from deepspec.models import make_backend
+        from deepspec.models.lean import LeanLlama
 
         self.loaded, self.td, self.pad_id = loaded, td, pad_id
-        lean = td.backend == "lean" or (td.backend == "auto" and loaded.model.config.model_type in SUPPORTED_MODEL_TYPES)
-        if td.backend == "lean" and loaded.model.config.model_type not in SUPPORTED_MODEL_TYPES:
-            raise TaskError(f"train_data.backend: 'lean' supports {', '.join(SUPPORTED_MODEL_TYPES)}, "
-                            f"not {loaded.model.config.model_type!r}")
-        self.lean = LeanLlama(loaded.model, max_len) if lean else None
-        self.backend = "lean" if lean else "hf"
+        backend = make_backend(loaded.model, td.backend, max_len, key="train_data.backend")
+        self.lean = backend if isinstance(backend, LeanLlama) else None
+        self.backend = "lean" if self.lean is not None else "hf"
 
     def __call__(self, prompts: list[list[int]], seed: int) -> list[list[int]]:
         td = self.td

@@ -19,11 +19,12 @@ class Target:
         return self.loaded.tokenizer
 
 
-def make_backend(model, backend: str = "auto", max_len: int = 4096) -> LeanLlama | HFBackend:
-    """`auto` picks the lean forward for Llama-family models and HF's forward for everything else."""
+def make_backend(model, backend: str = "auto", max_len: int = 4096, key: str = "target.backend") -> LeanLlama | HFBackend:
+    """`auto` picks the lean forward for Llama-family models and HF's forward for everything else; `key`
+    names the config entry an impossible choice is reported against."""
     model_type = model.config.model_type
     if backend == "lean" and model_type not in SUPPORTED_MODEL_TYPES:
-        raise ModelLoadError(f"target.backend: 'lean' supports {', '.join(SUPPORTED_MODEL_TYPES)}, not {model_type!r}")
+        raise ModelLoadError(f"{key}: 'lean' supports {', '.join(SUPPORTED_MODEL_TYPES)}, not {model_type!r}")
     if backend == "lean" or (backend == "auto" and model_type in SUPPORTED_MODEL_TYPES):
         return LeanLlama(model, max_len)
     return HFBackend(model, max_len)

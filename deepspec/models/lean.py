@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from deepspec.decoding.verify import Sampling, target_probs
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
@@ -72,9 +74,9 @@ class KVCache:
 class OneDNNWeight:
     """A linear weight reordered once into oneDNN's blocked layout (`LeanLlama(linear="onednn")`).
 
-    MKL's sgemm re-packs the weight on every call, so a forward over a few rows reads each weight about
-    as slowly as a matrix-vector product does several times over; a prepacked weight makes 4 rows cost
-    about what 1 row does (`deepspec bench decode` has the curve)."""
+    Plain matmuls over a few rows read the weights far more slowly than over one (measured on one
+    SmolLM2 layer: 4 rows 1.5-2.4x one row); prepacked, 4 rows cost about what 1 row does
+    (`deepspec bench decode` has both curves)."""
 
     packed: Tensor
 
@@ -106,7 +108,7 @@ class PackedLinear(torch.nn.Module):
 
 def pack_linears(module: torch.nn.Module) -> torch.nn.Module:
     """Swap every float32 `nn.Linear` of an inference-only module for a `PackedLinear`, in place (drafters
-    run a few rows per step, where MKL's per-call packing costs most). A no-op without oneDNN."""
+    run a few rows per step, where plain matmuls are least efficient). A no-op without oneDNN."""
     if not onednn_available():
         return module
     for name, child in list(module.named_children()):
@@ -161,9 +163,6 @@ class LeanLlama:
         self.embed = inner.embed_tokens.weight.detach()
         self.norm = inner.norm.weight.detach()
         self.lm_head = hf_model.lm_head.weight.detach()
-        # A single row reads the vocabulary matrix fastest in [hidden, vocab] layout (measured 5.7 vs
-        # 9.3 ms for 49152x576 on AVX2, ~8% of a SmolLM2 step); several rows prefer [vocab, hidden].
-        self.lm_head_t = self.lm_head.t().contiguous()
         self.dtype = self.embed.dtype
         self.device = self.embed.device
         rope = inner.rotary_emb
@@ -204,6 +203,10 @@ class LeanLlama:
                 layer.wqkv, layer.wo = _pack_onednn(layer.wqkv), _pack_onednn(layer.wo)
                 layer.w_gate_up, layer.w_down = _pack_onednn(layer.w_gate_up), _pack_onednn(layer.w_down)
             self.lm_head, self.lm_head_t = _pack_onednn(self.lm_head), None
+        else:
+            # A single row reads the vocabulary matrix fastest in [hidden, vocab] layout (measured 5.7 vs
+            # 9.3 ms for 49152x576 on AVX2, ~8% of a SmolLM2 step); several rows prefer [vocab, hidden].
+            self.lm_head_t = self.lm_head.t().contiguous()
         self.cache = KVCache(len(self.layers), self.n_kv_heads, self.head_dim, max_len, self.dtype, self.device)
         self._rope_table(max_len)
 
@@ -354,7 +357,7 @@ class LeanLlama:
         for step in range(max_new_tokens):
             logits = self.logits(h[:, -1])
             if temperature > 0:
-                nxt = torch.multinomial(torch.softmax(logits.float() / temperature, -1), 1, generator=generator)[:, 0]
+                nxt = torch.multinomial(target_probs(logits, Sampling(temperature)), 1, generator=generator)[:, 0]
             else:
                 nxt = logits.argmax(-1)
             for b, (r, tok) in enumerate(zip(rows.tolist(), nxt.tolist())):
