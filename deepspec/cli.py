@@ -48,10 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reference", help="make this experiment's finished run the committed reference (results/reference/<experiment>)")
     _config_args(p)
 
-    p = sub.add_parser("export", help="write a trained drafter in a serving engine's layout (vLLM, SGLang) or ours (hf)")
+    p = sub.add_parser("export", help="write a trained drafter in a serving engine's layout: EAGLE-3 for vLLM / SGLang "
+                                      "(or ours, hf); DFlash / DSpark in DeepSpec's or z-lab's (deepspec)")
     _config_args(p)
     p.add_argument("--drafter", required=True)
-    p.add_argument("--to", dest="fmt", required=True, choices=["vllm", "sglang", "hf"])
+    p.add_argument("--to", dest="fmt", required=True, choices=["vllm", "sglang", "hf", "deepspec"])
     p.add_argument("--out", help="output folder (default results/<experiment>/export/<drafter>-<format>)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="weight dtype of the export (default: as trained)")

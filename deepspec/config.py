@@ -102,8 +102,33 @@ class Eagle3Method(_Strict):
         return self
 
 
+class BlockMethod(_Strict):
+    """Decoding with a block drafter (DFlash / DSpark): one parallel forward proposes a block.
+
+    `length`: fixed (every draft, up to `max_length`), threshold (stop before the first draft whose
+    calibrated confidence is below `threshold`) or cost (the length that maximises expected committed
+    tokens per second, from the confidences and the verify cost measured on this machine). `tree_top_k`
+    > 1 adds the next best tokens as siblings where the confidence is below `tree_threshold`."""
+
+    kind: Literal["block"]
+    drafter: str | None = Field(None, description="name of a dflash / dspark entry under `drafters`")
+    checkpoint: str | None = Field(None, description="folder of a DeepSpec (Qwen3DSparkModel) or z-lab (DFlashDraftModel) "
+                                                     "checkpoint (instead of `drafter`)")
+    length: Literal["fixed", "threshold", "cost"] = "fixed"
+    max_length: Annotated[int, Field(ge=1)] | None = None
+    threshold: Annotated[float, Field(gt=0, lt=1)] = 0.5
+    tree_top_k: Annotated[int, Field(ge=1)] = 1
+    tree_threshold: Annotated[float, Field(gt=0, lt=1)] = 0.5
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "BlockMethod":
+        if (self.drafter is None) == (self.checkpoint is None):
+            raise ValueError("set exactly one of 'drafter' (trained here) or 'checkpoint' (a published folder)")
+        return self
+
+
 MethodConfig = Annotated[
-    Union[AutoregressiveMethod, NgramMethod, DraftLMMethod, Eagle3Method], Field(discriminator="kind")
+    Union[AutoregressiveMethod, NgramMethod, DraftLMMethod, Eagle3Method, BlockMethod], Field(discriminator="kind")
 ]
 
 
@@ -179,7 +204,54 @@ class Eagle3Drafter(_Strict):
     train: TrainConfig = TrainConfig()
 
 
-DrafterConfig = Annotated[Union[Eagle3Drafter], Field(discriminator="kind")]
+class _BlockDrafter(_Strict):
+    """A block drafter (DFlash / DSpark): N decoder layers over the fused context of K target layers."""
+
+    layers: list[Annotated[int, Field(ge=-1)]] | None = Field(
+        None, description="target layers fused, in the *output of layer k* convention of DFlash / DSpark checkpoints "
+                          "(-1: the embeddings); default: the ones EAGLE-3 reads ([1, L/2 - 1, L - 4]), so one "
+                          "feature cache serves both")
+    num_layers: Annotated[int, Field(ge=1)] = Field(2, description="draft decoder layers")
+    block_size: Annotated[int, Field(ge=2)] = 7
+    label_convention: Literal["next", "own"] = Field(
+        "next", description="next: every slot predicts the following token (DeepSpec, block_size drafts); "
+                            "own: mask slots predict their own position (z-lab / SpecForge, block_size - 1 drafts)")
+    mask_token_id: Annotated[int, Field(ge=0)] | Literal["auto"] | None = Field(
+        "auto", description="embedding row of the mask token; auto: an unused token of the tokenizer; null: a trained "
+                            "mask embedding")
+    draft_vocab: Annotated[int, Field(ge=2)] | None = 4096
+    vocab_coverage: Annotated[float, Field(gt=0, le=1)] = 1.0
+    supervise: Literal["all", "assistant"] = "all"
+    soft_top_k: Annotated[int, Field(ge=1)] = 64
+    num_anchors: Annotated[int, Field(ge=1)] = Field(16, description="blocks per training sequence, redrawn each epoch")
+    eval_anchors: Annotated[int, Field(ge=1)] | None = Field(256, description="blocks per validation sequence")
+    loss_gamma: Annotated[float, Field(gt=0)] | None = Field(7.0, description="draft j weighted exp(-j / gamma)")
+    ce_weight: Annotated[float, Field(ge=0)] = 1.0
+    l1_weight: Annotated[float, Field(ge=0)] = 0.0
+    confidence_weight: Annotated[float, Field(ge=0)] = 0.0
+    train: TrainConfig = TrainConfig()
+
+
+class DFlashDrafter(_BlockDrafter):
+    kind: Literal["dflash"]
+
+
+class DSparkDrafter(_BlockDrafter):
+    """DFlash plus a Markov head (low-rank bigram bias, sequential at inference) and a confidence head."""
+
+    kind: Literal["dspark"]
+    ce_weight: Annotated[float, Field(ge=0)] = 0.1
+    l1_weight: Annotated[float, Field(ge=0)] = 0.9
+    confidence_weight: Annotated[float, Field(ge=0)] = 1.0
+    markov_rank: Annotated[int, Field(ge=0)] = 64
+    markov_head_type: Literal["vanilla", "gated", "rnn"] = "vanilla"
+    confidence_head: bool = True
+    confidence_with_markov: bool = True
+    calibrate: bool = Field(True, description="fit per-draft temperatures of the confidence on held-out data")
+
+
+DrafterConfig = Annotated[Union[Eagle3Drafter, DFlashDrafter, DSparkDrafter], Field(discriminator="kind")]
+BLOCK_DRAFTERS = ("dflash", "dspark")
 
 
 class EvalConfig(_Strict):
@@ -232,9 +304,17 @@ class Config(_Strict):
         if not any(m.kind == "autoregressive" for m in self.methods.values()):
             raise ValueError("methods: one method of kind 'autoregressive' is needed as the speedup baseline")
         for name, m in self.methods.items():
-            if m.kind == "eagle3" and m.drafter is not None and m.drafter not in self.drafters:
-                known = ", ".join(self.drafters) or "none"
-                raise ValueError(f"methods.{name}.drafter: no drafter named {m.drafter!r} (drafters: {known})")
+            if m.kind in ("eagle3", "block") and m.drafter is not None:
+                if m.drafter not in self.drafters:
+                    known = ", ".join(self.drafters) or "none"
+                    raise ValueError(f"methods.{name}.drafter: no drafter named {m.drafter!r} (drafters: {known})")
+                kind = self.drafters[m.drafter].kind
+                if (m.kind == "eagle3") != (kind == "eagle3"):
+                    raise ValueError(f"methods.{name}.drafter: {m.drafter!r} is a {kind} drafter, which a method of "
+                                     f"kind {m.kind!r} cannot decode with")
+                if (m.kind == "block" and m.length != "fixed"
+                        and not getattr(self.drafters[m.drafter], "confidence_head", False)):
+                    raise ValueError(f"methods.{name}.length: {m.length!r} needs a drafter with a confidence head (dspark)")
         if self.out_dir.resolve() == self.reference_dir.resolve():
             raise ValueError(f"results_dir: {self.results_dir!r} would write this run over its committed reference")
         return self
@@ -254,7 +334,7 @@ class Config(_Strict):
 
     def drafters_in_use(self) -> list[str]:
         """Drafters some method decodes with: only these are trained (and need features)."""
-        return sorted({m.drafter for m in self.methods.values() if m.kind == "eagle3" and m.drafter is not None})
+        return sorted({m.drafter for m in self.methods.values() if m.kind in ("eagle3", "block") and m.drafter is not None})
 
     def section_hash(self, *keys: str) -> str:
         """Hash of one part of the config: stage outputs record what they were built from."""
@@ -318,7 +398,7 @@ def validate(raw: dict[str, Any]) -> Config:
         if task.kind == "jsonl" and not Path(task.source).is_file():
             raise ConfigError(f"config error: tasks.{name}.source: file not found: {task.source}")
     for name, method in cfg.methods.items():
-        if method.kind == "eagle3" and method.checkpoint and not (Path(method.checkpoint) / "config.json").is_file():
+        if method.kind in ("eagle3", "block") and method.checkpoint and not (Path(method.checkpoint) / "config.json").is_file():
             raise ConfigError(f"config error: methods.{name}.checkpoint: no config.json in {method.checkpoint}")
     return cfg
 

@@ -89,8 +89,26 @@ def export_drafter(cfg: Config, name: str, fmt: str, out: str | None = None, dty
         raise ValueError(f"--drafter: no drafter named {name!r} (drafters: {', '.join(cfg.drafters) or 'none'})")
     folder = cfg.out_dir / "drafters" / name / "model"
     target = load_model(cfg.target.model, cfg.target.dtype)
-    drafter = Eagle3Drafter.load(folder, target.model.get_input_embeddings().weight)
     dest = Path(out) if out else cfg.out_dir / "export" / f"{name}-{fmt}"
+    block = cfg.drafters[name].kind != "eagle3"
+    if block != (fmt == "deepspec"):
+        raise ValueError(f"--to {fmt}: drafter {name!r} is {cfg.drafters[name].kind}; "
+                         + ("block drafters export with --to deepspec" if block else "--to deepspec is for dflash / dspark"))
+    if block:
+        from deepspec.drafters.block.checkpoint import export_block
+        from deepspec.drafters.block.model import BlockDrafter
+
+        drafter = BlockDrafter.load(folder, target.model.get_input_embeddings().weight)
+        with tracking.stage_run(cfg, "export", f"export {name} {fmt}", drafter=name, format=fmt) as run:
+            run.tags(tracking.lineage({"drafter": folder}))
+            export_block(drafter, dest, target.model.get_output_embeddings().weight)
+            run.params({"format": fmt, "out": str(dest)})
+            run.artifact(dest, "export")
+        written = json.loads((dest / "config.json").read_text())
+        print(f"[export] {name} -> {dest} ({written['architectures'][0]}): target layer ids "
+              f"{written.get('target_layer_ids') or written['dflash_config']['target_layer_ids']} (output of layer k)")
+        return dest
+    drafter = Eagle3Drafter.load(folder, target.model.get_input_embeddings().weight)
     with tracking.stage_run(cfg, "export", f"export {name} {fmt}", drafter=name, format=fmt) as run:
         run.tags(tracking.lineage({"drafter": folder}))
         write_export(drafter, fmt, dest, DTYPES[dtype] if dtype else None)

@@ -39,10 +39,11 @@ def test_tables_and_report(smoke_run):
     md = (out / "tables/summary.md").read_text().splitlines()
     assert [c.strip() for c in md[0].split("|")[1:-1]] == ["method", "mt_bench", "humaneval", "mean"]
     assert [c.strip() for c in md[2].split("|")[1:-1]][0] == "ar"
-    assert md[3].startswith("| pld ") and md[4].startswith("| eagle3 ")
+    assert md[3].startswith("| pld ") and md[4].startswith("| eagle3 ") and md[5].startswith("| dflash ")
     assert re.search(r"\| \d\.\d\d \(\d\.\d\d–\d\.\d\d\) / \d\.\d\d× \(\d\.\d\d–\d\.\d\d\) \|", md[3]), md[3]
     rows = list(csv.DictReader((out / "tables/summary.csv").open()))
-    assert {(r["method"], r["task"]) for r in rows} == {(m, t) for m in ("ar", "pld", "eagle3") for t in ("mt_bench", "humaneval")}
+    methods = ("ar", "pld", "eagle3", "dflash", "dspark")
+    assert {(r["method"], r["task"]) for r in rows} == {(m, t) for m in methods for t in ("mt_bench", "humaneval")}
     for r in rows:
         assert r["lossless"] == "True"
         assert float(r["tokens_per_s"]) > 0 and int(r["samples"]) == 2
@@ -84,13 +85,27 @@ def test_drafter_pipeline_outputs(smoke_run):
     assert log[-1]["loss"] < log[0]["loss"] and "val_tau_chain" in log[-1]
     metrics = json.loads((out / "eval/eagle3/humaneval/metrics.json").read_text())
     assert metrics["lossless"]["passed"] is True and metrics["kind"] == "eagle3"
+    # Block drafters share the one feature cache; their checkpoints record layers by output convention.
+    for name, convention, drafts in (("dflash", "own", 3), ("dspark", "next", 4)):
+        cfg = json.loads((out / f"drafters/{name}/model/config.json").read_text())
+        assert cfg["target_layer_ids"] == [1, 14, 26] and cfg["label_convention"] == convention
+        assert cfg["mask_token_id"] == 16 and cfg["algorithm"] == name
+        summary = json.loads((out / f"drafters/{name}/metrics.json").read_text())
+        assert len(summary["val_acc"]) == drafts and summary["algorithm"] == name
+        m = json.loads((out / f"eval/{name}/mt_bench/metrics.json").read_text())
+        assert m["lossless"]["passed"] is True and m["kind"] == "block"
+        assert max(max(t["proposed"]) for r in (json.loads(x) for x in (out / f"eval/{name}/mt_bench/records.jsonl").open())
+                   for t in r["outputs"]) <= drafts
+    calibration = json.loads((out / "drafters/dspark/calibration.json").read_text())
+    assert len(calibration["temperatures"]) == 4 and "before" in calibration["pooled"]
 
 
 def test_plots_are_real_images(smoke_run):
     import matplotlib.image as mpimg
 
     results, _ = smoke_run
-    for name in ("speedup.png", "tau.png", "acceptance_by_depth.png", "training_eagle3.png"):
+    for name in ("speedup.png", "tau.png", "acceptance_by_depth.png", "training_eagle3.png", "training_dspark.png",
+                 "calibration_dspark.png"):
         img = mpimg.imread(results / "smoke/plots" / name)
         assert img.shape[0] > 200 and img.shape[1] > 300
         assert img[..., :3].std() > 0.05  # not a blank canvas
@@ -107,7 +122,7 @@ def test_mlflow_runs(smoke_run):
     for run in runs:
         by_stage.setdefault(run.data.tags["deepspec.stage"], []).append(run)
     assert {k: len(v) for k, v in by_stage.items()} == {"pipeline": 1, "prepare": 3, "extract": 2, "feature_manifest": 1,
-                                                        "train": 1, "evaluate": 6, "report": 1}
+                                                        "train": 3, "evaluate": 10, "report": 1}
     assert client.get_experiment(exp.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     parent = by_stage["pipeline"][0].info.run_id
     for run in runs:
@@ -117,7 +132,7 @@ def test_mlflow_runs(smoke_run):
             assert run.data.tags["deepspec.git_commit"] and len(run.data.tags["deepspec.config_hash"]) == 12
     pld_mt = [r for r in by_stage["evaluate"] if r.data.tags["deepspec.method"] == "pld" and r.data.tags["deepspec.task"] == "mt_bench"]
     assert pld_mt[0].data.metrics["tau"] > 1.0 and pld_mt[0].data.params["method.kind"] == "ngram"
-    train = by_stage["train"][0]
+    train = next(r for r in by_stage["train"] if r.data.tags["deepspec.drafter"] == "eagle3")
     history = client.get_metric_history(train.info.run_id, "acc_0")
     assert [m.step for m in history] == list(range(1, len(history) + 1))  # one point per optimizer step
     assert {"loss_0", "loss_2", "lr", "tokens_per_s"} <= set(train.data.metrics)

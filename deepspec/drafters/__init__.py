@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from deepspec.config import AutoregressiveMethod, DraftLMMethod, Eagle3Method, NgramMethod
+from deepspec.config import AutoregressiveMethod, BlockMethod, DraftLMMethod, Eagle3Method, NgramMethod
 from deepspec.decoding.proposer import Proposer
 from deepspec.drafters.draft_lm import DraftLMProposer, check_same_tokenizer
 from deepspec.drafters.ngram import NgramProposer
 
 
-def build_proposer(method, target=None, name: str = "", drafters_root=None) -> Proposer | None:
+def build_proposer(method, target=None, name: str = "", drafters_root=None, temperature: float = 0.0,
+                   seed: int = 0) -> Proposer | None:
     """The proposer of a method config; None for the autoregressive baseline.
 
     `drafters_root` is the folder of trained drafters (results/<experiment>/drafters) for methods that
-    decode with one."""
+    decode with one; `temperature` is the decoding temperature (block drafters sample their drafts at it)."""
     if isinstance(method, AutoregressiveMethod):
         return None
     if isinstance(method, NgramMethod):
@@ -50,4 +51,30 @@ def build_proposer(method, target=None, name: str = "", drafters_root=None) -> P
                 raise ValueError(f"{folder}: drafter was trained for another target ({drafter.config.get('target')})")
         drafter = drafter.to(target.backend.dtype)
         return Eagle3Proposer(drafter, target.backend.cache.max_len, method.depth, method.top_k, method.total_tokens)
+    if isinstance(method, BlockMethod):
+        from pathlib import Path
+
+        from deepspec.drafters.block.checkpoint import import_block
+        from deepspec.drafters.block.proposer import BlockProposer
+
+        if method.checkpoint is not None:  # a published drafter: checked against the target as it loads
+            drafter = import_block(method.checkpoint, target.loaded.model)
+        else:
+            if drafters_root is None:
+                raise ValueError(f"methods.{name or 'block'}: needs the trained drafters' folder")
+            folder = Path(drafters_root) / method.drafter / "model"
+            drafter = import_block(folder, target.loaded.model)
+            if drafter.config.get("target_fingerprint") != target.loaded.fingerprint:
+                raise ValueError(f"{folder}: drafter was trained for another target ({drafter.config.get('target')})")
+        verify_ms = None
+        if method.length == "cost":  # this machine's verify cost of 1 .. drafts + 1 rows
+            from deepspec.evaluation.bench import verify_cost_curve
+
+            sizes = tuple(range(1, drafter.drafts + 2))
+            curve = verify_cost_curve(target.backend, context=128, sizes=sizes, reps=5)
+            verify_ms = [curve[f"chain_{n}"] for n in sizes]
+        return BlockProposer(drafter.to(target.backend.dtype), target.backend.cache.max_len, length=method.length,
+                             max_length=method.max_length, threshold=method.threshold, temperature=temperature,
+                             verify_ms=verify_ms, tree_top_k=method.tree_top_k, tree_threshold=method.tree_threshold,
+                             seed=seed)
     raise ValueError(f"no proposer for method kind {method.kind!r}")

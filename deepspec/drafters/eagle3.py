@@ -29,19 +29,9 @@ from torch import Tensor, nn
 
 from deepspec import io
 from deepspec.decoding.tree import DraftTree, dynamic_tree, scratch_mask
+from deepspec.drafters.layers import MLP, RMSNorm, init_normal, inv_freq, rope, rotate, target_shape
 
 ALGORITHM = "eagle3"
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 class _Attention(nn.Module):
@@ -53,17 +43,6 @@ class _Attention(nn.Module):
         self.o_proj = nn.Linear(n_heads * head_dim, hidden, bias=False)
 
 
-class _MLP(nn.Module):
-    def __init__(self, hidden: int, inter: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden, inter, bias=False)
-        self.up_proj = nn.Linear(hidden, inter, bias=False)
-        self.down_proj = nn.Linear(inter, hidden, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class _MidLayer(nn.Module):
     def __init__(self, c: dict[str, Any]):
         super().__init__()
@@ -72,33 +51,7 @@ class _MidLayer(nn.Module):
         self.input_layernorm = RMSNorm(h, c["rms_norm_eps"])
         self.self_attn = _Attention(h, c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"])
         self.post_attention_layernorm = RMSNorm(h, c["rms_norm_eps"])
-        self.mlp = _MLP(h, c["intermediate_size"])
-
-
-def _inv_freq(c: dict[str, Any]) -> Tensor:
-    """RoPE inverse frequencies; scaled variants (llama3, linear, ...) come from transformers' own tables."""
-    hd = c["head_dim"]
-    scaling = c.get("rope_scaling") or {}
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind == "default":
-        return 1.0 / (c["rope_theta"] ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
-    from transformers import LlamaConfig
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    if kind not in ROPE_INIT_FUNCTIONS:
-        raise ValueError(f"rope_scaling: unknown rope_type {kind!r}")
-    lc = LlamaConfig(hidden_size=c["hidden_size"], num_attention_heads=c["num_attention_heads"], head_dim=hd,
-                     rope_theta=c["rope_theta"], rope_scaling=dict(scaling),
-                     max_position_embeddings=c.get("max_position_embeddings", 8192))
-    inv_freq, attention_scale = ROPE_INIT_FUNCTIONS[kind](lc, "cpu")
-    if abs(float(attention_scale) - 1.0) > 1e-6:
-        raise ValueError(f"rope_scaling: rope_type {kind!r} scales attention, which our EAGLE-3 drafter does not")
-    return inv_freq.float()
-
-
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+        self.mlp = MLP(h, c["intermediate_size"])
 
 
 class Eagle3Drafter(nn.Module):
@@ -116,7 +69,7 @@ class Eagle3Drafter(nn.Module):
         self.register_buffer("t2d", torch.zeros(c["vocab_size"], dtype=torch.bool))
         self.register_buffer("embed", embed.detach(), persistent=False)  # the target's, frozen
         hd = c["head_dim"]
-        self.register_buffer("inv_freq", _inv_freq(c), persistent=False)
+        self.register_buffer("inv_freq", inv_freq(c), persistent=False)
         self.n_heads, self.n_kv, self.head_dim = c["num_attention_heads"], c["num_key_value_heads"], hd
 
     # ---- construction ---------------------------------------------------------------------------
@@ -124,27 +77,14 @@ class Eagle3Drafter(nn.Module):
     def for_target(cls, target_model, aux_layers: list[int], draft_ids: Tensor, init_head: bool = True,
                    seed: int = 0, **meta: Any) -> "Eagle3Drafter":
         """A fresh drafter shaped like the target's layers; `draft_ids` are the target ids of the draft vocab."""
-        tc = target_model.config
-        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-        rope_theta = getattr(tc, "rope_theta", None) or (getattr(tc, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
         config = {
             "architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama", "algorithm": ALGORITHM,
-            "hidden_size": tc.hidden_size, "intermediate_size": tc.intermediate_size,
-            "num_attention_heads": tc.num_attention_heads, "num_key_value_heads": tc.num_key_value_heads,
-            "head_dim": head_dim, "rms_norm_eps": tc.rms_norm_eps, "rope_theta": float(rope_theta),
-            "vocab_size": tc.vocab_size, "draft_vocab_size": int(draft_ids.numel()), "num_hidden_layers": 1,
-            "aux_layers": list(aux_layers), "target_num_hidden_layers": tc.num_hidden_layers,
-            "max_position_embeddings": getattr(tc, "max_position_embeddings", 8192),
-            "tie_word_embeddings": False, **meta,
+            **target_shape(target_model), "draft_vocab_size": int(draft_ids.numel()), "num_hidden_layers": 1,
+            "aux_layers": list(aux_layers), "tie_word_embeddings": False, **meta,
         }
-        scaling = dict(getattr(tc, "rope_scaling", None) or {})
-        if scaling.get("rope_type", scaling.get("type", "default")) != "default":  # e.g. Llama 3.1's llama3 scaling
-            config["rope_scaling"] = {k: v for k, v in scaling.items() if k != "rope_theta"}
         torch.manual_seed(seed)
         model = cls(config, target_model.get_input_embeddings().weight)
-        for p in model.parameters():
-            if p.dim() == 2:
-                nn.init.normal_(p, std=0.02)
+        init_normal(model)
         draft_ids = draft_ids.sort().values
         model.d2t.copy_(draft_ids - torch.arange(draft_ids.numel()))
         model.t2d.zero_()
@@ -187,9 +127,7 @@ class Eagle3Drafter(nn.Module):
 
     # ---- shared pieces --------------------------------------------------------------------------
     def _rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        freqs = torch.outer(positions.float(), self.inv_freq)
-        emb = torch.cat([freqs, freqs], dim=-1)
-        return emb.cos(), emb.sin()
+        return rope(positions, self.inv_freq)
 
     def _qkv(self, tokens: Tensor, hidden: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """q [heads, n, hd], k/v [kv_heads, n, hd] of draft steps reading (tokens, hidden)."""
@@ -202,7 +140,7 @@ class Eagle3Drafter(nn.Module):
         k = a.k_proj(x).view(n, self.n_kv, self.head_dim).transpose(0, 1)
         v = a.v_proj(x).view(n, self.n_kv, self.head_dim).transpose(0, 1)
         cos, sin = self._rope(positions)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin), v
+        return rotate(q, cos, sin), rotate(k, cos, sin), v
 
     def _finish(self, hidden: Tensor, attn: Tensor) -> Tensor:
         """o_proj + residual (the hidden stream) + MLP: the step's output hidden state."""

@@ -120,10 +120,11 @@ def bench_decode(cfg: Config, n_prompts: int = 8, max_new_tokens: int = 128, thr
         for name, method in OURS.items():
             if wanted(name):
                 runners[name] = ours_runner(build_proposer(method, target, name) if method is not None else None)
-        for name, method in cfg.methods.items():  # this experiment's EAGLE-3 drafters (trained ones once they exist)
-            if method.kind != "eagle3":
+        for name, method in cfg.methods.items():  # this experiment's trained drafters (once they exist)
+            if method.kind not in ("eagle3", "block"):
                 continue
-            folder = Path(method.checkpoint) if method.checkpoint else cfg.out_dir / "drafters" / method.drafter / "model"
+            ckpt = getattr(method, "checkpoint", None)
+            folder = Path(ckpt) if ckpt else cfg.out_dir / "drafters" / method.drafter / "model"
             if (folder / "config.json").is_file() and wanted(f"ours_{name}"):
                 runners[f"ours_{name}"] = ours_runner(build_proposer(method, target, name, cfg.out_dir / "drafters"))
         names = list(runners)

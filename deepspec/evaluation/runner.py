@@ -55,9 +55,9 @@ def run_conversation(engine: Engine, target: Target, turns: list[str], max_new_t
 def _drafter_folder(cfg: Config, method: str) -> Path | None:
     """The drafter checkpoint folder a method decodes with (None for methods without one)."""
     m = cfg.methods[method]
-    if m.kind != "eagle3":
+    if m.kind not in ("eagle3", "block"):
         return None
-    return Path(m.checkpoint) if m.checkpoint else cfg.out_dir / "drafters" / m.drafter / "model"
+    return Path(m.checkpoint) if getattr(m, "checkpoint", None) else cfg.out_dir / "drafters" / m.drafter / "model"
 
 
 def _load_partial(path: Path, config_hash: str) -> dict[Any, dict]:
@@ -85,7 +85,8 @@ def evaluate(cfg: Config, method: str, task: str, threads: int | None = None) ->
     with tracking.stage_run(cfg, "evaluate", f"evaluate {method} {task}", method=method, task=task) as run:
         target = load_target(cfg.target.model, cfg.target.dtype, cfg.target.backend, cfg.target.max_len)
         engine = Engine(target.backend, target.loaded.eos_ids, sampling_of(cfg))
-        proposer = build_proposer(cfg.methods[method], target, method, cfg.out_dir / "drafters")
+        proposer = build_proposer(cfg.methods[method], target, method, cfg.out_dir / "drafters", cfg.eval.temperature,
+                                  cfg.eval.seed)
         base_proposer = build_proposer(cfg.methods[baseline], target)
         folder = _drafter_folder(cfg, method)
         run.tags(tracking.lineage({"task_data": data_path, **({"drafter": folder} if folder else {})},

@@ -46,11 +46,31 @@ def default_layers(n_layers: int) -> list[int]:
 
 
 def drafter_layers(cfg: Config, name: str, n_layers: int) -> list[int]:
-    layers = cfg.drafters[name].layers or default_layers(n_layers)
-    bad = [i for i in layers if i >= n_layers]
+    """The HF hidden_states indices drafter `name` fuses (the cache's convention). Block drafters name
+    layers by *output* (id k = hidden_states[k + 1]); by default they read the same states as EAGLE-3."""
+    dc = cfg.drafters[name]
+    if dc.kind == "eagle3":
+        layers = dc.layers or default_layers(n_layers)
+        bad = [i for i in layers if i >= n_layers]
+        if bad:
+            raise FeatureCacheError(f"drafters.{name}.layers: {bad} out of range for a {n_layers}-layer target "
+                                    f"(ids 0..{n_layers - 1})")
+        return sorted(set(layers))
+    ids = block_layer_ids(cfg, name, n_layers)
+    return [k + 1 for k in ids]
+
+
+def block_layer_ids(cfg: Config, name: str, n_layers: int) -> list[int]:
+    """A block drafter's layer ids in its own "output of layer k" convention (what its checkpoint records)."""
+    dc = cfg.drafters[name]
+    ids = dc.layers if dc.layers is not None else [i - 1 for i in default_layers(n_layers)]
+    bad = [i for i in ids if not -1 <= i <= n_layers - 2]
     if bad:
-        raise FeatureCacheError(f"drafters.{name}.layers: {bad} out of range for a {n_layers}-layer target (ids 0..{n_layers - 1})")
-    return sorted(set(layers))
+        raise FeatureCacheError(f"drafters.{name}.layers: {bad} out of range for a {n_layers}-layer target (output-of-layer "
+                                f"ids -1..{n_layers - 2}; the last layer's output is stored as the final state)")
+    if sorted(set(ids)) != list(ids):
+        raise FeatureCacheError(f"drafters.{name}.layers: {ids} must be strictly increasing")
+    return list(ids)
 
 
 def feature_layers(cfg: Config, n_layers: int) -> list[int]:

@@ -108,11 +108,11 @@ def training_plot(cfg: Config, name: str, log: list[dict[str, Any]], out: Path) 
     axes[0].plot(steps, [r["loss"] for r in log], lw=0.8, label="train")
     val = [r for r in log if "val_loss" in r]
     axes[0].plot([r["step"] for r in val], [r["val_loss"] for r in val], marker="o", ms=3, label="validation")
-    axes[0].set_title("TTT loss (Σ 0.8^k · soft CE)", fontsize=9)
+    axes[0].set_title("training loss", fontsize=9)
     axes[0].legend(fontsize=7, frameon=False)
     for k in range(ttt):
         axes[1].plot([r["step"] for r in val], [r[f"val_acc_{k}"] for r in val], lw=1, label=f"step {k}")
-    axes[1].set_title("validation top-1 accuracy per TTT step", fontsize=9)
+    axes[1].set_title("validation top-1 accuracy per draft step", fontsize=9)
     axes[1].legend(fontsize=6, frameon=False, ncol=2)
     axes[2].plot([r["train_tokens_seen"] / 1e3 for r in val], [r["val_tau_chain"] for r in val], marker="o", ms=3)
     axes[2].set_title(f"validation chain τ (depth {ttt}) vs training tokens", fontsize=9)
@@ -124,6 +124,29 @@ def training_plot(cfg: Config, name: str, log: list[dict[str, Any]], out: Path) 
     fig.suptitle(f"drafter {name}", fontsize=9)
     fig.tight_layout()
     return _save(fig, out / f"training_{name}.png", cfg)
+
+
+def calibration_plot(cfg: Config, name: str, calibration: dict[str, Any], out: Path) -> Path:
+    """Reliability diagram of a DSpark confidence head on held-out blocks, before and after temperature scaling."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(3.8, 3.6), dpi=120)
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+    for key, marker in (("before", "o"), ("after", "s")):
+        r = calibration["pooled"].get(key)
+        if r:
+            bins = r["bins"]
+            ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker=marker, ms=3,
+                    label=f"{key}: ECE {r['ece']:.3f}")
+    ax.set_xlabel("predicted P(accepted | earlier drafts accepted)", fontsize=8)
+    ax.set_ylabel("observed acceptance", fontsize=8)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, frameon=False)
+    ax.set_title(f"confidence calibration: {name} (held-out)", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, out / f"calibration_{name}.png", cfg)
 
 
 def _data_line(cfg: Config, summary: dict) -> str:
@@ -157,12 +180,25 @@ def _training_section(cfg: Config, out: Path) -> tuple[list[str], list[Path]]:
         log, summary = io.read_jsonl(log_path), json.loads(summary_path.read_text())
         paths.append(training_plot(cfg, name, log, out / "plots"))
         acc = ", ".join(f"{a:.2f}" for a in summary["val_acc"] if a is not None)
-        lines += [f"### Drafter `{name}`", "", _data_line(cfg, summary), "",
+        block = summary.get("algorithm", "eagle3") != "eagle3"
+        lines += [f"### Drafter `{name}` ({summary.get('algorithm', 'eagle3')})", "", _data_line(cfg, summary), "",
                   f"{summary['steps']} steps over {summary['train_tokens']} training tokens; fused target layers "
-                  f"{summary['layers']}; draft vocabulary {summary['draft_vocab']} tokens covering "
-                  f"{100 * summary['vocab_coverage']:.1f}% of supervised argmaxes. Validation: chain τ "
+                  f"{summary['layers']} (HF hidden_states indices); draft vocabulary {summary['draft_vocab']} tokens "
+                  f"covering {100 * summary['vocab_coverage']:.1f}% of supervised argmaxes. Validation: chain τ "
                   f"{summary['val_tau_chain']:.2f} (teacher-forced, depth {len(summary['val_acc'])}), top-1 accuracy "
-                  f"by TTT step [{acc}].", "", f"![training {name}](plots/training_{name}.png)", ""]
+                  f"by {'block draft' if block else 'TTT step'} [{acc}].", "",
+                  f"![training {name}](plots/training_{name}.png)", ""]
+        cal_path = folder / "calibration.json"
+        if cal_path.is_file():
+            cal = json.loads(cal_path.read_text())
+            paths.append(calibration_plot(cfg, name, cal, out / "plots"))
+            before, after = cal["pooled"]["before"], cal["pooled"]["after"]
+            auroc = f"{before['auroc']:.3f}" if before.get("auroc") is not None else "n/a"
+            lines += [f"Confidence head, calibrated by sequential temperature scaling on half the validation split "
+                      f"and judged on the other half ({before['n']} conditional events): ECE {before['ece']:.3f} → "
+                      f"{after['ece']:.3f}, Brier {before['brier']:.3f} → {after['brier']:.3f}, AUROC {auroc} "
+                      f"(temperatures by draft {[round(t, 2) for t in cal['temperatures']]}).", "",
+                      f"![calibration {name}](plots/calibration_{name}.png)", ""]
     return lines, paths
 
 

@@ -10,9 +10,14 @@ position's top-k to it (renormalised) and marks which positions are supervised.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+from pathlib import Path
 from typing import Literal
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 Supervise = Literal["all", "assistant"]
@@ -33,6 +38,28 @@ def soft_targets(seqs: list[dict[str, Tensor]], lm_head: Tensor, k: int, chunk: 
         top_ids = torch.cat(ids)
         out.append({"top_ids": top_ids, "top_logp": torch.cat(logps), "argmax": top_ids[:, 0].long()})
     return out
+
+
+def cached_soft_targets(directory: Path, manifest: dict, seqs: list[dict[str, Tensor]], lm_head: Tensor,
+                        k: int) -> tuple[list[dict[str, Tensor]], bool]:
+    """`soft_targets`, stored next to the feature cache so that every drafter trained on it pays the
+    [T x V] product once. Keyed by the shards' checksums, the head and k; written then renamed. Returns
+    (targets, whether they came from the store)."""
+    key = hashlib.sha256(json.dumps([[s["sha256"] for s in manifest["shards"]], manifest.get("target_fingerprint"),
+                                     list(lm_head.shape), k]).encode()).hexdigest()[:16]
+    path = Path(directory) / f"soft_targets-top{k}-{key}.safetensors"
+    lengths = [int(s["final"].shape[0]) for s in seqs]
+    if path.is_file():
+        t = load_file(str(path))
+        if t["top_ids"].shape[0] == sum(lengths):
+            ids, logp = t["top_ids"].split(lengths), t["top_logp"].split(lengths)
+            return [{"top_ids": i, "top_logp": lp, "argmax": i[:, 0].long()} for i, lp in zip(ids, logp)], True
+    out = soft_targets(seqs, lm_head, k)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file({"top_ids": torch.cat([t["top_ids"] for t in out]).contiguous(),
+               "top_logp": torch.cat([t["top_logp"] for t in out]).contiguous()}, str(tmp))
+    os.replace(tmp, path)
+    return out, False
 
 
 def supervised(loss_mask: Tensor, mode: Supervise) -> Tensor:

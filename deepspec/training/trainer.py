@@ -21,17 +21,17 @@ import torch
 from tqdm import tqdm
 
 from deepspec import io, tracking
-from deepspec.config import Config, Eagle3Drafter as Eagle3DrafterConfig
+from deepspec.config import Config
 from deepspec.drafters.eagle3 import Eagle3Drafter
-from deepspec.features.extract import drafter_layers, features_dir, load_manifest, load_sequences
-from deepspec.training.targets import draft_vocab, soft_targets, supervised, topk_mass, training_targets
+from deepspec.features.extract import block_layer_ids, drafter_layers, features_dir, load_manifest, load_sequences
+from deepspec.training.targets import cached_soft_targets, draft_vocab, supervised, topk_mass, training_targets
 
 
 def drafter_dir(cfg: Config, name: str) -> Path:
     return cfg.out_dir / "drafters" / name
 
 
-def lr_at(step: int, total: int, dc: Eagle3DrafterConfig) -> float:
+def lr_at(step: int, total: int, dc) -> float:
     t = dc.train
     if step < t.warmup_steps:
         return t.lr * (step + 1) / t.warmup_steps
@@ -131,7 +131,7 @@ def train(cfg: Config, name: str, stop_after_steps: int | None = None) -> Path:
         val_idx, train_idx = perm[:n_val], perm[n_val:]
         lm_head = loaded.model.get_output_embeddings().weight.detach().float()
         t_soft = time.perf_counter()
-        cached = soft_targets(seqs, lm_head, dc.soft_top_k)
+        cached, reused = cached_soft_targets(fdir, manifest, seqs, lm_head, dc.soft_top_k)
         for s in seqs:
             del s["final"]  # only the cached top-k is needed from here on
         soft_s = time.perf_counter() - t_soft
@@ -142,19 +142,8 @@ def train(cfg: Config, name: str, stop_after_steps: int | None = None) -> Path:
         per = min(tc.batch_sequences, len(train_idx))
         micro_per_epoch = max(1, len(train_idx) // per)
         total = max(1, math.ceil(tc.epochs * micro_per_epoch / tc.grad_accum))
-        model = Eagle3Drafter.for_target(loaded.model, layers, draft_ids, dc.init_head_from_target, tc.seed,
-                                         target=cfg.target.model, target_fingerprint=loaded.fingerprint,
-                                         layer_convention=manifest["layer_convention"],
-                                         **({"fc_input_scale": True} if dc.fc_input_scale else {}))
-        if dc.fc_input_scale:
-            rms = layer_rms([seqs[i]["hidden"] for i in train_idx])
-            model.fc_in_scale.copy_((1.0 / rms).repeat_interleave(seqs[0]["hidden"].shape[-1]))
-            print(f"[train] {name}: fc input scale 1/RMS per layer, RMS {[round(float(r), 2) for r in rms]}")
-        if dc.freeze_head:
-            if not dc.init_head_from_target:
-                raise ValueError(f"drafters.{name}.freeze_head: a frozen head must be initialised from the target")
-            model.lm_head.weight.requires_grad_(False)
-            model.norm.weight.requires_grad_(False)
+        model = _new_drafter(cfg, name, loaded, layers, draft_ids, manifest, [seqs[i]["hidden"] for i in train_idx])
+        steps = dc.ttt_length if dc.kind == "eagle3" else model.drafts
         lookup = torch.full((vocab_size,), -1, dtype=torch.long)
         lookup[draft_ids] = torch.arange(draft_ids.numel())
         # Training follows `supervise`; validation always scores the assistant positions, where the target
@@ -171,7 +160,7 @@ def train(cfg: Config, name: str, stop_after_steps: int | None = None) -> Path:
         if (ckpt / "train_state" / "state.json").is_file():
             state = json.loads((ckpt / "train_state" / "state.json").read_text())
             if state["config_hash"] == _train_hash(cfg, name):
-                model.load_state_dict(Eagle3Drafter.load(ckpt / "model", model.embed).state_dict())
+                model.load_state_dict(type(model).load(ckpt / "model", model.embed).state_dict())
                 opt.load_state_dict(torch.load(ckpt / "train_state" / "optimizer.pt", weights_only=True))
                 step = state["step"]
                 history = [r for r in io.read_jsonl(log_path)] if log_path.is_file() else []
@@ -181,18 +170,18 @@ def train(cfg: Config, name: str, stop_after_steps: int | None = None) -> Path:
         supervised_total = sum(int(m.sum()) for m in train_masks)
         assistant_total = sum(int(supervised(seqs[i]["loss_mask"], "assistant").sum()) for i in train_idx)
         amp = tc.precision == "bfloat16" or (tc.precision == "auto" and torch.cuda.is_available())
-        run.params({"drafter": name, "algorithm": "eagle3", "layers": layers, "draft_vocab": int(draft_ids.numel()),
+        run.params({"drafter": name, "algorithm": dc.kind, "layers": layers, "draft_vocab": int(draft_ids.numel()),
                     "vocab_coverage": round(coverage, 4), "train_sequences": len(train_idx), "val_sequences": n_val,
                     "train_tokens": tokens_total, "supervised_positions": supervised_total,
                     "assistant_positions": assistant_total, "soft_topk_mass": round(mass, 4),
                     "soft_targets_s": round(soft_s, 1), "total_steps": total, "parameters": sum(p.numel() for p in params),
                     "bf16_autocast": amp, **{f"train.{k}": v for k, v in tc.model_dump().items()},
-                    "ttt_length": dc.ttt_length, "ttt_decay": dc.ttt_decay, "supervise": dc.supervise,
-                    "soft_top_k": dc.soft_top_k, "freeze_head": dc.freeze_head})
+                    **{k: v for k, v in dc.model_dump().items() if k not in ("train", "kind", "layers", "draft_vocab", "vocab_coverage")}})
         print(f"[train] {name}: {len(train_idx)} train / {n_val} val sequences ({tokens_total} tokens; supervised "
               f"{supervised_total} positions, {assistant_total} of them before a target-written token), layers {layers}, "
               f"draft vocab {draft_ids.numel()} covering {100 * coverage:.1f}% of supervised argmaxes, "
-              f"top-{dc.soft_top_k} soft targets keep {100 * mass:.1f}% of the mass ({soft_s:.0f} s), "
+              f"top-{dc.soft_top_k} soft targets keep {100 * mass:.1f}% of the mass ({soft_s:.0f} s"
+              f"{', stored by an earlier run' if reused else ''}), "
               f"{sum(p.numel() for p in params) / 1e6:.2f}M parameters, {total} steps")
         model.train()
         bar = tqdm(total=total, initial=step, desc=f"train {name}", unit="step", dynamic_ncols=True)
@@ -210,9 +199,9 @@ def train(cfg: Config, name: str, stop_after_steps: int | None = None) -> Path:
             stats = []
             for a in range(tc.grad_accum):
                 batch = _batch(train_idx, step * tc.grad_accum + a, per, tc.seed)
+                gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + step * tc.grad_accum + a)  # anchors
                 with torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16, enabled=amp):
-                    stats.append(_run_batch(model, [seqs[i] for i in batch], [labels[i] for i in batch],
-                                            dc.ttt_length, dc.ttt_decay, True))
+                    stats.append(_run(model, dc, [seqs[i] for i in batch], [labels[i] for i in batch], True, gen))
             if tc.grad_accum > 1:
                 for p in params:
                     if p.grad is not None:
@@ -228,16 +217,18 @@ def train(cfg: Config, name: str, stop_after_steps: int | None = None) -> Path:
                                    "grad_norm": grad_norm, "tokens_per_s": tokens / elapsed, "wall_s": wall,
                                    "epoch": step * tc.grad_accum * per / max(len(train_idx), 1),
                                    "train_tokens_seen": step * tc.grad_accum * per * tokens_total / max(len(train_idx), 1)}
-            for k in range(dc.ttt_length):
+            for k in range(steps):
                 row[f"loss_{k}"] = sum(s["loss_step"][k] for s in stats) / len(stats)
                 row[f"acc_{k}"] = sum(s["acc_step"][k] for s in stats) / len(stats)
+            for k in ("l1", "bce"):
+                if k in stats[0]:
+                    row[k] = sum(s[k] for s in stats) / len(stats)
             if n_val and (step % tc.eval_every == 0 or step == total):
                 model.eval()
-                v = _run_batch(model, [seqs[i] for i in val_idx], [labels[i] for i in val_idx], dc.ttt_length,
-                               dc.ttt_decay, False)
+                v = _run(model, dc, [seqs[i] for i in val_idx], [labels[i] for i in val_idx], False, None)
                 model.train()
                 row.update({"val_loss": v["loss"], "val_tau_chain": v["tau_chain"],
-                            **{f"val_acc_{k}": v["acc_step"][k] for k in range(dc.ttt_length)}})
+                            **{f"val_acc_{k}": v["acc_step"][k] for k in range(steps)}})
             history.append(row)
             run.metrics({k: v for k, v in row.items() if k != "step"}, step=step)
             bar.update(1)
@@ -248,13 +239,23 @@ def train(cfg: Config, name: str, stop_after_steps: int | None = None) -> Path:
                 _save_checkpoint(ckpt, model, opt, {"step": step, "config_hash": _train_hash(cfg, name), "total": total})
         bar.close()
         io.write_jsonl(log_path, history)
+        calibration = _calibrate(model, dc, [seqs[i] for i in val_idx], [labels[i] for i in val_idx])
+        if calibration is not None:
+            io.write_json(out / "calibration.json", calibration)
+            run.artifact(out / "calibration.json")
+            pooled = calibration["pooled"]
+            print(f"[train] {name}: confidence calibrated on half the validation split; held-out ECE "
+                  f"{pooled['before']['ece']:.3f} -> {pooled['after']['ece']:.3f}, temperatures "
+                  f"{[round(t, 2) for t in calibration['temperatures']]}")
         model.save(out / "model")
         last_val = next((r for r in reversed(history) if "val_tau_chain" in r), {})
         summary = {"drafter": name, "steps": total, "train_tokens": tokens_total, "supervise": dc.supervise,
                    "supervised_positions": supervised_total, "assistant_positions": assistant_total, "layers": layers,
                    "draft_vocab": int(draft_ids.numel()), "vocab_coverage": coverage, "final_loss": history[-1]["loss"],
                    "val_loss": last_val.get("val_loss"), "val_tau_chain": last_val.get("val_tau_chain"),
-                   "val_acc": [last_val.get(f"val_acc_{k}") for k in range(dc.ttt_length)],
+                   "val_acc": [last_val.get(f"val_acc_{k}") for k in range(steps)], "algorithm": dc.kind,
+                   **({"calibration": {k: {m: calibration["pooled"][k][m] for m in ("ece", "brier", "auroc")}
+                                       for k in calibration["pooled"]}} if calibration else {}),
                    "config_hash": _train_hash(cfg, name)}
         io.write_json(out / "metrics.json", summary)
         run.artifact(out / "metrics.json")
@@ -263,6 +264,70 @@ def train(cfg: Config, name: str, stop_after_steps: int | None = None) -> Path:
         print(f"[train] {name}: {total} steps, final loss {summary['final_loss']:.3f}; validation: "
               f"chain tau {summary['val_tau_chain'] or float('nan'):.2f}, top-1 accuracy by step [{acc}]")
     return out
+
+
+def _new_drafter(cfg: Config, name: str, loaded, layers: list[int], draft_ids: torch.Tensor, manifest: dict,
+                 train_hidden: list[torch.Tensor]):
+    """A fresh drafter of `name`'s kind for this target (head rows and final norm from the target)."""
+    dc = cfg.drafters[name]
+    tc = dc.train
+    meta = {"target": cfg.target.model, "target_fingerprint": loaded.fingerprint}
+    if dc.kind == "eagle3":
+        model = Eagle3Drafter.for_target(loaded.model, layers, draft_ids, dc.init_head_from_target, tc.seed,
+                                         layer_convention=manifest["layer_convention"], **meta,
+                                         **({"fc_input_scale": True} if dc.fc_input_scale else {}))
+        if dc.fc_input_scale:
+            rms = layer_rms(train_hidden)
+            model.fc_in_scale.copy_((1.0 / rms).repeat_interleave(train_hidden[0].shape[-1]))
+            print(f"[train] {name}: fc input scale 1/RMS per layer, RMS {[round(float(r), 2) for r in rms]}")
+        if dc.freeze_head:
+            if not dc.init_head_from_target:
+                raise ValueError(f"drafters.{name}.freeze_head: a frozen head must be initialised from the target")
+            model.lm_head.weight.requires_grad_(False)
+            model.norm.weight.requires_grad_(False)
+        return model
+    from deepspec.drafters.block.model import BlockDrafter, unused_token_id
+
+    vocab = loaded.model.config.vocab_size
+    mask = unused_token_id(loaded.tokenizer, vocab) if dc.mask_token_id == "auto" else dc.mask_token_id
+    if mask is not None and mask >= vocab:
+        raise ValueError(f"drafters.{name}.mask_token_id: {mask} is outside the target's {vocab}-row embedding")
+    dspark = dc.kind == "dspark"
+    model = BlockDrafter.for_target(
+        loaded.model, dc.kind, block_layer_ids(cfg, name, loaded.model.config.num_hidden_layers), draft_ids,
+        layers=dc.num_layers, block_size=dc.block_size, label_convention=dc.label_convention, mask_token_id=mask,
+        markov_rank=dc.markov_rank if dspark else 0, markov_head_type=dc.markov_head_type if dspark else "vanilla",
+        confidence_head=dspark and dc.confidence_head, confidence_with_markov=dspark and dc.confidence_with_markov,
+        seed=tc.seed, **meta)
+    model.lm_head.weight.requires_grad_(False)  # the target's head rows, frozen (DFlash / DSpark recipe)
+    return model
+
+
+def _run(model, dc, seqs: list[dict], labels: list[dict], train: bool, generator: torch.Generator | None) -> dict[str, Any]:
+    if dc.kind == "eagle3":
+        return _run_batch(model, seqs, labels, dc.ttt_length, dc.ttt_decay, train)
+    from deepspec.drafters.block.loss import run_batch
+
+    return run_batch(model, seqs, labels, dc, train, generator)
+
+
+def _calibrate(model, dc, seqs: list[dict], labels: list[dict]) -> dict[str, Any] | None:
+    """DSpark: per-draft confidence temperatures fitted on one half of the validation split, judged on the other."""
+    if dc.kind != "dspark" or not dc.calibrate or model.confidence_head is None or len(seqs) < 2:
+        return None
+    from deepspec.drafters.block.calibration import calibrate
+    from deepspec.drafters.block.loss import run_batch
+
+    half = len(seqs) // 2
+    model.eval()
+    with torch.no_grad():
+        fit = run_batch(model, seqs[:half], labels[:half], dc, False, None, keep=True).get("kept")
+        held = run_batch(model, seqs[half:], labels[half:], dc, False, None, keep=True).get("kept")
+    if fit is None or held is None:
+        return None
+    result = calibrate(fit, held)
+    model.confidence_temperature.copy_(torch.tensor(result["temperatures"]))
+    return result
 
 
 def _train_hash(cfg: Config, name: str) -> str:

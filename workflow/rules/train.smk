@@ -14,9 +14,9 @@ def drafter_model(name):
 def method_drafter(method):
     """The trained drafter a method decodes with (an evaluate input), if any."""
     m = CFG.methods[method]
-    if m.kind != "eagle3":
+    if m.kind not in ("eagle3", "block"):
         return []
-    return [f"{m.checkpoint}/config.json"] if m.checkpoint else [drafter_model(m.drafter)]
+    return [f"{m.checkpoint}/config.json"] if getattr(m, "checkpoint", None) else [drafter_model(m.drafter)]
 
 
 wildcard_constraints:

@@ -1,0 +1,132 @@
+"""Training blocks: anchors, labels and the DFlash / DSpark loss over one batch of sequences.
+
+Per sequence: up to `num_anchors` anchors are drawn from positions whose next token is supervised
+(redrawn each epoch from a seeded generator, so a resumed run draws the same ones); all blocks go
+through one backbone pass with one dense mask (`block_mask`). Draft j of anchor a is scored against
+the target's distribution at position a + j (the token at a + 1 + j), while every draft before it is
+scored too (a contiguous prefix). Losses, weighted exp(-j / gamma):
+  ce   soft cross-entropy against the target's cached top-k (restricted to the draft vocabulary)
+  l1   sum |p_draft - p_target| = 2 TV (DSpark)
+  bce  the confidence head against 1 - TV, the probability that draft j is accepted at T = 1 (DSpark)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from deepspec.drafters.block.model import BlockDrafter, block_mask, block_positions, loss_weights
+
+
+def anchor_candidates(trained: Tensor) -> Tensor:
+    """Positions a >= 1 (some context before them) whose next token is supervised."""
+    cand = trained.clone()
+    cand[0] = False
+    return cand.nonzero().flatten()
+
+
+def sample_anchors(trained: Tensor, num: int | None, generator: torch.Generator | None) -> Tensor:
+    """Up to `num` distinct anchors, sorted: drawn from `generator`, or evenly spaced without one (a fixed
+    evaluation set); all candidates when `num` is None."""
+    cand = anchor_candidates(trained)
+    if num is not None and cand.numel() > num:
+        if generator is None:
+            pick = torch.linspace(0, cand.numel() - 1, num).round().long().unique()
+        else:
+            pick = torch.randperm(cand.numel(), generator=generator)[:num].sort().values
+        cand = cand[pick]
+    return cand
+
+
+def block_terms(model: BlockDrafter, hidden: Tensor, input_ids: Tensor, labels: dict[str, Tensor], anchors: Tensor,
+                gamma: float | None) -> dict[str, Tensor]:
+    """Per-draft loss sums and counts of one sequence's blocks (see the module docstring)."""
+    T = input_ids.shape[0]
+    B, D = model.block_size, model.drafts
+    ctx = model.context(hidden)
+    ctx_kv = model.context_kv(ctx, torch.arange(T))
+    x = model.block_inputs(input_ids[anchors])
+    h = model.backbone(x, block_positions(anchors, B), ctx_kv, block_mask(anchors, T, B))
+    h = h.view(anchors.shape[0], B, -1)[:, model.draft_rows]  # [A, D, H]
+    t = anchors[:, None] + torch.arange(D)[None, :]  # where draft j's target distribution lives
+    tc = t.clamp(max=T - 1)
+    valid = (labels["trained"][tc] & (t <= T - 2)).long().cumprod(dim=-1).bool()  # a contiguous prefix
+    logits, states = model.draft_logits(h, input_ids[tc])  # teacher-forced previous tokens: x_{a+j}
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    idx, p_t = labels["target_idx"][tc].long(), labels["target_p"][tc]
+    logp_top = logp.gather(-1, idx)
+    w = valid * labels["weight"][tc] * loss_weights(D, gamma)[None, :]
+    ce = -(p_t * logp_top).sum(-1)
+    out = {"ce": (ce * w).sum(0), "w": w.sum(0)}
+    inside = p_t > 0  # top-k ids outside the draft vocabulary carry p = 0 (their index is a placeholder)
+    p_d_top = logp_top.exp() * inside
+    l1 = (p_d_top - p_t).abs().mul(inside).sum(-1) + (1.0 - p_d_top.sum(-1)).clamp(min=0.0)
+    accept = (1.0 - 0.5 * l1).clamp(0.0, 1.0)
+    out["l1"] = (l1 * w).sum(0)
+    if model.confidence_head is not None:
+        z = model.confidence_logit(h, states).float()
+        out["bce"] = (F.binary_cross_entropy_with_logits(z, accept.detach(), reduction="none") * w).sum(0)
+        out["confidence"] = z.detach()
+    with torch.no_grad():
+        hit = (model.draft_to_target[logp.argmax(-1)] == labels["target_top"][tc]) & valid
+        out["hits"] = hit.sum(0).float()
+        out["scored"] = valid.sum(0).float()
+        out["run"] = hit.long().cumprod(dim=-1).sum(-1)  # drafts accepted from j = 0, teacher-forced
+        out["hit"], out["valid"], out["accept"] = hit, valid, accept.detach()
+    return out
+
+
+def run_batch(model: BlockDrafter, seqs: list[dict], labels: list[dict], dc: Any, train: bool,
+              generator: torch.Generator | None, keep: bool = False) -> dict[str, Any]:
+    """Loss (backpropagated when `train`) and per-draft statistics over a list of sequences.
+
+    Training draws `dc.num_anchors` anchors per sequence from `generator`; evaluation (`generator` None)
+    uses every candidate. `keep` returns the per-block confidences and hits (for calibration)."""
+    D = model.drafts
+    coef = {"ce": dc.ce_weight, "l1": dc.l1_weight, "bce": dc.confidence_weight}
+    sums = {k: torch.zeros(D) for k in ("ce", "w", "l1", "bce", "hits", "scored")}
+    total: Tensor | None = None
+    runs, blocks = 0.0, 0
+    kept: dict[str, list[Tensor]] = {"confidence": [], "hit": [], "valid": []}
+    terms_all = []
+    with torch.set_grad_enabled(train):
+        for s, t in zip(seqs, labels):
+            if s["input_ids"].numel() < 3:
+                continue
+            anchors = sample_anchors(t["trained"], dc.num_anchors if generator is not None else dc.eval_anchors,
+                                     generator)
+            if anchors.numel() == 0:
+                continue
+            terms = block_terms(model, s["hidden"].flatten(1).to(model.norm.weight.dtype), s["input_ids"], t, anchors, dc.loss_gamma)
+            terms_all.append(terms)
+        denom = sum(float(x["w"].sum()) for x in terms_all) or 1.0
+        for terms in terms_all:
+            part = sum(coef[k] * terms[k].sum() for k in ("ce", "l1", "bce") if k in terms and coef[k] > 0)
+            total = part / denom if total is None else total + part / denom
+            for k in sums:
+                if k in terms:
+                    sums[k] += terms[k].detach()
+            scored = terms["valid"][:, 0]
+            runs += float(terms["run"][scored].sum())
+            blocks += int(scored.sum())
+            if keep and "confidence" in terms:
+                for k in kept:
+                    kept[k].append(terms[k])
+        if train and total is not None and total.requires_grad:
+            total.backward()
+    w = sums["w"].clamp(min=1e-9)
+    out = {
+        "loss": float(total.detach()) if total is not None else 0.0,
+        "loss_step": (sums["ce"] / w).tolist(),
+        "acc_step": (sums["hits"] / sums["scored"].clamp(min=1)).tolist(),
+        "tokens": sum(int(s["input_ids"].numel()) for s in seqs),
+        "tau_chain": 1.0 + runs / max(blocks, 1),
+        "l1": float(sums["l1"].sum() / w.sum()),
+        "bce": float(sums["bce"].sum() / w.sum()),
+    }
+    if keep and kept["confidence"]:
+        out["kept"] = {k: torch.cat(v) for k, v in kept.items()}
+    return out

@@ -1,0 +1,156 @@
+"""Drafting with a block drafter: one non-causal forward per round over a context-only KV cache.
+
+The engine hands over target features of committed positions (`observe`); their context keys /
+values go into the drafter's cache once. Each round the block [last token, M, ..., M] sits at the
+next positions and sees the whole cache (every context key is before its anchor), so the forward needs
+no mask and nothing of the block is kept. Drafts are read left to right: the Markov head's bias
+depends on the token chosen before, greedily or by sampling from exactly the distribution recorded as
+the node's q (so verification stays lossless under sampling).
+
+Length (all decided from draft-side quantities only, so the output stays lossless):
+  fixed      every draft of the block (capped by `max_length`)
+  threshold  stop before the first draft whose calibrated confidence falls below `threshold`
+  cost       the length maximising expected committed tokens per second: E(L) = 1 + sum_{j<=L} prod_{i<=j} c_i
+             over the draft time plus the measured verify cost of L + 1 rows
+Tree (`tree_top_k` > 1): at drafts whose confidence is below `tree_threshold`, the next best tokens
+become siblings (leaves), verified by the same tree verifier.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import Tensor
+
+from deepspec.decoding.tree import DraftTree
+from deepspec.drafters.block.model import BlockDrafter
+
+
+class ContextCache:
+    """Per layer K/V [kv_heads, max_len, hd] of committed positions' context rows."""
+
+    def __init__(self, drafter: BlockDrafter, max_len: int):
+        dtype = drafter.norm.weight.dtype
+        attn = drafter.layers[0].self_attn
+        shape = (len(drafter.layers), attn.n_kv, max_len, attn.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype)
+        self.v = torch.zeros(shape, dtype=dtype)
+        self.max_len = max_len
+        self.length = 0
+
+
+class BlockProposer:
+    def __init__(self, drafter: BlockDrafter, max_len: int, *, length: str = "fixed", max_length: int | None = None,
+                 threshold: float = 0.5, temperature: float = 0.0, verify_ms: list[float] | None = None,
+                 tree_top_k: int = 1, tree_threshold: float = 0.5, seed: int = 0):
+        from deepspec.models.lean import pack_linears
+
+        if length != "fixed" and drafter.confidence_head is None:
+            raise ValueError(f"length {length!r} needs a drafter with a confidence head (DSpark)")
+        if length == "cost" and not verify_ms:
+            raise ValueError("length 'cost' needs the verify-cost curve")
+        self.name = drafter.config["algorithm"]
+        self.config = dict(drafter.config)
+        self.max_length = min(max_length or drafter.drafts, drafter.drafts)
+        self.drafter = pack_linears(drafter.eval())  # inference only from here: weights prepacked for oneDNN
+        self.capture_layers = drafter.capture_layers
+        self.length, self.threshold, self.temperature = length, threshold, temperature
+        self.verify_ms = verify_ms
+        self.tree_top_k, self.tree_threshold = tree_top_k, tree_threshold
+        self.cache = ContextCache(drafter, max_len)
+        self._d2t = drafter.draft_to_target
+        self._rows = drafter.draft_rows
+        self._vocab = drafter.config["vocab_size"]
+        self._generator = torch.Generator().manual_seed(seed)
+        self.draft_ms = 0.0  # running estimate of one drafting round, for the cost model
+        self.confidences: list[list[float]] = []  # per round, the calibrated confidences read (for analysis)
+
+    def reset(self) -> None:
+        self.cache.length = 0
+
+    @torch.inference_mode()
+    def observe(self, captured: list[Tensor]) -> None:
+        d, c = self.drafter, self.cache
+        feats = torch.cat(captured, dim=-1).to(d.norm.weight.dtype)
+        n = feats.shape[0]
+        if c.length + n > c.max_len:
+            raise RuntimeError(f"{self.name}: context cache full ({c.max_len} positions)")
+        for i, (k, v) in enumerate(d.context_kv(d.context(feats), torch.arange(c.length, c.length + n))):
+            c.k[i, :, c.length : c.length + n] = k
+            c.v[i, :, c.length : c.length + n] = v
+        c.length += n
+
+    @torch.inference_mode()
+    def propose(self, tokens: list[int], max_nodes: int) -> DraftTree | None:
+        d, c = self.drafter, self.cache
+        if max_nodes < 1 or c.length == 0:
+            return None
+        if c.length + 1 != len(tokens):
+            raise RuntimeError(f"{self.name}: features for {c.length} positions, but {len(tokens)} committed tokens")
+        t0 = time.perf_counter()
+        n = c.length  # the anchor (last committed token) sits at position n
+        x = d.block_inputs(torch.tensor([tokens[-1]]))
+        kv = [(c.k[i, :, :n], c.v[i, :, :n]) for i in range(len(d.layers))]
+        h = d.backbone(x, torch.arange(n, n + d.block_size), kv, None)[self._rows]  # [D, H]
+        base = d.lm_head(h).float()
+        limit = min(self.max_length, max_nodes)
+        toks: list[int] = []
+        qs: list[Tensor | None] = []
+        conf: list[float] = []
+        alts: list[tuple[int, list[int]]] = []  # (draft index, sibling tokens)
+        prev, carry = tokens[-1], None
+        sampled = self.temperature > 0
+        for j in range(limit):
+            logits, state = base[j], None
+            if d.markov_head is not None:
+                state = d.markov_head.state(torch.tensor(prev), carry)
+                logits = logits + d.markov_head.bias(state, h[j]).float()
+                carry = state
+            if d.confidence_head is not None:
+                z = d.confidence_logit(h[j], state) / d.confidence_temperature[j]
+                conf.append(float(torch.sigmoid(z)))
+                if self.length == "threshold" and j > 0 and conf[-1] < self.threshold:
+                    break
+            if sampled:
+                q = torch.softmax(logits / self.temperature, dim=-1)
+                tok = int(torch.multinomial(q, 1, generator=self._generator))
+                full = torch.zeros(self._vocab, dtype=q.dtype)
+                full[self._d2t] = q
+                qs.append(full)
+            else:
+                tok = int(logits.argmax())
+                if self.tree_top_k > 1 and conf and conf[-1] < self.tree_threshold:
+                    alts.append((j, logits.topk(self.tree_top_k).indices[1:].tolist()))
+            toks.append(tok)
+            prev = int(self._d2t[tok])
+        if self.length == "cost" and conf:
+            toks = toks[: self._cost_length(conf[: len(toks)])]
+        self.confidences.append(conf[: len(toks)])
+        chain = self._d2t[torch.tensor(toks)].tolist()
+        ms = (time.perf_counter() - t0) * 1e3
+        self.draft_ms = 0.8 * self.draft_ms + 0.2 * ms if self.draft_ms else ms
+        if not alts:
+            return DraftTree.chain(chain, qs if sampled else None)
+        tokens_out, parents = list(chain), list(range(-1, len(chain) - 1))
+        for j, sib in alts:
+            if j >= len(chain):
+                continue
+            for s in sib:
+                if len(tokens_out) >= max_nodes:
+                    break
+                tokens_out.append(int(self._d2t[s]))
+                parents.append(j - 1)  # a sibling of draft j: same parent
+        return DraftTree(tokens_out, parents)
+
+    def _cost_length(self, conf: list[float]) -> int:
+        """argmax_L (1 + sum_{j<L} prod_{i<=j} c_i) / (draft + verify(L + 1 rows)), L >= 1."""
+        best, best_rate, expected, alive = 1, -1.0, 1.0, 1.0
+        for L in range(1, len(conf) + 1):
+            alive *= conf[L - 1]
+            expected += alive
+            rows = min(L + 1, len(self.verify_ms)) - 1
+            rate = expected / (self.draft_ms + self.verify_ms[rows])
+            if rate > best_rate:
+                best, best_rate = L, rate
+        return best

@@ -1,0 +1,344 @@
+"""DFlash / DSpark block drafters on small models: no block sees target features at or after its anchor,
+training labels line up with what the proposer drafts (both conventions), greedy decoding is lossless
+with long accepted blocks, sampled decoding keeps the target's distribution with the Markov head's
+sequential draws, calibration lowers ECE, and the checkpoint layouts of DeepSpec and z-lab load."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tests.conftest import tiny_llama
+
+LAYERS = [0, 1]  # output-of-layer ids: HF hidden_states[1], [2]
+
+
+def _drafter(target, algorithm="dspark", convention="next", block=4, rank=8, seed=0, dtype=torch.float64):
+    from deepspec.drafters.block.model import BlockDrafter
+
+    vocab = target.config.vocab_size
+    return BlockDrafter.for_target(
+        target, algorithm, LAYERS, torch.arange(vocab), layers=1, block_size=block, label_convention=convention,
+        mask_token_id=vocab - 1, markov_rank=rank if algorithm == "dspark" else 0,
+        confidence_head=algorithm == "dspark", seed=seed).to(dtype)
+
+
+def _features(target, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        hs = target(ids[None], output_hidden_states=True).hidden_states
+    return torch.cat([hs[k + 1][0] for k in LAYERS], dim=-1)
+
+
+def _dc(**over):
+    base = dict(num_anchors=None, eval_anchors=None, loss_gamma=4.0, ce_weight=1.0, l1_weight=0.0, confidence_weight=0.0)
+    base.update(over)
+    return SimpleNamespace(**base)
+
+
+def test_blocks_never_see_features_at_or_after_their_anchor():
+    """Anchors closer than the block size: changing the target features at or after an anchor must not
+    change that block's outputs (keying visibility on block index instead of position would leak)."""
+    from deepspec.drafters.block.model import block_mask, block_positions
+
+    target = tiny_llama(vocab=64, layers=3)
+    d = _drafter(target, block=4)
+    T = 14
+    ids = torch.randint(0, 64, (T,), generator=torch.Generator().manual_seed(0))
+    feats = _features(target, ids)
+    anchors = torch.tensor([3, 5, 6, 10])  # 5 and 6 are closer than B = 4 to their neighbours
+
+    def outputs(f):
+        ctx_kv = d.context_kv(d.context(f), torch.arange(T))
+        with torch.no_grad():
+            h = d.backbone(d.block_inputs(ids[anchors]), block_positions(anchors, 4), ctx_kv, block_mask(anchors, T, 4))
+        return h.view(len(anchors), 4, -1)
+
+    base = outputs(feats)
+    for i, a in enumerate(anchors.tolist()):
+        changed = feats.clone()
+        changed[a:] += torch.randn_like(changed[a:])
+        out = outputs(changed)
+        torch.testing.assert_close(out[i], base[i])  # this block saw nothing at or after its anchor
+        earlier = feats.clone()
+        earlier[a - 1] += 1.0
+        assert not torch.allclose(outputs(earlier)[i], base[i])  # but it does read the position just before
+    mask = block_mask(anchors, T, 4)
+    assert not mask[4:8, 5:T].any() and mask[4:8, :5].all()  # block of anchor 5: context 0..4 only
+
+
+@pytest.mark.parametrize("convention", ["next", "own"])
+def test_training_labels_line_up_with_inference(convention):
+    """What training scores draft j on (the target's distribution at anchor + j, i.e. the token at
+    anchor + 1 + j) is what the proposer's draft j is verified against, with the same logits."""
+    from deepspec.decoding.engine import Engine
+    from deepspec.drafters.block.loss import block_terms
+    from deepspec.drafters.block.proposer import BlockProposer
+    from deepspec.models import make_backend
+
+    target = tiny_llama(vocab=64, layers=3)
+    d = _drafter(target, "dflash", convention, block=4).eval()
+    T, a = 16, 9
+    ids = torch.randint(0, 64, (T,), generator=torch.Generator().manual_seed(1))
+    feats = _features(target, ids)
+    D = d.drafts
+    assert D == (4 if convention == "next" else 3)
+    # Labels whose argmax is the token at a + 1 + j: a one-hot target at each position t predicting ids[t + 1].
+    top = torch.cat([ids[1:], ids[-1:]])
+    labels = {"target_idx": top[:, None], "target_p": torch.ones(T, 1, dtype=torch.float64), "target_top": top,
+              "trained": torch.arange(T) < T - 1, "weight": torch.ones(T, dtype=torch.float64)}
+    with torch.no_grad():
+        terms = block_terms(d, feats, ids, labels, torch.tensor([a]), None)
+    # Inference: the committed prefix is ids[: a + 1]; the anchor ids[a] has no feature yet.
+    proposer = BlockProposer(_drafter(target, "dflash", convention, block=4).eval(), 64)
+    proposer.observe([feats[:a, : 32], feats[:a, 32:]])
+    tree = proposer.propose(ids[: a + 1].tolist(), 16)
+    assert len(tree) == D and tree.is_chain()
+    positions = tree.positions(a)[1:]  # node j is verified at position a + 1 + j
+    assert positions.tolist() == [a + 1 + j for j in range(D)]
+    # The training path's draft logits are the proposer's (same block, same context, same rows).
+    with torch.no_grad():
+        ctx_kv = d.context_kv(d.context(feats[:a]), torch.arange(a))
+        h = d.backbone(d.block_inputs(ids[a : a + 1]), torch.arange(a, a + 4), ctx_kv, None)[d.draft_rows]
+    assert tree.tokens == d.lm_head(h).argmax(-1).tolist()
+    # A drafter that output exactly tree.tokens would be scored as hitting where they equal the labels.
+    hits = [int(tree.tokens[j] == int(ids[a + 1 + j])) for j in range(D)]
+    assert terms["hit"][0].int().tolist() == hits
+    engine = Engine(make_backend(target, "lean", 64), stop_ids=[], max_nodes=8)
+    assert engine.generate(ids[:6].tolist(), 12, proposer).tokens == engine.generate(ids[:6].tolist(), 12).tokens
+
+
+def _overfit(target, algorithm, convention, prompts, steps=150):
+    """A block drafter trained on the target's own greedy continuations of `prompts` until it predicts them
+    well: acceptance is then high, so the lossless tests exercise long accepted blocks."""
+    from deepspec.decoding.engine import Engine
+    from deepspec.drafters.block.loss import run_batch
+    from deepspec.models import make_backend
+    from deepspec.training.targets import soft_targets, training_targets
+
+    engine = Engine(make_backend(target, "lean", 256), stop_ids=[])
+    seqs = []
+    for prompt in prompts:
+        ids = torch.tensor(prompt + engine.generate(prompt, 40).tokens)
+        with torch.no_grad():
+            out = target(ids[None], output_hidden_states=True)
+        seqs.append({"input_ids": ids, "hidden": _features(target, ids), "final": out.hidden_states[-1][0],
+                     "loss_mask": torch.ones_like(ids, dtype=torch.bool)})
+    d = _drafter(target, algorithm, convention, block=4)
+    cached = soft_targets(seqs, target.lm_head.weight.detach().float(), k=16)
+    labels = [training_targets(c, s["loss_mask"], torch.arange(64), "all") for c, s in zip(cached, seqs)]
+    dspark = algorithm == "dspark"
+    dc = _dc(ce_weight=0.5 if dspark else 1.0, l1_weight=0.5 if dspark else 0.0, confidence_weight=1.0 if dspark else 0.0)
+    params = [p for p in d.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=3e-3)
+    for step in range(steps):
+        opt.zero_grad()
+        run_batch(d, seqs, labels, dc, True, torch.Generator().manual_seed(step))
+        opt.step()
+    return d.eval(), seqs, labels, dc
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return [torch.randint(0, 64, (7,), generator=torch.Generator().manual_seed(s)).tolist() for s in range(3)]
+
+
+@pytest.mark.parametrize("algorithm,convention", [("dflash", "next"), ("dflash", "own"), ("dspark", "next")])
+def test_overfit_block_drafter_is_lossless_with_long_accepted_blocks(prompts, algorithm, convention):
+    from deepspec.decoding.engine import Engine
+    from deepspec.drafters.block.proposer import BlockProposer
+    from deepspec.models import make_backend
+
+    target = tiny_llama(vocab=64, layers=3)
+    d, _, _, _ = _overfit(target, algorithm, convention, prompts)
+    engine = Engine(make_backend(target, "lean", 256), stop_ids=[], max_nodes=16)
+    lengths = ["fixed", "threshold"] if algorithm == "dspark" else ["fixed"]
+    for length in lengths:
+        proposer = BlockProposer(d, 256, length=length, threshold=0.3)
+        committed = forwards = 0
+        for prompt in prompts + [[5, 6, 7]]:
+            ar = engine.generate(prompt, 40)
+            spec = engine.generate(prompt, 40, proposer)
+            assert spec.tokens == ar.tokens
+            if prompt in prompts:
+                committed += len(spec.tokens)
+                forwards += spec.forwards
+        assert committed / forwards > 2.0, f"{length}: tau {committed / forwards:.2f}"
+
+
+def test_block_tree_and_cost_length_are_lossless(prompts):
+    from deepspec.decoding.engine import Engine
+    from deepspec.drafters.block.proposer import BlockProposer
+    from deepspec.models import make_backend
+
+    target = tiny_llama(vocab=64, layers=3)
+    d, _, _, _ = _overfit(target, "dspark", "next", prompts, steps=60)
+    engine = Engine(make_backend(target, "lean", 256), stop_ids=[], max_nodes=16)
+    for proposer in (BlockProposer(d, 256, tree_top_k=3, tree_threshold=0.9),
+                     BlockProposer(d, 256, length="cost", verify_ms=[10.0, 10.5, 11.0, 30.0, 60.0])):
+        for prompt in prompts + [[9, 3, 1]]:
+            assert engine.generate(prompt, 30, proposer).tokens == engine.generate(prompt, 30).tokens
+    trees = BlockProposer(d, 256, tree_top_k=3, tree_threshold=0.99)
+    engine.generate([9, 3, 1], 20, trees)
+    # the cost model stops where the verify cost jumps (4 rows here): at most 2 drafts
+    cost = BlockProposer(d, 256, length="cost", verify_ms=[10.0, 10.5, 11.0, 30.0, 60.0])
+    gen = engine.generate(prompts[0], 30, cost)
+    assert max(gen.proposed) <= 2
+
+
+def test_calibration_lowers_ece_on_held_out_blocks():
+    """Confidences that are systematically over-sharp get a temperature > 1 and a lower held-out ECE."""
+    from deepspec.drafters.block.calibration import calibrate
+
+    g = torch.Generator().manual_seed(0)
+
+    def blocks(n):
+        true = torch.randn(n, 3, generator=g) * 1.5  # the real log-odds of acceptance
+        hit = torch.rand(n, 3, generator=g) < torch.sigmoid(true)
+        return {"confidence": true * 3.0, "hit": hit, "valid": torch.ones(n, 3, dtype=torch.bool)}
+
+    result = calibrate(blocks(4000), blocks(4000))
+    assert all(t > 1.5 for t in result["temperatures"])
+    assert result["pooled"]["after"]["ece"] < 0.5 * result["pooled"]["before"]["ece"]
+    for per in result["per_draft"]:  # a temperature keeps each position's ranking
+        assert per["after"]["auroc"] == pytest.approx(per["before"]["auroc"], abs=1e-4)  # (ties from float saturation)
+
+
+def test_markov_sampling_keeps_the_target_distribution():
+    """Sampled block drafting with the Markov head: each draft is drawn from softmax(base + bias(previous
+    draft)) and recorded with exactly that q, so verification keeps the target's distribution (chi-square
+    against the exact joint, as tests/test_sampling.py does for generic drafts)."""
+    from deepspec.decoding.verify import Sampling
+    from deepspec.drafters.block.proposer import BlockProposer
+    from tests.test_sampling import DRAWS, _exact_joint
+
+    from deepspec.decoding.engine import Engine
+    from deepspec.models import make_backend
+    from scipy.stats import chisquare
+
+    vocab, prompt = 6, [1, 2, 3]
+    model = tiny_llama(vocab=vocab, layers=2, seed=3)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(0.25)
+    d = _drafter(model, "dspark", block=3, rank=4, seed=5)
+    with torch.no_grad():  # a strong bigram bias, so a q without it would be far from the drawn distribution
+        d.markov_head.markov_w2.weight.normal_(std=2.0)
+    sampling = Sampling(temperature=1.0)
+    proposer = BlockProposer(d, 64, temperature=1.0, seed=7)
+    engine = Engine(make_backend(model, "lean", 64), stop_ids=[], sampling=sampling, max_nodes=8)
+    gen = torch.Generator().manual_seed(1234)
+    counts: dict[tuple[int, int], int] = {}
+    accepted = 0
+    for _ in range(DRAWS):
+        out = engine.generate(prompt, 3, proposer, gen)
+        counts[(out.tokens[1], out.tokens[2])] = counts.get((out.tokens[1], out.tokens[2]), 0) + 1
+        accepted += sum(out.accepted_depth)
+    exact = _exact_joint(model, sampling)
+    big = [k for k, p in exact.items() if p * DRAWS >= 5]
+    obs = [counts.get(k, 0) for k in big] + [DRAWS - sum(counts.get(k, 0) for k in big)]
+    exp = [exact[k] * DRAWS for k in big] + [DRAWS - sum(exact[k] * DRAWS for k in big)]
+    assert chisquare(obs, exp).pvalue > 1e-3
+    assert accepted > DRAWS // 4  # drafts were accepted often: the rejection path is not all that ran
+
+
+def _zlab_folder(path, target, block=4):
+    """A tiny random checkpoint written the way z-lab's DFlashDraftModel saves one."""
+    import json
+
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(11)
+    h, heads, kv, hd, inter = 32, 4, 2, 8, 64
+    w = {"fc.weight": (h, h * len(LAYERS)), "hidden_norm.weight": (h,), "norm.weight": (h,)}
+    for i in range(2):
+        p = f"layers.{i}."
+        w.update({p + "self_attn.q_proj.weight": (heads * hd, h), p + "self_attn.k_proj.weight": (kv * hd, h),
+                  p + "self_attn.v_proj.weight": (kv * hd, h), p + "self_attn.o_proj.weight": (h, heads * hd),
+                  p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,),
+                  p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
+                  p + "mlp.down_proj.weight": (h, inter), p + "input_layernorm.weight": (h,),
+                  p + "post_attention_layernorm.weight": (h,)})
+    tensors = {k: (1.0 + 0.1 * torch.randn(s, generator=g)) if len(s) == 1 else 0.2 * torch.randn(s, generator=g)
+               for k, s in w.items()}
+    path.mkdir()
+    save_file(tensors, str(path / "model.safetensors"))
+    config = {"architectures": ["DFlashDraftModel"], "model_type": "qwen3", "hidden_size": h, "intermediate_size": inter,
+              "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": hd, "rms_norm_eps": 1e-6,
+              "rope_theta": 10000.0, "vocab_size": target.config.vocab_size, "num_hidden_layers": 2,
+              "block_size": block, "num_target_layers": target.config.num_hidden_layers,
+              "dflash_config": {"target_layer_ids": LAYERS, "mask_token_id": 63}}
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+DEEPSPEC_KEYS = {"fc.weight", "hidden_norm.weight", "norm.weight", "embed_tokens.weight", "lm_head.weight",
+                 "markov_head.markov_w1.weight", "markov_head.markov_w2.weight", "confidence_head.proj.weight",
+                 "confidence_head.proj.bias"} | {
+    f"layers.0.{k}.weight" for k in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                                     "self_attn.q_norm", "self_attn.k_norm", "mlp.gate_proj", "mlp.up_proj",
+                                     "mlp.down_proj", "input_layernorm", "post_attention_layernorm")}
+
+
+def test_deepspec_layout_round_trip_and_zlab_layout_loads(tmp_path):
+    """Ours -> DeepSpec's layout (exact key names and config fields) -> our proposer drafts the same block;
+    a z-lab DFlash folder loads with its own label convention and decodes losslessly."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from deepspec.decoding.engine import Engine
+    from deepspec.drafters.block.checkpoint import export_block, import_block
+    from deepspec.drafters.block.proposer import BlockProposer
+    from deepspec.models import make_backend
+
+    target = tiny_llama(vocab=64, layers=3, dtype=torch.float32)
+    from deepspec.drafters.block.model import BlockDrafter
+
+    import copy
+
+    def make(vocab_ids):
+        d = BlockDrafter.for_target(target, "dspark", LAYERS, vocab_ids, layers=1, block_size=4, label_convention="next",
+                                    mask_token_id=63, markov_rank=8, confidence_head=True, seed=2)
+        with torch.no_grad():
+            d.markov_head.markov_w2.weight.normal_(std=0.5)
+            d.confidence_temperature.fill_(1.7)
+        return d
+
+    # A reduced draft vocabulary is widened: its head / Markov rows land on their target ids.
+    reduced = make(torch.arange(0, 64, 2))
+    folder = export_block(reduced, tmp_path / "reduced", target.lm_head.weight)
+    assert set(load_file(str(folder / "model.safetensors"))) == DEEPSPEC_KEYS
+    w = load_file(str(folder / "model.safetensors"))
+    torch.testing.assert_close(w["lm_head.weight"][0::2], reduced.lm_head.weight.detach())
+    torch.testing.assert_close(w["lm_head.weight"][1::2], target.lm_head.weight.detach()[1::2])
+    torch.testing.assert_close(w["markov_head.markov_w2.weight"][0::2], reduced.markov_head.markov_w2.weight.detach())
+    assert not w["markov_head.markov_w2.weight"][1::2].any()
+    written = json.loads((folder / "config.json").read_text())
+    assert written["architectures"] == ["Qwen3DSparkModel"]
+    for key in ("block_size", "mask_token_id", "target_layer_ids", "markov_rank", "markov_head_type",
+                "enable_confidence_head", "confidence_head_with_markov"):
+        assert key in written, key
+    # Full vocabulary: the round trip drafts exactly what the original does.
+    ours = make(torch.arange(64))
+    back = import_block(export_block(ours, tmp_path / "deepspec", target.lm_head.weight), target)
+    assert back.config["label_convention"] == "next" and back.drafts == 4
+    engine = Engine(make_backend(target, "lean", 128), stop_ids=[], max_nodes=8)
+    prompt = [3, 9, 27, 17, 51]
+    ga = engine.generate(prompt, 20, BlockProposer(copy.deepcopy(ours), 128))
+    gb = engine.generate(prompt, 20, BlockProposer(back, 128))
+    assert ga.tokens == gb.tokens == engine.generate(prompt, 20).tokens
+    assert ga.accepted == gb.accepted  # the same drafts were proposed and accepted
+    assert float(back.confidence_temperature[0]) == pytest.approx(1.7)
+
+    zlab = import_block(_zlab_folder(tmp_path / "zlab", target), target)
+    assert zlab.config["label_convention"] == "own" and zlab.drafts == 3
+    assert zlab.draft_rows.tolist() == [1, 2, 3]
+    gen = engine.generate(prompt, 20, BlockProposer(zlab, 128))
+    assert gen.tokens == engine.generate(prompt, 20).tokens and max(gen.proposed) == 3
+    with pytest.raises(ValueError, match="neither DeepSpec"):
+        bad = tmp_path / "bad"
+        bad.mkdir()
+        (bad / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 32}))
+        (bad / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+        import_block(bad, target)
