@@ -16,20 +16,15 @@ prefix plus its own k earlier steps at the same position.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from deepspec import io
 from deepspec.decoding.tree import DraftTree, dynamic_tree, scratch_mask
-from deepspec.drafters.layers import MLP, RMSNorm, init_normal, inv_freq, rope, rotate, target_shape
+from deepspec.drafters.layers import MLP, FolderCheckpoint, RMSNorm, init_normal, inv_freq, rope, rotate, target_shape
 
 ALGORITHM = "eagle3"
 
@@ -54,7 +49,9 @@ class _MidLayer(nn.Module):
         self.mlp = MLP(h, c["intermediate_size"])
 
 
-class Eagle3Drafter(nn.Module):
+class Eagle3Drafter(FolderCheckpoint, nn.Module):
+    ALGORITHMS = (ALGORITHM,)
+
     def __init__(self, config: dict[str, Any], embed: Tensor):
         super().__init__()
         c = self.config = dict(config)
@@ -98,32 +95,6 @@ class Eagle3Drafter(nn.Module):
     @property
     def draft_to_target(self) -> Tensor:
         return torch.arange(self.d2t.numel(), device=self.d2t.device) + self.d2t
-
-    def save(self, directory: str | Path) -> Path:
-        """HF-style folder: config.json + model.safetensors (no pickle), written then renamed into place."""
-        directory = Path(directory)
-        tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
-        tmp.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(tmp / "model.safetensors"))
-        (tmp / "config.json").write_text(json.dumps(self.config, indent=2, sort_keys=True) + "\n")
-        io.replace_dir(tmp, directory)
-        return directory
-
-    @classmethod
-    def load(cls, directory: str | Path, embed: Tensor) -> "Eagle3Drafter":
-        directory = Path(directory)
-        cfg_path = directory / "config.json"
-        if not cfg_path.is_file():
-            raise FileNotFoundError(f"{cfg_path}: no drafter checkpoint; run `deepspec train` first")
-        config = json.loads(cfg_path.read_text())
-        if config.get("algorithm") != ALGORITHM:
-            raise ValueError(f"{cfg_path}: algorithm is {config.get('algorithm')!r}, not {ALGORITHM!r}")
-        if embed.shape != (config["vocab_size"], config["hidden_size"]):
-            raise ValueError(f"{cfg_path}: drafter is for a {config['vocab_size']}x{config['hidden_size']} embedding, "
-                             f"the target has {tuple(embed.shape)}")
-        model = cls(config, embed)
-        model.load_state_dict(load_file(str(directory / "model.safetensors")))
-        return model
 
     # ---- shared pieces --------------------------------------------------------------------------
     def _rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:

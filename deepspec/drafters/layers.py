@@ -1,12 +1,18 @@
-"""Building blocks shared by every trained drafter: one RMSNorm, one SwiGLU MLP, one RoPE."""
+"""Building blocks shared by every trained drafter: one RMSNorm, one SwiGLU MLP, one RoPE, one folder format."""
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from deepspec import io
 
 
 class RMSNorm(nn.Module):
@@ -88,3 +94,36 @@ def init_normal(module: nn.Module, std: float = 0.02) -> None:
     for p in module.parameters():
         if p.dim() == 2:
             nn.init.normal_(p, std=std)
+
+
+class FolderCheckpoint:
+    """Save / load a drafter as an HF-style folder: config.json + model.safetensors (no pickle), written
+    under a temp name then renamed into place. `ALGORITHMS` are the config `algorithm` values a class loads."""
+
+    ALGORITHMS: tuple[str, ...] = ()
+
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(tmp / "model.safetensors"))
+        (tmp / "config.json").write_text(json.dumps(self.config, indent=2, sort_keys=True) + "\n")
+        io.replace_dir(tmp, directory)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, embed: Tensor):
+        """The drafter in `directory`, over the target's (frozen, not stored) embedding `embed`."""
+        directory = Path(directory)
+        cfg_path = directory / "config.json"
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"{cfg_path}: no drafter checkpoint; run `deepspec train` first")
+        config = json.loads(cfg_path.read_text())
+        if config.get("algorithm") not in cls.ALGORITHMS:
+            raise ValueError(f"{cfg_path}: algorithm is {config.get('algorithm')!r}, not {' or '.join(cls.ALGORITHMS)}")
+        if embed.shape != (config["vocab_size"], config["hidden_size"]):
+            raise ValueError(f"{cfg_path}: drafter is for a {config['vocab_size']}x{config['hidden_size']} embedding, "
+                             f"the target has {tuple(embed.shape)}")
+        model = cls(config, embed)
+        model.load_state_dict(load_file(str(directory / "model.safetensors")))
+        return model

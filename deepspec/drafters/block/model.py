@@ -19,18 +19,13 @@ whether each draft is accepted. Weight names follow DeepSpec's checkpoints.
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from deepspec import io
-from deepspec.drafters.layers import MLP, RMSNorm, init_normal, inv_freq, rope, rotate, target_shape
+from deepspec.drafters.layers import MLP, FolderCheckpoint, RMSNorm, init_normal, inv_freq, rope, rotate, target_shape
 
 ALGORITHMS = ("dflash", "dspark")
 LAYER_CONVENTION = "output: id k = output of decoder layer k (HF hidden_states[k + 1]; -1 = the embeddings)"
@@ -128,7 +123,9 @@ class ConfidenceHead(nn.Module):
         return self.proj(features).squeeze(-1)
 
 
-class BlockDrafter(nn.Module):
+class BlockDrafter(FolderCheckpoint, nn.Module):
+    ALGORITHMS = ALGORITHMS
+
     def __init__(self, config: dict[str, Any], embed: Tensor):
         super().__init__()
         c = self.config = dict(config)
@@ -211,31 +208,6 @@ class BlockDrafter(nn.Module):
         """HF hidden_states indices of the fused layers (output of layer k = hidden_states[k + 1])."""
         return tuple(k + 1 for k in self.config["target_layer_ids"])
 
-    def save(self, directory: str | Path) -> Path:
-        """HF-style folder: config.json + model.safetensors (no pickle), written then renamed into place."""
-        directory = Path(directory)
-        tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
-        tmp.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(tmp / "model.safetensors"))
-        (tmp / "config.json").write_text(json.dumps(self.config, indent=2, sort_keys=True) + "\n")
-        io.replace_dir(tmp, directory)
-        return directory
-
-    @classmethod
-    def load(cls, directory: str | Path, embed: Tensor) -> "BlockDrafter":
-        directory = Path(directory)
-        cfg_path = directory / "config.json"
-        if not cfg_path.is_file():
-            raise FileNotFoundError(f"{cfg_path}: no drafter checkpoint; run `deepspec train` first")
-        config = json.loads(cfg_path.read_text())
-        if config.get("algorithm") not in ALGORITHMS:
-            raise ValueError(f"{cfg_path}: algorithm is {config.get('algorithm')!r}, not a block drafter")
-        if embed.shape != (config["vocab_size"], config["hidden_size"]):
-            raise ValueError(f"{cfg_path}: drafter is for a {config['vocab_size']}x{config['hidden_size']} embedding, "
-                             f"the target has {tuple(embed.shape)}")
-        model = cls(config, embed)
-        model.load_state_dict(load_file(str(directory / "model.safetensors")))
-        return model
 
     # ---- the forward, shared by training and inference ---------------------------------------------
     def context(self, features: Tensor) -> Tensor:
@@ -303,14 +275,6 @@ def loss_weights(drafts: int, gamma: float | None) -> Tensor:
     """exp(-j / gamma) for draft j: early drafts gate every later one."""
     j = torch.arange(drafts, dtype=torch.float32)
     return torch.exp(-j / gamma) if gamma else torch.ones(drafts)
-
-
-def default_layer_ids(n_layers: int, k: int) -> list[int]:
-    """DFlash's spread: k layers from 1 to L-3 (output-of-layer ids), e.g. [1, 9, 17, 25, 33] for 36 layers."""
-    if k == 1:
-        return [n_layers // 2]
-    start, end = 1, n_layers - 3
-    return [int(round(start + i * (end - start) / (k - 1))) for i in range(k)]
 
 
 def unused_token_id(tokenizer, vocab_rows: int) -> int:

@@ -64,7 +64,6 @@ class BlockProposer:
         self._vocab = drafter.config["vocab_size"]
         self._generator = torch.Generator().manual_seed(seed)
         self.draft_ms = 0.0  # running estimate of one drafting round, for the cost model
-        self.confidences: list[list[float]] = []  # per round, the calibrated confidences read (for analysis)
 
     def reset(self) -> None:
         self.cache.length = 0
@@ -126,7 +125,6 @@ class BlockProposer:
             prev = int(self._d2t[tok])
         if self.length == "cost" and conf:
             toks = toks[: self._cost_length(conf[: len(toks)])]
-        self.confidences.append(conf[: len(toks)])
         chain = self._d2t[torch.tensor(toks)].tolist()
         ms = (time.perf_counter() - t0) * 1e3
         self.draft_ms = 0.8 * self.draft_ms + 0.2 * ms if self.draft_ms else ms
