@@ -342,3 +342,33 @@ def test_deepspec_layout_round_trip_and_zlab_layout_loads(tmp_path):
         (bad / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 32}))
         (bad / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
         import_block(bad, target)
+
+
+@pytest.mark.parametrize("kind", ["vanilla", "gated", "rnn"])
+def test_markov_head_teacher_forcing_equals_sequential_drafting(kind):
+    """Training scores each draft with the Markov state of the true previous tokens (all at once); the
+    proposer builds the same state left to right from the tokens it drafts. With the drafts forced to the
+    true tokens, both give the same logits and confidences, for every head type."""
+    from deepspec.drafters.block.model import BlockDrafter
+
+    target = tiny_llama(vocab=64, layers=3)
+    d = BlockDrafter.for_target(target, "dspark", LAYERS, torch.arange(64), layers=1, block_size=5,
+                                label_convention="next", mask_token_id=63, markov_rank=6, markov_head_type=kind,
+                                confidence_head=True, seed=4).to(torch.float64).eval()
+    with torch.no_grad():
+        d.markov_head.markov_w2.weight.normal_(std=0.7)
+    T, a = 14, 6
+    ids = torch.randint(0, 63, (T,), generator=torch.Generator().manual_seed(2))
+    feats = _features(target, ids)
+    with torch.no_grad():
+        ctx_kv = d.context_kv(d.context(feats[:a]), torch.arange(a))
+        h = d.backbone(d.block_inputs(ids[a : a + 1]), torch.arange(a, a + 5), ctx_kv, None)[d.draft_rows]
+        prev = ids[a : a + d.drafts]  # draft j follows the token at a + j
+        teacher, states = d.draft_logits(h, prev)
+        conf_teacher = d.confidence_logit(h, states)
+        carry = None
+        for j in range(d.drafts):
+            carry = d.markov_head.state(prev[j], carry)
+            step = d.lm_head(h[j]) + d.markov_head.bias(carry, h[j])
+            torch.testing.assert_close(step, teacher[j])
+            torch.testing.assert_close(d.confidence_logit(h[j], carry), conf_teacher[j])

@@ -112,3 +112,35 @@ def test_schema_file_matches_model():
 
     committed = json.loads((Path(__file__).parents[1] / "workflow/schemas/config.schema.json").read_text())
     assert committed == json.loads(json.dumps(json_schema())), "run `deepspec schema` to regenerate"
+
+
+def test_block_methods_name_block_drafters(tmp_path):
+    drafters = {"e3": {"kind": "eagle3"}, "df": {"kind": "dflash"}}
+    msg = _err(tmp_path, drafters=drafters, methods={"ar": {"kind": "autoregressive"}, "b": {"kind": "block", "drafter": "e3"}})
+    assert msg == "config error: methods.b.drafter: 'e3' is a eagle3 drafter, which a method of kind 'block' cannot decode with"
+    msg = _err(tmp_path, drafters=drafters,
+               methods={"ar": {"kind": "autoregressive"}, "b": {"kind": "block", "drafter": "df", "length": "cost"}})
+    assert msg == "config error: methods.b.length: 'cost' needs a drafter with a confidence head (dspark)"
+    msg = _err(tmp_path, drafters={"ds": {"kind": "dspark", "markov_head_type": "lstm"}},
+               methods={"ar": {"kind": "autoregressive"}, "b": {"kind": "block", "drafter": "ds"}})
+    assert msg.startswith("config error: drafters.ds.markov_head_type: Input should be 'vanilla', 'gated' or 'rnn'")
+    msg = _err(tmp_path, drafters={"ds": {"kind": "dflash", "label_convention": "previous"}},
+               methods={"ar": {"kind": "autoregressive"}, "b": {"kind": "block", "drafter": "ds"}})
+    assert msg.startswith("config error: drafters.ds.label_convention: Input should be 'next' or 'own'")
+
+
+def test_shipped_configs_validate_and_dry_run(tmp_path):
+    """Every config the repository ships validates, and the Table 1 profile's DAG trains all three drafters
+    on one feature cache."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for path in sorted((root / "config").glob("*.yaml")):
+        if not path.name.startswith("bench_"):  # (bench_*.yaml are recipe lists for `deepspec bench train`)
+            load(path)
+    proc = subprocess.run(["snakemake", "-n", "--configfile", "config/table1_cpu.yaml", "--config", f"results_dir={tmp_path}"],
+                          cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    counts = {line.split()[0]: int(line.split()[1]) for line in proc.stdout.splitlines()
+              if len(line.split()) == 2 and line.split()[1].isdigit()}
+    assert counts["train"] == 3 and counts["extract"] == 4 and counts["evaluate"] == 8
