@@ -59,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks: `decode` (our engine against HF, verify-cost curve), `extract` "
                                      "(feature cache throughput), `train` (training recipes on a learning curve), "
-                                     "`regenerate` (our batched generation against HF generate)")
-    p.add_argument("what", choices=["decode", "extract", "train", "regenerate"])
+                                     "`regenerate` (our batched generation against HF generate), `drafters` (trained "
+                                     "drafters teacher-forced on the evaluation outputs)")
+    p.add_argument("what", choices=["decode", "extract", "train", "regenerate", "drafters"])
     _config_args(p)
     p.add_argument("--prompts", type=int, default=8, help="decode: prompts; extract: training sequences; "
                                                            "regenerate: training prompts in the batch")
@@ -139,6 +140,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from deepspec.training.bench import bench_train
 
         bench_train(cfg, args.recipes, args.drafter, args.epochs, args.prompts, args.max_new_tokens, args.threads)
+    elif args.command == "bench" and args.what == "drafters":
+        from deepspec.training.teacher_forced import bench_drafters
+
+        bench_drafters(cfg)
     elif args.command == "bench" and args.what == "regenerate":
         from deepspec.evaluation.bench import bench_regenerate
 

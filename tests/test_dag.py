@@ -166,7 +166,7 @@ def test_fresh_run_reproduces_the_committed_reference(smoke_run):
     report = (out / "report.md").read_text()
     assert "## Reproduction" in report and verdict["verdict"] in report
     table = list(csv.DictReader((out / "tables/reproduction.csv").open()))
-    assert len(table) == 6 and all(r["τ match"] == "True" for r in table)
+    assert len(table) == 10 and all(r["τ match"] == "True" for r in table)
 
 
 def test_html_report_builds(smoke_run, tmp_path):
@@ -186,3 +186,19 @@ def test_rerun_is_a_no_op_and_bad_config_fails_fast(smoke_run):
     assert bad.returncode != 0
     assert bad.stderr.strip().startswith("config error: eval.top_p: Input should be less than or equal to 1 (got")
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_bench_drafters_scores_every_drafter_on_the_evaluation_outputs(smoke_run):
+    from deepspec.training.teacher_forced import bench_drafters
+
+    results, _ = smoke_run
+    cfg = load(results / "smoke" / "config.yaml")
+    result = bench_drafters(cfg)
+    assert set(result["tasks"]) == {"mt_bench", "humaneval"}
+    for rows in result["tasks"].values():
+        assert set(rows) == {"eagle3", "dflash", "dspark"}
+        assert len(rows["dflash"]["acc"]) == 3 and len(rows["dspark"]["acc"]) == 4 and len(rows["eagle3"]["acc"]) == 3
+        for r in rows.values():
+            assert 1.0 <= r["tau_teacher_forced"] <= 1.0 + len(r["acc"]) and len(r["tau_decoded"]) == 1
+    table = (results / "smoke/bench/drafters.md").read_text()
+    assert "| humaneval | dspark | dspark |" in table

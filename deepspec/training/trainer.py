@@ -312,17 +312,25 @@ def _run(model, dc, seqs: list[dict], labels: list[dict], train: bool, generator
 
 
 def _calibrate(model, dc, seqs: list[dict], labels: list[dict]) -> dict[str, Any] | None:
-    """DSpark: per-draft confidence temperatures fitted on one half of the validation split, judged on the other."""
-    if dc.kind != "dspark" or not dc.calibrate or model.confidence_head is None or len(seqs) < 2:
+    """DSpark: per-draft confidence temperatures fitted on one half of the validation split and judged on the
+    other (halves of its sequences; alternate blocks when it holds a single sequence)."""
+    if dc.kind != "dspark" or not dc.calibrate or model.confidence_head is None or not seqs:
         return None
     from deepspec.drafters.block.calibration import calibrate
     from deepspec.drafters.block.loss import run_batch
 
-    half = len(seqs) // 2
     model.eval()
     with torch.no_grad():
-        fit = run_batch(model, seqs[:half], labels[:half], dc, False, None, keep=True).get("kept")
-        held = run_batch(model, seqs[half:], labels[half:], dc, False, None, keep=True).get("kept")
+        if len(seqs) >= 2:
+            half = len(seqs) // 2
+            fit = run_batch(model, seqs[:half], labels[:half], dc, False, None, keep=True).get("kept")
+            held = run_batch(model, seqs[half:], labels[half:], dc, False, None, keep=True).get("kept")
+        else:
+            kept = run_batch(model, seqs, labels, dc, False, None, keep=True).get("kept")
+            fit = held = None
+            if kept is not None and kept["hit"].shape[0] >= 2:
+                fit = {k: v[0::2] for k, v in kept.items()}
+                held = {k: v[1::2] for k, v in kept.items()}
     if fit is None or held is None:
         return None
     result = calibrate(fit, held)
