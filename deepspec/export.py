@@ -13,12 +13,11 @@ Layouts (EAGLE-3, `LlamaForCausalLMEagle3`):
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from deepspec import io
 from deepspec.config import Config
@@ -72,12 +71,7 @@ def write_export(drafter: Eagle3Drafter, fmt: str, out: str | Path, dtype: torch
         return drafter.to(dtype).save(out)
     state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().contiguous()
              for k, v in drafter.folded_state_dict().items()}
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    io.write_json(tmp / "config.json", serving_config(drafter, fmt, dtype))
-    io.replace_dir(tmp, out)
-    return out
+    return io.write_model_folder(out, state, serving_config(drafter, fmt, dtype), metadata={"format": "pt"})
 
 
 def export_drafter(cfg: Config, name: str, fmt: str, out: str | None = None, dtype: str | None = None) -> Path:
@@ -94,27 +88,28 @@ def export_drafter(cfg: Config, name: str, fmt: str, out: str | None = None, dty
     if block != (fmt == "deepspec"):
         raise ValueError(f"--to {fmt}: drafter {name!r} is {cfg.drafters[name].kind}; "
                          + ("block drafters export with --to deepspec" if block else "--to deepspec is for dflash / dspark"))
+    embed = target.model.get_input_embeddings().weight
     if block:
         from deepspec.drafters.block.checkpoint import export_block
         from deepspec.drafters.block.model import BlockDrafter
 
-        drafter = BlockDrafter.load(folder, target.model.get_input_embeddings().weight)
-        with tracking.stage_run(cfg, "export", f"export {name} {fmt}", drafter=name, format=fmt) as run:
-            run.tags(tracking.lineage({"drafter": folder}))
-            export_block(drafter, dest, target.model.get_output_embeddings().weight)
-            run.params({"format": fmt, "out": str(dest)})
-            run.artifact(dest, "export")
-        written = json.loads((dest / "config.json").read_text())
+        drafter = BlockDrafter.load(folder, embed)
+    else:
+        drafter = Eagle3Drafter.load(folder, embed)
+    with tracking.stage_run(cfg, "export", f"export {name} {fmt}", drafter=name, format=fmt) as run:
+        run.tags(tracking.lineage({"drafter": folder}))
+        if block:
+            export_block(drafter, dest, target.model.get_output_embeddings().weight,
+                         DTYPES[dtype] if dtype else torch.float32)
+        else:
+            write_export(drafter, fmt, dest, DTYPES[dtype] if dtype else None)
+        run.params({"format": fmt, "dtype": dtype or ("float32" if block else "as trained"), "out": str(dest)})
+        run.artifact(dest, "export")
+    written = json.loads((dest / "config.json").read_text())
+    if block:
         print(f"[export] {name} -> {dest} ({written['architectures'][0]}): target layer ids "
               f"{written.get('target_layer_ids') or written['dflash_config']['target_layer_ids']} (output of layer k)")
         return dest
-    drafter = Eagle3Drafter.load(folder, target.model.get_input_embeddings().weight)
-    with tracking.stage_run(cfg, "export", f"export {name} {fmt}", drafter=name, format=fmt) as run:
-        run.tags(tracking.lineage({"drafter": folder}))
-        write_export(drafter, fmt, dest, DTYPES[dtype] if dtype else None)
-        run.params({"format": fmt, "dtype": dtype or "as trained", "out": str(dest)})
-        run.artifact(dest, "export")
-    written = json.loads((dest / "config.json").read_text())
     ids = (written.get("eagle_aux_hidden_state_layer_ids") or (written.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
            or written["aux_layers"])
     convention = written.get("aux_hidden_state_layer_convention", INPUT_OF_LAYER)

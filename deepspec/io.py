@@ -9,13 +9,42 @@ from pathlib import Path
 from typing import Any
 
 
+def temp_sibling(path: str | Path) -> Path:
+    """The hidden name next to `path` that a write goes to before it is renamed into place."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
 def write_text(path: str | Path, text: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temp_sibling(path)
     tmp.write_text(text)
     os.replace(tmp, path)
     return path
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(path)
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
+def write_model_folder(directory: str | Path, tensors: dict[str, Any], config: dict[str, Any],
+                       metadata: dict[str, str] | None = None) -> Path:
+    """An HF-style folder (model.safetensors + config.json, no pickle), built aside then swapped in."""
+    directory = Path(directory)
+    tmp = temp_sibling(directory)
+    tmp.mkdir(parents=True, exist_ok=True)
+    write_safetensors(tmp / "model.safetensors", tensors, metadata)
+    write_json(tmp / "config.json", config)
+    replace_dir(tmp, directory)
+    return directory
 
 
 def write_json(path: str | Path, obj: Any) -> Path:

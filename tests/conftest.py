@@ -45,6 +45,27 @@ def tiny_llama(vocab: int = 64, layers: int = 2, dtype=torch.float64, seed: int 
     return model
 
 
+def greedy_distillation_data(target, prompts: list[list[int]], hidden_ids=(1, 2), new_tokens: int = 40):
+    """The target's own greedy continuations of `prompts` as drafter training sequences (features: HF
+    hidden_states[hidden_ids] side by side) and their labels over the full vocabulary: what the overfit
+    drafters of the lossless tests learn from, so that their drafts are mostly right."""
+    from deepspec.decoding.engine import Engine
+    from deepspec.models import make_backend
+    from deepspec.training.targets import soft_targets, training_targets
+
+    engine = Engine(make_backend(target, "lean", 256), stop_ids=[])
+    seqs = []
+    for prompt in prompts:
+        ids = torch.tensor(prompt + engine.generate(prompt, new_tokens).tokens)
+        with torch.no_grad():
+            hs = target(ids[None], output_hidden_states=True).hidden_states
+        seqs.append({"input_ids": ids, "hidden": torch.cat([hs[i][0] for i in hidden_ids], -1), "final": hs[-1][0],
+                     "loss_mask": torch.ones_like(ids, dtype=torch.bool)})
+    cached = soft_targets(seqs, target.lm_head.weight.detach().float(), k=16)
+    vocab = torch.arange(target.config.vocab_size)  # full vocabulary: draft id == target id
+    return seqs, [training_targets(c, s["loss_mask"], vocab, "all") for c, s in zip(cached, seqs)]
+
+
 @pytest.fixture
 def tiny_model():
     return tiny_llama()

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.conftest import tiny_llama
+from tests.conftest import greedy_distillation_data, tiny_llama
 
 LAYERS = [0, 1]  # output-of-layer ids: HF hidden_states[1], [2]
 
@@ -112,22 +112,10 @@ def test_training_labels_line_up_with_inference(convention):
 def _overfit(target, algorithm, convention, prompts, steps=150):
     """A block drafter trained on the target's own greedy continuations of `prompts` until it predicts them
     well: acceptance is then high, so the lossless tests exercise long accepted blocks."""
-    from deepspec.decoding.engine import Engine
     from deepspec.drafters.block.loss import run_batch
-    from deepspec.models import make_backend
-    from deepspec.training.targets import soft_targets, training_targets
 
-    engine = Engine(make_backend(target, "lean", 256), stop_ids=[])
-    seqs = []
-    for prompt in prompts:
-        ids = torch.tensor(prompt + engine.generate(prompt, 40).tokens)
-        with torch.no_grad():
-            out = target(ids[None], output_hidden_states=True)
-        seqs.append({"input_ids": ids, "hidden": _features(target, ids), "final": out.hidden_states[-1][0],
-                     "loss_mask": torch.ones_like(ids, dtype=torch.bool)})
+    seqs, labels = greedy_distillation_data(target, prompts, hidden_ids=[k + 1 for k in LAYERS])
     d = _drafter(target, algorithm, convention, block=4)
-    cached = soft_targets(seqs, target.lm_head.weight.detach().float(), k=16)
-    labels = [training_targets(c, s["loss_mask"], torch.arange(64), "all") for c, s in zip(cached, seqs)]
     dspark = algorithm == "dspark"
     dc = _dc(ce_weight=0.5 if dspark else 1.0, l1_weight=0.5 if dspark else 0.0, confidence_weight=1.0 if dspark else 0.0)
     params = [p for p in d.parameters() if p.requires_grad]

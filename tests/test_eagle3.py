@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import tiny_llama
+from tests.conftest import greedy_distillation_data, tiny_llama
 
 
 def _drafter(target, vocab_ids=None, layers=(0, 1), dtype=torch.float64, seed=0):
@@ -99,23 +99,8 @@ def test_step_k_of_base_t_is_scored_on_token_t_plus_2_plus_k(monkeypatch):
 def _overfit_drafter(target, prompts, steps=120):
     """An EAGLE-3 drafter trained on the target's own greedy continuations of `prompts` until it predicts
     them well: acceptance is then high, so a lossless test also exercises long accepted paths."""
-    from deepspec.decoding.engine import Engine
-    from deepspec.models import make_backend
-    from deepspec.training.targets import soft_targets, training_targets
-
-    engine = Engine(make_backend(target, "lean", 256), stop_ids=[])
-    seqs = []
-    for prompt in prompts:
-        ids = torch.tensor(prompt + engine.generate(prompt, 40).tokens)
-        with torch.no_grad():
-            out = target(ids[None], output_hidden_states=True)
-        hs = out.hidden_states
-        seqs.append({"input_ids": ids, "hidden": torch.cat([hs[1][0], hs[2][0]], -1), "final": hs[-1][0],
-                     "loss_mask": torch.ones_like(ids, dtype=torch.bool)})
+    seqs, tgts = greedy_distillation_data(target, prompts)
     drafter = _drafter(target, layers=(1, 2))
-    cached = soft_targets(seqs, target.lm_head.weight.detach().float(), k=16)
-    lookup = torch.arange(64)  # full vocabulary: draft id == target id
-    tgts = [training_targets(c, s["loss_mask"], lookup, "all") for c, s in zip(cached, seqs)]
     opt = torch.optim.Adam([q for q in drafter.parameters() if q.requires_grad], lr=3e-3)
     torch.manual_seed(0)
     for _ in range(steps):

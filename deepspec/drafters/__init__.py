@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from deepspec.config import AutoregressiveMethod, BlockMethod, DraftLMMethod, Eagle3Method, NgramMethod
 from deepspec.decoding.proposer import Proposer
 from deepspec.drafters.draft_lm import DraftLMProposer, check_same_tokenizer
@@ -35,37 +37,25 @@ def build_proposer(method, target=None, name: str = "", drafters_root=None, temp
             draft.quantize_int8()
         return DraftLMProposer(draft, method.depth, method.top_k, method.total_tokens)
     if isinstance(method, Eagle3Method):
-        from pathlib import Path
-
         from deepspec.drafters.eagle3 import Eagle3Proposer
         from deepspec.export import import_eagle3
 
         if method.checkpoint is not None:  # a published drafter: checked against the target as it loads
             drafter = import_eagle3(method.checkpoint, target.loaded.model, target.loaded.fingerprint)
         else:
-            if drafters_root is None:
-                raise ValueError(f"methods.{name or 'eagle3'}: needs the trained drafters' folder")
-            folder = Path(drafters_root) / method.drafter / "model"
-            drafter = import_eagle3(folder, target.loaded.model, target.loaded.fingerprint)
-            if drafter.config.get("target_fingerprint") != target.loaded.fingerprint:
-                raise ValueError(f"{folder}: drafter was trained for another target ({drafter.config.get('target')})")
+            folder = _trained_folder(method, name, drafters_root)
+            drafter = _same_target(import_eagle3(folder, target.loaded.model, target.loaded.fingerprint), folder, target)
         drafter = drafter.to(target.backend.dtype)
         return Eagle3Proposer(drafter, target.backend.cache.max_len, method.depth, method.top_k, method.total_tokens)
     if isinstance(method, BlockMethod):
-        from pathlib import Path
-
         from deepspec.drafters.block.checkpoint import import_block
         from deepspec.drafters.block.proposer import BlockProposer
 
         if method.checkpoint is not None:  # a published drafter: checked against the target as it loads
             drafter = import_block(method.checkpoint, target.loaded.model)
         else:
-            if drafters_root is None:
-                raise ValueError(f"methods.{name or 'block'}: needs the trained drafters' folder")
-            folder = Path(drafters_root) / method.drafter / "model"
-            drafter = import_block(folder, target.loaded.model)
-            if drafter.config.get("target_fingerprint") != target.loaded.fingerprint:
-                raise ValueError(f"{folder}: drafter was trained for another target ({drafter.config.get('target')})")
+            folder = _trained_folder(method, name, drafters_root)
+            drafter = _same_target(import_block(folder, target.loaded.model), folder, target)
         verify_ms = None
         if method.length == "cost":  # this machine's verify cost of 1 .. drafts + 1 rows
             from deepspec.evaluation.bench import verify_cost_curve
@@ -78,3 +68,16 @@ def build_proposer(method, target=None, name: str = "", drafters_root=None, temp
                              verify_ms=verify_ms, tree_top_k=method.tree_top_k, tree_threshold=method.tree_threshold,
                              seed=seed)
     raise ValueError(f"no proposer for method kind {method.kind!r}")
+
+
+def _trained_folder(method, name: str, drafters_root) -> Path:
+    if drafters_root is None:
+        raise ValueError(f"methods.{name or method.kind}: needs the trained drafters' folder")
+    return Path(drafters_root) / method.drafter / "model"
+
+
+def _same_target(drafter, folder: Path, target):
+    """A drafter trained here decodes only for the target it was distilled from."""
+    if drafter.config.get("target_fingerprint") != target.loaded.fingerprint:
+        raise ValueError(f"{folder}: drafter was trained for another target ({drafter.config.get('target')})")
+    return drafter

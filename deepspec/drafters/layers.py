@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from deepspec import io
@@ -103,13 +102,8 @@ class FolderCheckpoint:
     ALGORITHMS: tuple[str, ...] = ()
 
     def save(self, directory: str | Path) -> Path:
-        directory = Path(directory)
-        tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
-        tmp.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(tmp / "model.safetensors"))
-        (tmp / "config.json").write_text(json.dumps(self.config, indent=2, sort_keys=True) + "\n")
-        io.replace_dir(tmp, directory)
-        return directory
+        return io.write_model_folder(directory, {k: v.detach().contiguous() for k, v in self.state_dict().items()},
+                                     self.config)
 
     @classmethod
     def load(cls, directory: str | Path, embed: Tensor):

@@ -10,7 +10,6 @@ import os
 import statistics
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -22,6 +21,7 @@ from deepspec.data.tasks import chat_ids, load_task
 from deepspec.decoding.engine import Engine
 from deepspec.decoding.tree import DraftTree
 from deepspec.drafters import build_proposer
+from deepspec.evaluation.runner import drafter_folder
 from deepspec.models import load_target
 from deepspec.models.lean import LeanLlama
 
@@ -121,11 +121,8 @@ def bench_decode(cfg: Config, n_prompts: int = 8, max_new_tokens: int = 128, thr
             if wanted(name):
                 runners[name] = ours_runner(build_proposer(method, target, name) if method is not None else None)
         for name, method in cfg.methods.items():  # this experiment's trained drafters (once they exist)
-            if method.kind not in ("eagle3", "block"):
-                continue
-            ckpt = getattr(method, "checkpoint", None)
-            folder = Path(ckpt) if ckpt else cfg.out_dir / "drafters" / method.drafter / "model"
-            if (folder / "config.json").is_file() and wanted(f"ours_{name}"):
+            folder = drafter_folder(cfg, name)
+            if folder is not None and (folder / "config.json").is_file() and wanted(f"ours_{name}"):
                 runners[f"ours_{name}"] = ours_runner(build_proposer(method, target, name, cfg.out_dir / "drafters"))
         names = list(runners)
         for name in names:  # warm-up

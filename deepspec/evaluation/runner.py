@@ -52,12 +52,12 @@ def run_conversation(engine: Engine, target: Target, turns: list[str], max_new_t
     return outputs
 
 
-def _drafter_folder(cfg: Config, method: str) -> Path | None:
+def drafter_folder(cfg: Config, method: str) -> Path | None:
     """The drafter checkpoint folder a method decodes with (None for methods without one)."""
     m = cfg.methods[method]
     if m.kind not in ("eagle3", "block"):
         return None
-    return Path(m.checkpoint) if getattr(m, "checkpoint", None) else cfg.out_dir / "drafters" / m.drafter / "model"
+    return Path(m.checkpoint) if m.checkpoint else cfg.out_dir / "drafters" / m.drafter / "model"
 
 
 def _load_partial(path: Path, config_hash: str) -> dict[Any, dict]:
@@ -88,7 +88,7 @@ def evaluate(cfg: Config, method: str, task: str, threads: int | None = None) ->
         proposer = build_proposer(cfg.methods[method], target, method, cfg.out_dir / "drafters", cfg.eval.temperature,
                                   cfg.eval.seed)
         base_proposer = build_proposer(cfg.methods[baseline], target)
-        folder = _drafter_folder(cfg, method)
+        folder = drafter_folder(cfg, method)
         run.tags(tracking.lineage({"task_data": data_path, **({"drafter": folder} if folder else {})},
                                   {"method": cfg.section_hash("methods", method), "target": cfg.section_hash("target"),
                                    "eval": cfg.section_hash("eval")}))

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from deepspec import io, tracking
@@ -157,10 +157,7 @@ def extract_shard(cfg: Config, shard: int, target=None) -> Path:
             "offsets": torch.tensor([0] + [len(s) for s, _ in seqs], dtype=torch.int64).cumsum(0),
             "hidden": hidden,
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        save_file(tensors, str(tmp), metadata={"layers": json.dumps(layers), "convention": LAYER_CONVENTION})
-        os.replace(tmp, path)
+        io.write_safetensors(path, tensors, metadata={"layers": json.dumps(layers), "convention": LAYER_CONVENTION})
         elapsed = time.perf_counter() - start
         meta = {"shard": shard, "sequences": len(seqs), "tokens": tokens, "bytes": path.stat().st_size,
                 "sha256": sha256_file(path), "layers": layers, "hidden_size": hidden_size, "dtype": cfg.features.dtype,

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
+
+from deepspec import io
 
 Supervise = Literal["all", "assistant"]
 
@@ -55,10 +56,8 @@ def cached_soft_targets(directory: Path, manifest: dict, seqs: list[dict[str, Te
             ids, logp = t["top_ids"].split(lengths), t["top_logp"].split(lengths)
             return [{"top_ids": i, "top_logp": lp, "argmax": i[:, 0].long()} for i, lp in zip(ids, logp)], True
     out = soft_targets(seqs, lm_head, k)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file({"top_ids": torch.cat([t["top_ids"] for t in out]).contiguous(),
-               "top_logp": torch.cat([t["top_logp"] for t in out]).contiguous()}, str(tmp))
-    os.replace(tmp, path)
+    io.write_safetensors(path, {"top_ids": torch.cat([t["top_ids"] for t in out]).contiguous(),
+                                "top_logp": torch.cat([t["top_logp"] for t in out]).contiguous()})
     return out, False
 
 

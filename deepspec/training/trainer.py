@@ -93,7 +93,7 @@ def _run_batch(model: Eagle3Drafter, seqs: list[dict], labels: list[dict], steps
 
 
 def _save_checkpoint(directory: Path, model: Eagle3Drafter, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
+    tmp = io.temp_sibling(directory)
     model.save(tmp / "model")
     (tmp / "train_state").mkdir(parents=True, exist_ok=True)
     torch.save(opt.state_dict(), tmp / "train_state" / "optimizer.pt")

@@ -16,7 +16,7 @@ def method_drafter(method):
     m = CFG.methods[method]
     if m.kind not in ("eagle3", "block"):
         return []
-    return [f"{m.checkpoint}/config.json"] if getattr(m, "checkpoint", None) else [drafter_model(m.drafter)]
+    return [f"{m.checkpoint}/config.json"] if m.checkpoint else [drafter_model(m.drafter)]
 
 
 wildcard_constraints:

@@ -17,12 +17,11 @@ and the calibrated confidence temperatures; `export_block` writes the engine lay
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 from deepspec import io
@@ -36,8 +35,10 @@ def _layer_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v for k, v in state.items() if k.startswith(("layers.", "fc.", "hidden_norm.", "norm."))}
 
 
-def export_block(drafter: BlockDrafter, directory: str | Path, target_head: Tensor) -> Path:
-    """Write `drafter` in DeepSpec's layout ("next" labels) or z-lab's ("own" labels, DFlash only).
+def export_block(drafter: BlockDrafter, directory: str | Path, target_head: Tensor,
+                 dtype: torch.dtype = torch.float32) -> Path:
+    """Write `drafter` in DeepSpec's layout ("next" labels) or z-lab's ("own" labels, DFlash only), with
+    floating-point weights in `dtype`.
 
     A reduced draft vocabulary is widened to the full one: head rows outside it are the target's own
     (frozen in training, so unchanged) and their Markov bias is zero; engines then draft over the full
@@ -80,13 +81,8 @@ def export_block(drafter: BlockDrafter, directory: str | Path, target_head: Tens
                              "train with draft_vocab: null")
         config = {**common, "architectures": ["DFlashDraftModel"],
                   "dflash_config": {"target_layer_ids": c["target_layer_ids"], "mask_token_id": c["mask_token_id"]}}
-    directory = Path(directory)
-    tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_file(out, str(tmp / "model.safetensors"))
-    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    io.replace_dir(tmp, directory)
-    return directory
+    out = {k: v.to(dtype).contiguous() if v.is_floating_point() else v for k, v in out.items()}
+    return io.write_model_folder(directory, out, config)
 
 
 def import_block(directory: str | Path, target_model, **meta: Any) -> BlockDrafter:

@@ -75,7 +75,7 @@ def block_terms(model: BlockDrafter, hidden: Tensor, input_ids: Tensor, labels: 
         out["hits"] = hit.sum(0).float()
         out["scored"] = valid.sum(0).float()
         out["run"] = hit.long().cumprod(dim=-1).sum(-1)  # drafts accepted from j = 0, teacher-forced
-        out["hit"], out["valid"], out["accept"] = hit, valid, accept.detach()
+        out["hit"], out["valid"] = hit, valid
     return out
 
 

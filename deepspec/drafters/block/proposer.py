@@ -51,7 +51,6 @@ class BlockProposer:
         if length == "cost" and not verify_ms:
             raise ValueError("length 'cost' needs the verify-cost curve")
         self.name = drafter.config["algorithm"]
-        self.config = dict(drafter.config)
         self.max_length = min(max_length or drafter.drafts, drafter.drafts)
         self.drafter = pack_linears(drafter.eval())  # inference only from here: weights prepacked for oneDNN
         self.capture_layers = drafter.capture_layers
