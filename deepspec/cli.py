@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a drafter from the feature cache (resumes from its checkpoint)")
     _config_args(p)
     p.add_argument("--drafter", required=True)
+    p.add_argument("--stop-after-steps", type=int, default=None, help=argparse.SUPPRESS)  # a crash, for resume tests
 
     p = sub.add_parser("evaluate", help="run one method on one task, paired with the autoregressive baseline")
     _config_args(p)
@@ -60,8 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks: `decode` (our engine against HF, verify-cost curve), `extract` "
                                      "(feature cache throughput), `train` (training recipes on a learning curve), "
                                      "`regenerate` (our batched generation against HF generate), `drafters` (trained "
-                                     "drafters teacher-forced on the evaluation outputs)")
-    p.add_argument("what", choices=["decode", "extract", "train", "regenerate", "drafters"])
+                                     "drafters teacher-forced on the evaluation outputs), `loss` (fused soft-target loss against the naive one: "
+                                     "peak memory and time)")
+    p.add_argument("what", choices=["decode", "extract", "train", "regenerate", "drafters", "loss"])
     _config_args(p)
     p.add_argument("--prompts", type=int, default=8, help="decode: prompts; extract: training sequences; "
                                                            "regenerate: training prompts in the batch")
@@ -71,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipes", default="config/bench_train.yaml", help="train: recipe name -> drafter overrides")
     p.add_argument("--drafter", help="train: the base drafter (default: the first one a method decodes with)")
     p.add_argument("--epochs", type=float, help="train: epochs for every recipe (default: each recipe's own)")
+    p.add_argument("--rows", type=int, default=3584, help="loss: logit rows (DSpark: 512 blocks of 7)")
+    p.add_argument("--vocab", type=int, default=151_936, help="loss: vocabulary (Qwen3's by default)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="loss: logits dtype")
 
     p = sub.add_parser("check", help="validate a config and print its hash and effective values")
     _config_args(p)
@@ -91,6 +97,12 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"deepspec {args.command}: error: {msg}", file=sys.stderr)
         return 2
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -129,9 +141,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         else:
             extract_all(cfg, args.shard)
     elif args.command == "train":
+        from deepspec.training.distributed import relaunch_command
         from deepspec.training.trainer import train
 
-        train(cfg, args.drafter)
+        if args.drafter in cfg.drafters and (cmd := relaunch_command(cfg.drafters[args.drafter].train, sys.argv[1:])):
+            print(f"[train] {args.drafter}: starting {cfg.drafters[args.drafter].train.processes} processes: "
+                  f"{' '.join(cmd[1:6])} ...", flush=True)
+            return subprocess.call(cmd)
+        train(cfg, args.drafter, args.stop_after_steps)
     elif args.command == "evaluate":
         from deepspec.evaluation.runner import evaluate
 
@@ -140,6 +157,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         from deepspec.training.bench import bench_train
 
         bench_train(cfg, args.recipes, args.drafter, args.epochs, args.prompts, args.max_new_tokens, args.threads)
+    elif args.command == "bench" and args.what == "loss":
+        import pandas as pd
+
+        from deepspec import io
+        from deepspec.kernels.bench import bench_loss
+
+        rows = bench_loss(args.rows, args.vocab, dtype=args.dtype, device="cuda" if _cuda() else "cpu")
+        table = pd.DataFrame(rows).to_markdown(index=False)
+        io.write_text(cfg.out_dir / "bench" / "loss.md", table + "\n")
+        print(table)
     elif args.command == "bench" and args.what == "drafters":
         from deepspec.training.teacher_forced import bench_drafters
 

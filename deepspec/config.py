@@ -169,14 +169,53 @@ class TrainConfig(_Strict):
     warmup_steps: Annotated[int, Field(ge=0)] = 20
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
     grad_clip: Annotated[float, Field(gt=0)] | None = 0.5
-    batch_sequences: Annotated[int, Field(ge=1)] = 4
+    batch_sequences: Annotated[int, Field(ge=1)] = Field(4, description="sequences per micro-batch per process")
     grad_accum: Annotated[int, Field(ge=1)] = 1
+    global_batch: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="sequences per optimizer step whatever the number of processes (accumulation adapts); "
+                          "null: batch_sequences x grad_accum")
+    distributed: Literal["none", "ddp", "fsdp2", "deepspeed"] = Field(
+        "none", description="launcher: one process, or torchrun DDP / FSDP2, or DeepSpeed ZeRO (gloo on CPU, NCCL on GPU)")
+    processes: Annotated[int, Field(ge=1)] = Field(1, description="processes the train rule starts (torchrun --nproc-per-node)")
+    zero_stage: Literal[2, 3] = Field(2, description="DeepSpeed ZeRO stage")
     val_sequences: Annotated[int, Field(ge=0)] = 16
     eval_every: Annotated[int, Field(ge=1)] = 50
     save_every: Annotated[int, Field(ge=1)] = 100
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
     seed: int = 0
     threads: Annotated[int, Field(ge=0)] = 0
+
+    @model_validator(mode="after")
+    def _launch(self) -> "TrainConfig":
+        if self.distributed == "none" and self.processes > 1:
+            raise ValueError(f"processes: {self.processes} processes need distributed: ddp, fsdp2 or deepspeed")
+        if self.global_batch is not None and self.global_batch % self.batch_sequences:
+            raise ValueError(f"global_batch: {self.global_batch} is not a multiple of batch_sequences "
+                             f"({self.batch_sequences})")
+        return self
+
+    @property
+    def sequences_per_step(self) -> int:
+        return self.global_batch or self.batch_sequences * self.grad_accum
+
+
+# How a run is launched does not change what it computes: these keys stay out of every config hash (and
+# global_batch while unset), so one reference serves every launcher.
+_LAUNCH_KEYS = ("distributed", "processes", "zero_stage")
+
+
+def _hashed(node: Any) -> Any:
+    if isinstance(node, dict):
+        out = {k: _hashed(v) for k, v in node.items()}
+        if "distributed" in out and "batch_sequences" in out:  # a TrainConfig
+            for key in _LAUNCH_KEYS:
+                out.pop(key, None)
+            if out.get("global_batch") is None:
+                out.pop("global_batch", None)
+        return out
+    if isinstance(node, list):
+        return [_hashed(v) for v in node]
+    return node
 
 
 class Eagle3Drafter(_Strict):
@@ -338,7 +377,7 @@ class Config(_Strict):
 
     def section_hash(self, *keys: str) -> str:
         """Hash of one part of the config: stage outputs record what they were built from."""
-        node: Any = self.model_dump(mode="json")
+        node: Any = _hashed(self.model_dump(mode="json"))
         for key in keys:
             node = node[key]
         blob = json.dumps(node, sort_keys=True, separators=(",", ":"))
@@ -349,7 +388,7 @@ class Config(_Strict):
 
         `reproduce` is left out: it says what a run is compared with, not what it computes, so a run and
         the reference it reproduces share one hash."""
-        blob = json.dumps(self.model_dump(mode="json", exclude={"reproduce"}), sort_keys=True, separators=(",", ":"))
+        blob = json.dumps(_hashed(self.model_dump(mode="json", exclude={"reproduce"})), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

@@ -196,6 +196,31 @@ class StageRun:
         return StageRun(self.tracker, parent_id) if parent_id else None
 
 
+class NoRun(StageRun):
+    """A stage run that records nothing: what the other ranks of a multi-process stage log to."""
+
+    def __init__(self) -> None:
+        pass
+
+    def params(self, params: dict[str, Any]) -> None:
+        pass
+
+    def metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        pass
+
+    def artifact(self, path: str | Path, subdir: str | None = None) -> None:
+        pass
+
+    def tags(self, tags: dict[str, str]) -> None:
+        pass
+
+    def table(self, frame, artifact_file: str) -> None:
+        pass
+
+    def parent(self) -> None:
+        return None
+
+
 def lineage(files: dict[str, str | Path] | None = None, sections: dict[str, str] | None = None) -> dict[str, str]:
     """Tags naming what a stage read: `deepspec.input.<name>` = sha256 (16 hex) of each file (or, for a
     folder, of its files in name order), `deepspec.config.<name>` = hash of each config section."""
@@ -232,9 +257,13 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 @contextmanager
-def stage_run(cfg, stage: str, name: str | None = None, **tags: str) -> Iterator[StageRun]:
+def stage_run(cfg, stage: str, name: str | None = None, enabled: bool = True, **tags: str) -> Iterator[StageRun]:
     """One MLflow run for one stage invocation, ended FINISHED; KILLED when interrupted (Ctrl-C, or
-    SIGTERM from Snakemake); FAILED when the stage raises."""
+    SIGTERM from Snakemake); FAILED when the stage raises. `enabled=False` (ranks other than 0 of a
+    multi-process stage) records nothing."""
+    if not enabled:
+        yield NoRun()
+        return
     tracker = tracker_for(cfg)
     all_tags = {
         "deepspec.stage": stage,

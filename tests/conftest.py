@@ -101,3 +101,28 @@ def tiny_target_dir(tmp_path_factory):
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def pipeline_config(tmp_path, target_dir, **train):
+    """The tiny target's whole training pipeline (8 regenerated conversations, 2 feature shards, EAGLE-3 `d`)."""
+    import json
+
+    from deepspec.config import validate
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    convs = tmp_path / "convs.jsonl"
+    convs.write_text("".join(json.dumps({"id": f"c{i}", "turns": [f"Tell me about topic {i}.", "And more?"]}) + "\n"
+                             for i in range(10)))
+    return validate({
+        "experiment": "tiny", "results_dir": str(tmp_path / "results"),
+        "target": {"model": str(target_dir), "max_len": 256},
+        "tasks": {"t": {"kind": "jsonl", "source": str(convs)}},
+        "methods": {"ar": {"kind": "autoregressive"}, "e3": {"kind": "eagle3", "drafter": "d"}},
+        "train_data": {"kind": "jsonl", "source": str(convs), "max_samples": 8, "max_turns": 2, "max_new_tokens": 12,
+                       "batch_size": 3, "temperature": 0.8},
+        "features": {"shards": 2, "dtype": "float32"},
+        "drafters": {"d": {"kind": "eagle3", "layers": [1, 2, 3], "draft_vocab": 300, "ttt_length": 3,
+                           "train": {"epochs": 3, "batch_sequences": 2, "warmup_steps": 2, "val_sequences": 1,
+                                     "eval_every": 2, "save_every": 3, **train}}},
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+    })

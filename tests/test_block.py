@@ -113,6 +113,7 @@ def _overfit(target, algorithm, convention, prompts, steps=150):
     """A block drafter trained on the target's own greedy continuations of `prompts` until it predicts them
     well: acceptance is then high, so the lossless tests exercise long accepted blocks."""
     from deepspec.drafters.block.loss import run_batch
+    from deepspec.training.distributed import Direct
 
     seqs, labels = greedy_distillation_data(target, prompts, hidden_ids=[k + 1 for k in LAYERS])
     d = _drafter(target, algorithm, convention, block=4)
@@ -122,7 +123,7 @@ def _overfit(target, algorithm, convention, prompts, steps=150):
     opt = torch.optim.Adam(params, lr=3e-3)
     for step in range(steps):
         opt.zero_grad()
-        run_batch(d, seqs, labels, dc, True, torch.Generator().manual_seed(step))
+        run_batch(Direct(d), seqs, labels, dc, True, torch.Generator().manual_seed(step))
         opt.step()
     return d.eval(), seqs, labels, dc
 

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import greedy_distillation_data, tiny_llama
+from tests.conftest import greedy_distillation_data, pipeline_config, tiny_llama
 
 
 def _drafter(target, vocab_ids=None, layers=(0, 1), dtype=torch.float64, seed=0):
@@ -162,38 +162,16 @@ def test_sharegpt_reader_recovers_truncated_file(tmp_path):
 
 # ---- the training pipeline on a tiny model with the real tokenizer ----------------------------------
 
-def _pipeline_cfg(tmp_path, target_dir, **train):
-    from deepspec.config import validate
-
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    convs = tmp_path / "convs.jsonl"
-    convs.write_text("".join(json.dumps({"id": f"c{i}", "turns": [f"Tell me about topic {i}.", "And more?"]}) + "\n"
-                             for i in range(10)))
-    return validate({
-        "experiment": "tiny", "results_dir": str(tmp_path / "results"),
-        "target": {"model": str(target_dir), "max_len": 256},
-        "tasks": {"t": {"kind": "jsonl", "source": str(convs)}},
-        "methods": {"ar": {"kind": "autoregressive"}, "e3": {"kind": "eagle3", "drafter": "d"}},
-        "train_data": {"kind": "jsonl", "source": str(convs), "max_samples": 8, "max_turns": 2, "max_new_tokens": 12,
-                       "batch_size": 3, "temperature": 0.8},
-        "features": {"shards": 2, "dtype": "float32"},
-        "drafters": {"d": {"kind": "eagle3", "layers": [1, 2, 3], "draft_vocab": 300, "ttt_length": 3,
-                           "train": {"epochs": 3, "batch_sequences": 2, "warmup_steps": 2, "val_sequences": 1,
-                                     "eval_every": 2, "save_every": 3, **train}}},
-        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
-    })
-
-
 def test_regeneration_resumes_without_duplicates_or_gaps(tmp_path, tiny_target_dir):
     from deepspec import io
     from deepspec.data.training import regenerate, train_data_file
 
-    whole = _pipeline_cfg(tmp_path / "a", tiny_target_dir)
+    whole = pipeline_config(tmp_path / "a", tiny_target_dir)
     reference = io.read_jsonl(regenerate(whole))
     assert len(reference) == 8 and all(sum(r["loss_mask"]) > 0 for r in reference)
     assert all(len(r["answers"]) == 2 for r in reference)  # both turns regenerated
 
-    cfg = _pipeline_cfg(tmp_path / "b", tiny_target_dir)
+    cfg = pipeline_config(tmp_path / "b", tiny_target_dir)
     with pytest.raises(KeyboardInterrupt):
         regenerate(cfg, stop_after_batches=1)
     partial = train_data_file(cfg).with_name("regenerated.jsonl.partial")
@@ -216,7 +194,7 @@ def test_fixed_data_keeps_dataset_answers_next_to_regenerated_ones(tmp_path, tin
     from deepspec.data.training import regenerate
     from deepspec.models import load_model
 
-    cfg = _pipeline_cfg(tmp_path, tiny_target_dir)
+    cfg = pipeline_config(tmp_path, tiny_target_dir)
     src = tmp_path / "chats.jsonl"
     src.write_text("".join(json.dumps({"id": f"m{i}", "messages": [
         {"role": "user", "content": f"Question {i}?"},
@@ -248,7 +226,7 @@ def test_feature_cache_training_and_exact_resume(tmp_path, tiny_target_dir):
     from deepspec.models import load_target
     from deepspec.training.trainer import drafter_dir, train
 
-    cfg = _pipeline_cfg(tmp_path, tiny_target_dir)
+    cfg = pipeline_config(tmp_path, tiny_target_dir)
     regenerate(cfg)
     extract_all(cfg)
     manifest = load_manifest(features_dir(cfg))
@@ -285,7 +263,8 @@ def test_feature_cache_training_and_exact_resume(tmp_path, tiny_target_dir):
     assert saved["architectures"] == ["LlamaForCausalLMEagle3"] and saved["draft_vocab_size"] == metrics["draft_vocab"]
     assert 50 < metrics["draft_vocab"] <= 300 and metrics["vocab_coverage"] == 1.0
     assert metrics["supervise"] == "all" and metrics["supervised_positions"] > metrics["assistant_positions"] > 0
-    assert {p.name for p in out.rglob("*.pt")} == {"optimizer.pt"}  # weights only as safetensors
+    assert not list(out.rglob("*.pt"))  # weights as safetensors, the train state as torch.distributed.checkpoint
+    assert (out / "checkpoint" / "train_state" / "dcp" / ".metadata").is_file()
 
     # The trained drafter decodes losslessly through the engine.
     from deepspec.decoding.engine import Engine
@@ -304,7 +283,7 @@ def test_bench_train_compares_recipes_on_one_feature_cache(tmp_path, tiny_target
     from deepspec.features.extract import extract_all
     from deepspec.training.bench import bench_train, load_recipes
 
-    cfg = _pipeline_cfg(tmp_path, tiny_target_dir)
+    cfg = pipeline_config(tmp_path, tiny_target_dir)
     regenerate(cfg)
     extract_all(cfg)
     recipes = tmp_path / "bench_train_tiny.yaml"  # outputs are named after it: bench/train_tiny.*

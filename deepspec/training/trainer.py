@@ -10,12 +10,13 @@ rate and tokens/s to MLflow; `train_log.jsonl` keeps the same rows for the repor
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from tqdm import tqdm
@@ -24,6 +25,7 @@ from deepspec import io, tracking
 from deepspec.config import Config
 from deepspec.drafters.eagle3 import Eagle3Drafter
 from deepspec.features.extract import block_layer_ids, drafter_layers, features_dir, load_manifest, load_sequences
+from deepspec.training.distributed import Direct, Runner, Trainable, World, join, leave, micro_plan, save_checkpoint
 from deepspec.training.targets import cached_soft_targets, draft_vocab, supervised, topk_mass, training_targets
 
 
@@ -59,24 +61,24 @@ def _batch(train_idx: list[int], micro: int, per: int, seed: int) -> list[int]:
     return [train_idx[j] for j in order[i * per : (i + 1) * per]]
 
 
-def _run_batch(model: Eagle3Drafter, seqs: list[dict], labels: list[dict], steps: int, decay: float,
-               train: bool) -> dict[str, Any]:
-    """Loss (backpropagated when `train`), per-step sums and hits over a list of sequences."""
+def _run_batch(runner: Runner, seqs: list[dict], labels: list[dict], steps: int, decay: float, train: bool,
+               last: bool = True) -> dict[str, Any]:
+    """Loss (backpropagated, one sequence at a time, when `train`), per-step sums and hits over a list of
+    sequences. `last`: this list ends the optimizer step (its final backward reduces across ranks)."""
     counts = [sum(float(t["weight"][1 + k :].sum()) for t in labels) for k in range(steps)]
     trained = [sum(float(t["trained"][1 + k :].sum()) for t in labels) for k in range(steps)]
     loss_sum = [0.0] * steps
     hit_sum = [0.0] * steps
     depth_sum, depth_n = 0.0, 0
-    for s, t in zip(seqs, labels):
-        if s["input_ids"].numel() < 2:
-            continue
-        with torch.set_grad_enabled(train):
-            losses, hits, first_miss = model.ttt_loss(
-                s["hidden"].flatten(1).float(), s["input_ids"], t["target_idx"], t["target_p"], t["target_top"],
-                t["weight"], t["trained"], steps)
+    pairs = [(s, t) for s, t in zip(seqs, labels) if s["input_ids"].numel() >= 2]
+    for i, (s, t) in enumerate(pairs):
+        with torch.set_grad_enabled(train), runner.sync(last and i == len(pairs) - 1):
+            losses, hits, first_miss = runner.call(
+                Eagle3Drafter.ttt_loss, s["hidden"].flatten(1).float(), s["input_ids"], t["target_idx"], t["target_p"],
+                t["target_top"], t["weight"], t["trained"], steps)
             total = sum((decay**k) * losses[k] / max(counts[k], 1.0) for k in range(steps))
             if train:
-                total.backward()
+                runner.backward(total)
         for k in range(steps):
             loss_sum[k] += float(losses[k].detach())
             hit_sum[k] += float(hits[k])
@@ -92,30 +94,31 @@ def _run_batch(model: Eagle3Drafter, seqs: list[dict], labels: list[dict], steps
     }
 
 
-def _save_checkpoint(directory: Path, model: Eagle3Drafter, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    tmp = io.temp_sibling(directory)
-    model.save(tmp / "model")
-    (tmp / "train_state").mkdir(parents=True, exist_ok=True)
-    torch.save(opt.state_dict(), tmp / "train_state" / "optimizer.pt")
-    (tmp / "train_state" / "state.json").write_text(json.dumps(state, indent=2))
-    io.replace_dir(tmp, directory)
-
-
 def train(cfg: Config, name: str, stop_after_steps: int | None = None) -> Path:
-    """Train drafter `name`; resumes from its checkpoint. `stop_after_steps` ends the run early as a
-    crash would (tests use it to check the exact resume)."""
-    from deepspec.models import load_model
-
+    """Train drafter `name` under its launcher (`train.distributed`); resumes from its checkpoint, at any
+    world size for none / ddp / fsdp2. `stop_after_steps` ends the run early as a crash would (tests use
+    it to check the exact resume)."""
     if name not in cfg.drafters:
         raise ValueError(f"drafter {name!r} is not in the config (drafters: {', '.join(cfg.drafters) or 'none'})")
+    world = join(cfg.drafters[name].train.distributed)
+    try:
+        return _train(cfg, name, world, stop_after_steps)
+    finally:
+        leave()
+
+
+def _train(cfg: Config, name: str, world: World, stop_after_steps: int | None) -> Path:
+    from deepspec.models import load_model
+
     dc = cfg.drafters[name]
     tc = dc.train
     out = drafter_dir(cfg, name)
     ckpt = out / "checkpoint"
     log_path = out / "train_log.jsonl"
-    torch.set_num_threads(tc.threads or os.cpu_count() or 1)
+    say = print if world.main else (lambda *a, **k: None)
+    torch.set_num_threads(tc.threads or max(1, (os.cpu_count() or 1) // world.size))
     fdir = features_dir(cfg)
-    with tracking.stage_run(cfg, "train", f"train {name}", drafter=name) as run:
+    with tracking.stage_run(cfg, "train", f"train {name}", enabled=world.main, drafter=name) as run:
         manifest = load_manifest(fdir)
         run.tags(tracking.lineage({"feature_manifest": fdir / "manifest.json"},
                                   {"drafter": cfg.section_hash("drafters", name), "train_data": cfg.section_hash("train_data"),
@@ -131,7 +134,11 @@ def train(cfg: Config, name: str, stop_after_steps: int | None = None) -> Path:
         val_idx, train_idx = perm[:n_val], perm[n_val:]
         lm_head = loaded.model.get_output_embeddings().weight.detach().float()
         t_soft = time.perf_counter()
+        if not world.main:
+            world.barrier()  # rank 0 computes and stores the soft targets; the others read them
         cached, reused = cached_soft_targets(fdir, manifest, seqs, lm_head, dc.soft_top_k)
+        if world.main:
+            world.barrier()
         for s in seqs:
             del s["final"]  # only the cached top-k is needed from here on
         soft_s = time.perf_counter() - t_soft
@@ -141,8 +148,9 @@ def train(cfg: Config, name: str, stop_after_steps: int | None = None) -> Path:
                                           dc.vocab_coverage)
         per = min(tc.batch_sequences, len(train_idx))
         micro_per_epoch = max(1, len(train_idx) // per)
-        total = max(1, math.ceil(tc.epochs * micro_per_epoch / tc.grad_accum))
-        model = _new_drafter(cfg, name, loaded, layers, draft_ids, manifest, [seqs[i]["hidden"] for i in train_idx])
+        n_micro, mine = micro_plan(tc.sequences_per_step // tc.batch_sequences * per, per, world)
+        total = max(1, math.ceil(tc.epochs * micro_per_epoch / n_micro))
+        model = _new_drafter(cfg, name, loaded, layers, draft_ids, manifest, [seqs[i]["hidden"] for i in train_idx], say)
         steps = dc.ttt_length if dc.kind == "eagle3" else model.drafts
         lookup = torch.full((vocab_size,), -1, dtype=torch.long)
         lookup[draft_ids] = torch.arange(draft_ids.numel())
@@ -153,38 +161,46 @@ def train(cfg: Config, name: str, stop_after_steps: int | None = None) -> Path:
                   for i, s in enumerate(seqs)]
         mass = topk_mass(cached)
         del cached
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=tc.lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay)
+        amp = tc.precision == "bfloat16" or (tc.precision == "auto" and world.device.type == "cuda")
+        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        trainable = Trainable(model, tc.distributed, world, tc, n_micro // world.size, amp)
+        if world.device.type != "cpu":
+            seqs, labels = [_to(s, world.device) for s in seqs], [_to(t, world.device) for t in labels]
         step = 0
         history: list[dict[str, Any]] = []
-        if (ckpt / "train_state" / "state.json").is_file():
-            state = json.loads((ckpt / "train_state" / "state.json").read_text())
+        state_file = ckpt / "train_state" / "state.json"
+        if state_file.is_file():
+            state = json.loads(state_file.read_text())
             if state["config_hash"] == _train_hash(cfg, name):
-                model.load_state_dict(type(model).load(ckpt / "model", model.embed).state_dict())
-                opt.load_state_dict(torch.load(ckpt / "train_state" / "optimizer.pt", weights_only=True))
+                written = state.get("launcher_state", "dcp")
+                if written != _state_kind(tc.distributed):
+                    raise ValueError(f"{ckpt}: train state written by the {written} launcher family; resume with it, "
+                                     f"or delete the folder to start over")
+                trainable.load_state(ckpt / "train_state")
                 step = state["step"]
                 history = [r for r in io.read_jsonl(log_path)] if log_path.is_file() else []
                 history = [r for r in history if r["step"] <= step]
-                print(f"[train] {name}: resuming at step {step}/{total}")
+                say(f"[train] {name}: resuming at step {step}/{total} on {world.size} process(es) "
+                    f"(written by {state.get('world_size', 1)})")
         tokens_total = sum(int(seqs[i]["input_ids"].numel()) for i in train_idx)
         supervised_total = sum(int(m.sum()) for m in train_masks)
         assistant_total = sum(int(supervised(seqs[i]["loss_mask"], "assistant").sum()) for i in train_idx)
-        amp = tc.precision == "bfloat16" or (tc.precision == "auto" and torch.cuda.is_available())
         run.params({"drafter": name, "algorithm": dc.kind, "layers": layers, "draft_vocab": int(draft_ids.numel()),
                     "vocab_coverage": round(coverage, 4), "train_sequences": len(train_idx), "val_sequences": n_val,
                     "train_tokens": tokens_total, "supervised_positions": supervised_total,
                     "assistant_positions": assistant_total, "soft_topk_mass": round(mass, 4),
-                    "soft_targets_s": round(soft_s, 1), "total_steps": total, "parameters": sum(p.numel() for p in params),
-                    "bf16_autocast": amp, **{f"train.{k}": v for k, v in tc.model_dump().items()},
+                    "soft_targets_s": round(soft_s, 1), "total_steps": total, "parameters": n_params,
+                    "bf16_autocast": amp, "world_size": world.size, "micro_batches_per_step": n_micro,
+                    **{f"train.{k}": v for k, v in tc.model_dump().items()},
                     **{k: v for k, v in dc.model_dump().items() if k not in ("train", "kind", "layers", "draft_vocab", "vocab_coverage")}})
-        print(f"[train] {name}: {len(train_idx)} train / {n_val} val sequences ({tokens_total} tokens; supervised "
-              f"{supervised_total} positions, {assistant_total} of them before a target-written token), layers {layers}, "
-              f"draft vocab {draft_ids.numel()} covering {100 * coverage:.1f}% of supervised argmaxes, "
-              f"top-{dc.soft_top_k} soft targets keep {100 * mass:.1f}% of the mass ({soft_s:.0f} s"
-              f"{', stored by an earlier run' if reused else ''}), "
-              f"{sum(p.numel() for p in params) / 1e6:.2f}M parameters, {total} steps")
-        model.train()
-        bar = tqdm(total=total, initial=step, desc=f"train {name}", unit="step", dynamic_ncols=True)
+        say(f"[train] {name}: {len(train_idx)} train / {n_val} val sequences ({tokens_total} tokens; supervised "
+            f"{supervised_total} positions, {assistant_total} of them before a target-written token), layers {layers}, "
+            f"draft vocab {draft_ids.numel()} covering {100 * coverage:.1f}% of supervised argmaxes, "
+            f"top-{dc.soft_top_k} soft targets keep {100 * mass:.1f}% of the mass ({soft_s:.0f} s"
+            f"{', stored by an earlier run' if reused else ''}), {n_params / 1e6:.2f}M parameters, {total} steps of "
+            f"{n_micro} x {per} sequences on {world.size} {world.device.type} process(es) ({tc.distributed})")
+        trainable.train()
+        bar = tqdm(total=total, initial=step, desc=f"train {name}", unit="step", dynamic_ncols=True, disable=not world.main)
         ran = 0
         wall = history[-1].get("wall_s", 0.0) if history else 0.0  # training time so far (validation excluded)
         while step < total:
@@ -193,21 +209,15 @@ def train(cfg: Config, name: str, stop_after_steps: int | None = None) -> Path:
                 raise KeyboardInterrupt(f"stopped after {ran} steps (test hook)")
             t0 = time.perf_counter()
             lr = lr_at(step, total, dc)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            opt.zero_grad(set_to_none=True)
-            stats = []
-            for a in range(tc.grad_accum):
-                batch = _batch(train_idx, step * tc.grad_accum + a, per, tc.seed)
-                gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + step * tc.grad_accum + a)  # anchors
-                with torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16, enabled=amp):
-                    stats.append(_run(model, dc, [seqs[i] for i in batch], [labels[i] for i in batch], True, gen))
-            if tc.grad_accum > 1:
-                for p in params:
-                    if p.grad is not None:
-                        p.grad.div_(tc.grad_accum)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.grad_clip or float("inf")))
-            opt.step()
+            local = []
+            for j, m in enumerate(mine):
+                batch = _batch(train_idx, step * n_micro + m, per, tc.seed)
+                gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + step * n_micro + m)  # anchors
+                with _autocast(world, amp), _device(world):
+                    local.append((m, _run(trainable, dc, [seqs[i] for i in batch], [labels[i] for i in batch], True, gen,
+                                          last=j == len(mine) - 1)))
+            grad_norm = trainable.step(lr)
+            stats = [st for _, st in sorted((x for part in world.gather(local) for x in part), key=lambda x: x[0])]
             step += 1
             ran += 1
             elapsed = time.perf_counter() - t0
@@ -215,8 +225,8 @@ def train(cfg: Config, name: str, stop_after_steps: int | None = None) -> Path:
             tokens = sum(s["tokens"] for s in stats)
             row: dict[str, Any] = {"step": step, "lr": lr, "loss": sum(s["loss"] for s in stats) / len(stats),
                                    "grad_norm": grad_norm, "tokens_per_s": tokens / elapsed, "wall_s": wall,
-                                   "epoch": step * tc.grad_accum * per / max(len(train_idx), 1),
-                                   "train_tokens_seen": step * tc.grad_accum * per * tokens_total / max(len(train_idx), 1)}
+                                   "epoch": step * n_micro * per / max(len(train_idx), 1),
+                                   "train_tokens_seen": step * n_micro * per * tokens_total / max(len(train_idx), 1)}
             for k in range(steps):
                 row[f"loss_{k}"] = sum(s["loss_step"][k] for s in stats) / len(stats)
                 row[f"acc_{k}"] = sum(s["acc_step"][k] for s in stats) / len(stats)
@@ -224,9 +234,10 @@ def train(cfg: Config, name: str, stop_after_steps: int | None = None) -> Path:
                 if k in stats[0]:
                     row[k] = sum(s[k] for s in stats) / len(stats)
             if n_val and (step % tc.eval_every == 0 or step == total):
-                model.eval()
-                v = _run(model, dc, [seqs[i] for i in val_idx], [labels[i] for i in val_idx], False, None)
-                model.train()
+                trainable.train(False)
+                with _autocast(world, amp), _device(world):  # on every rank: FSDP2 gathers weights in each forward
+                    v = _run(trainable, dc, [seqs[i] for i in val_idx], [labels[i] for i in val_idx], False, None)
+                trainable.train()
                 row.update({"val_loss": v["loss"], "val_tau_chain": v["tau_chain"],
                             **{f"val_acc_{k}": v["acc_step"][k] for k in range(steps)}})
             history.append(row)
@@ -235,19 +246,27 @@ def train(cfg: Config, name: str, stop_after_steps: int | None = None) -> Path:
             bar.set_postfix(loss=f"{row['loss']:.3f}", acc0=f"{row['acc_0']:.2f}", tok_s=f"{row['tokens_per_s']:.0f}",
                             **({"val_tau": f"{row['val_tau_chain']:.2f}"} if "val_tau_chain" in row else {}))
             if step % tc.save_every == 0 or step == total:
-                io.write_jsonl(log_path, history)
-                _save_checkpoint(ckpt, model, opt, {"step": step, "config_hash": _train_hash(cfg, name), "total": total})
+                if world.main:
+                    io.write_jsonl(log_path, history)
+                save_checkpoint(world, trainable, ckpt, {"step": step, "config_hash": _train_hash(cfg, name), "total": total,
+                                                         "world_size": world.size,
+                                                         "launcher_state": _state_kind(tc.distributed)})
         bar.close()
+        final = trainable.full_drafter()  # collective; the full weights land on rank 0
+        if not world.main:
+            world.barrier()
+            return out
+        final = final.cpu()
         io.write_jsonl(log_path, history)
-        calibration = _calibrate(model, dc, [seqs[i] for i in val_idx], [labels[i] for i in val_idx])
+        calibration = _calibrate(final, dc, [_to(seqs[i], "cpu") for i in val_idx], [_to(labels[i], "cpu") for i in val_idx])
         if calibration is not None:
             io.write_json(out / "calibration.json", calibration)
             run.artifact(out / "calibration.json")
             pooled = calibration["pooled"]
-            print(f"[train] {name}: confidence calibrated on half the validation split; held-out ECE "
-                  f"{pooled['before']['ece']:.3f} -> {pooled['after']['ece']:.3f}, temperatures "
-                  f"{[round(t, 2) for t in calibration['temperatures']]}")
-        model.save(out / "model")
+            say(f"[train] {name}: confidence calibrated on half the validation split; held-out ECE "
+                f"{pooled['before']['ece']:.3f} -> {pooled['after']['ece']:.3f}, temperatures "
+                f"{[round(t, 2) for t in calibration['temperatures']]}")
+        final.save(out / "model")
         last_val = next((r for r in reversed(history) if "val_tau_chain" in r), {})
         summary = {"drafter": name, "steps": total, "train_tokens": tokens_total, "supervise": dc.supervise,
                    "supervised_positions": supervised_total, "assistant_positions": assistant_total, "layers": layers,
@@ -261,13 +280,32 @@ def train(cfg: Config, name: str, stop_after_steps: int | None = None) -> Path:
         run.artifact(out / "metrics.json")
         run.artifact(out / "model", "drafter")  # the whole HF-style folder: config.json + model.safetensors
         acc = ", ".join(f"{a:.2f}" for a in summary["val_acc"] if a is not None)
-        print(f"[train] {name}: {total} steps, final loss {summary['final_loss']:.3f}; validation: "
-              f"chain tau {summary['val_tau_chain'] or float('nan'):.2f}, top-1 accuracy by step [{acc}]")
+        say(f"[train] {name}: {total} steps, final loss {summary['final_loss']:.3f}; validation: "
+            f"chain tau {summary['val_tau_chain'] or float('nan'):.2f}, top-1 accuracy by step [{acc}]")
+        world.barrier()
     return out
 
 
+def _state_kind(launcher: str) -> str:
+    """Train-state format: torch.distributed.checkpoint (none / ddp / fsdp2, interchangeable) or DeepSpeed's."""
+    return "deepspeed" if launcher == "deepspeed" else "dcp"
+
+
+def _to(d: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in d.items()}
+
+
+def _device(world: World) -> contextlib.AbstractContextManager:
+    """New tensors on the training device (the drafters build index tensors as they go)."""
+    return world.device if world.device.type != "cpu" else contextlib.nullcontext()
+
+
+def _autocast(world: World, amp: bool) -> contextlib.AbstractContextManager:
+    return torch.autocast(world.device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+
+
 def _new_drafter(cfg: Config, name: str, loaded, layers: list[int], draft_ids: torch.Tensor, manifest: dict,
-                 train_hidden: list[torch.Tensor]):
+                 train_hidden: list[torch.Tensor], say: Callable[..., None] = print):
     """A fresh drafter of `name`'s kind for this target (head rows and final norm from the target)."""
     dc = cfg.drafters[name]
     tc = dc.train
@@ -279,7 +317,7 @@ def _new_drafter(cfg: Config, name: str, loaded, layers: list[int], draft_ids: t
         if dc.fc_input_scale:
             rms = layer_rms(train_hidden)
             model.fc_in_scale.copy_((1.0 / rms).repeat_interleave(train_hidden[0].shape[-1]))
-            print(f"[train] {name}: fc input scale 1/RMS per layer, RMS {[round(float(r), 2) for r in rms]}")
+            say(f"[train] {name}: fc input scale 1/RMS per layer, RMS {[round(float(r), 2) for r in rms]}")
         if dc.freeze_head:
             if not dc.init_head_from_target:
                 raise ValueError(f"drafters.{name}.freeze_head: a frozen head must be initialised from the target")
@@ -303,12 +341,13 @@ def _new_drafter(cfg: Config, name: str, loaded, layers: list[int], draft_ids: t
     return model
 
 
-def _run(model, dc, seqs: list[dict], labels: list[dict], train: bool, generator: torch.Generator | None) -> dict[str, Any]:
+def _run(runner: Runner, dc, seqs: list[dict], labels: list[dict], train: bool, generator: torch.Generator | None,
+         last: bool = True) -> dict[str, Any]:
     if dc.kind == "eagle3":
-        return _run_batch(model, seqs, labels, dc.ttt_length, dc.ttt_decay, train)
+        return _run_batch(runner, seqs, labels, dc.ttt_length, dc.ttt_decay, train, last)
     from deepspec.drafters.block.loss import run_batch
 
-    return run_batch(model, seqs, labels, dc, train, generator)
+    return run_batch(runner, seqs, labels, dc, train, generator, last=last)
 
 
 def _calibrate(model, dc, seqs: list[dict], labels: list[dict]) -> dict[str, Any] | None:
@@ -323,10 +362,10 @@ def _calibrate(model, dc, seqs: list[dict], labels: list[dict]) -> dict[str, Any
     with torch.no_grad():
         if len(seqs) >= 2:
             half = len(seqs) // 2
-            fit = run_batch(model, seqs[:half], labels[:half], dc, False, None, keep=True).get("kept")
-            held = run_batch(model, seqs[half:], labels[half:], dc, False, None, keep=True).get("kept")
+            fit = run_batch(Direct(model), seqs[:half], labels[:half], dc, False, None, keep=True).get("kept")
+            held = run_batch(Direct(model), seqs[half:], labels[half:], dc, False, None, keep=True).get("kept")
         else:
-            kept = run_batch(model, seqs, labels, dc, False, None, keep=True).get("kept")
+            kept = run_batch(Direct(model), seqs, labels, dc, False, None, keep=True).get("kept")
             fit = held = None
             if kept is not None and kept["hit"].shape[0] >= 2:
                 fit = {k: v[0::2] for k, v in kept.items()}

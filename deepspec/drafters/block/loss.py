@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from deepspec.drafters.block.model import BlockDrafter, block_mask, block_positions, loss_weights
+from deepspec.kernels import reference_losses, soft_target_losses
+from deepspec.training.distributed import Runner
 
 
 def anchor_candidates(trained: Tensor) -> Tensor:
@@ -36,7 +38,7 @@ def sample_anchors(trained: Tensor, num: int | None, generator: torch.Generator 
         if generator is None:
             pick = torch.linspace(0, cand.numel() - 1, num).round().long().unique()
         else:
-            pick = torch.randperm(cand.numel(), generator=generator)[:num].sort().values
+            pick = torch.randperm(cand.numel(), generator=generator, device="cpu")[:num].sort().values.to(cand.device)
         cand = cand[pick]
     return cand
 
@@ -55,15 +57,17 @@ def block_terms(model: BlockDrafter, hidden: Tensor, input_ids: Tensor, labels: 
     tc = t.clamp(max=T - 1)
     valid = (labels["trained"][tc] & (t <= T - 2)).long().cumprod(dim=-1).bool()  # a contiguous prefix
     logits, states = model.draft_logits(h, input_ids[tc])  # teacher-forced previous tokens: x_{a+j}
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    idx, p_t = labels["target_idx"][tc].long(), labels["target_p"][tc]
-    logp_top = logp.gather(-1, idx)
+    idx, p_t = labels["target_idx"][tc].long(), labels["target_p"][tc]  # top-k ids outside the draft vocab: p = 0
     w = valid * labels["weight"][tc] * loss_weights(D, gamma)[None, :]
-    ce = -(p_t * logp_top).sum(-1)
+    with torch.no_grad():  # the argmax of the log-probabilities on CPU, where it must repeat earlier runs bit for bit
+        draft_top = (logits if logits.is_cuda else torch.log_softmax(logits.float(), dim=-1)).argmax(-1)
+    if logits.is_cuda:  # fused over the vocabulary (Triton where installed): the logits become their gradient
+        A, V = logits.shape[0], logits.shape[-1]
+        ce, l1 = (x.view(A, D) for x in soft_target_losses(logits.reshape(A * D, V), idx.reshape(A * D, -1),
+                                                           p_t.reshape(A * D, -1)))
+    else:
+        ce, l1 = reference_losses(logits, idx, p_t)
     out = {"ce": (ce * w).sum(0), "w": w.sum(0)}
-    inside = p_t > 0  # top-k ids outside the draft vocabulary carry p = 0 (their index is a placeholder)
-    p_d_top = logp_top.exp() * inside
-    l1 = (p_d_top - p_t).abs().mul(inside).sum(-1) + (1.0 - p_d_top.sum(-1)).clamp(min=0.0)
     accept = (1.0 - 0.5 * l1).clamp(0.0, 1.0)
     out["l1"] = (l1 * w).sum(0)
     if model.confidence_head is not None:
@@ -71,7 +75,7 @@ def block_terms(model: BlockDrafter, hidden: Tensor, input_ids: Tensor, labels: 
         out["bce"] = (F.binary_cross_entropy_with_logits(z, accept.detach(), reduction="none") * w).sum(0)
         out["confidence"] = z.detach()
     with torch.no_grad():
-        hit = (model.draft_to_target[logp.argmax(-1)] == labels["target_top"][tc]) & valid
+        hit = (model.draft_to_target[draft_top] == labels["target_top"][tc]) & valid
         out["hits"] = hit.sum(0).float()
         out["scored"] = valid.sum(0).float()
         out["run"] = hit.long().cumprod(dim=-1).sum(-1)  # drafts accepted from j = 0, teacher-forced
@@ -79,36 +83,42 @@ def block_terms(model: BlockDrafter, hidden: Tensor, input_ids: Tensor, labels: 
     return out
 
 
-def run_batch(model: BlockDrafter, seqs: list[dict], labels: list[dict], dc: Any, train: bool,
-              generator: torch.Generator | None, keep: bool = False) -> dict[str, Any]:
-    """Loss (backpropagated when `train`) and per-draft statistics over a list of sequences.
+def batch_terms(model: BlockDrafter, items: list[tuple[Tensor, Tensor, dict[str, Tensor], Tensor]],
+                gamma: float | None) -> list[dict[str, Tensor]]:
+    """`block_terms` of every (hidden, input_ids, labels, anchors) of a micro-batch: one forward, one backward."""
+    return [block_terms(model, hidden.to(model.norm.weight.dtype), ids, labels, anchors, gamma)
+            for hidden, ids, labels, anchors in items]
+
+
+def run_batch(runner: Runner, seqs: list[dict], labels: list[dict], dc: Any, train: bool,
+              generator: torch.Generator | None, keep: bool = False, last: bool = True) -> dict[str, Any]:
+    """Loss (backpropagated when `train`; `last` ends the optimizer step) and per-draft statistics over a
+    list of sequences.
 
     Training draws `dc.num_anchors` anchors per sequence from `generator`; evaluation (`generator` None)
     uses every candidate. `keep` returns the per-block confidences and hits (for calibration)."""
-    D = model.drafts
+    D = runner.drafter.drafts
     coef = {"ce": dc.ce_weight, "l1": dc.l1_weight, "bce": dc.confidence_weight}
     sums = {k: torch.zeros(D) for k in ("ce", "w", "l1", "bce", "hits", "scored")}
     total: Tensor | None = None
     runs, blocks = 0.0, 0
     kept: dict[str, list[Tensor]] = {"confidence": [], "hit": [], "valid": []}
-    terms_all = []
-    with torch.set_grad_enabled(train):
-        for s, t in zip(seqs, labels):
-            if s["input_ids"].numel() < 3:
-                continue
-            anchors = sample_anchors(t["trained"], dc.num_anchors if generator is not None else dc.eval_anchors,
-                                     generator)
-            if anchors.numel() == 0:
-                continue
-            terms = block_terms(model, s["hidden"].flatten(1).to(model.norm.weight.dtype), s["input_ids"], t, anchors, dc.loss_gamma)
-            terms_all.append(terms)
+    items = []
+    for s, t in zip(seqs, labels):
+        if s["input_ids"].numel() < 3:
+            continue
+        anchors = sample_anchors(t["trained"], dc.num_anchors if generator is not None else dc.eval_anchors, generator)
+        if anchors.numel():
+            items.append((s["hidden"].flatten(1), s["input_ids"], t, anchors))
+    with torch.set_grad_enabled(train), runner.sync(last):
+        terms_all = runner.call(batch_terms, items, dc.loss_gamma) if items else []
         denom = sum(float(x["w"].sum()) for x in terms_all) or 1.0
         for terms in terms_all:
             part = sum(coef[k] * terms[k].sum() for k in ("ce", "l1", "bce") if k in terms and coef[k] > 0)
             total = part / denom if total is None else total + part / denom
             for k in sums:
                 if k in terms:
-                    sums[k] += terms[k].detach()
+                    sums[k] += terms[k].detach().cpu()
             scored = terms["valid"][:, 0]
             runs += float(terms["run"][scored].sum())
             blocks += int(scored.sum())
@@ -116,7 +126,7 @@ def run_batch(model: BlockDrafter, seqs: list[dict], labels: list[dict], dc: Any
                 for k in kept:
                     kept[k].append(terms[k])
         if train and total is not None and total.requires_grad:
-            total.backward()
+            runner.backward(total)
     w = sums["w"].clamp(min=1e-9)
     out = {
         "loss": float(total.detach()) if total is not None else 0.0,
