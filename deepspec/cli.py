@@ -81,6 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="validate a config and print its hash and effective values")
     _config_args(p)
 
+    p = sub.add_parser("serve", help="serve a target over an OpenAI-compatible completions endpoint (tests and small "
+                                     "jobs; vLLM / SGLang at scale)")
+    p.add_argument("--model", required=True, help="path, hub id or packaged:<name>")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--max-len", type=int, default=4096)
+
     p = sub.add_parser("schema", help="write the JSON schema Snakemake validates configs against")
     p.add_argument("--out", default=str(SCHEMA_PATH))
 
@@ -119,6 +127,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         for name in ASSETS:
             print(f"{name}: {asset_path(name)}")
         print(f"{args.model}: {resolve(args.model)[0]}")
+        return 0
+    if args.command == "serve":
+        from deepspec.serving import serve
+
+        serve(args.model, args.host, args.port, args.dtype, args.max_len)
         return 0
     cfg = load(args.config, args.overrides)
     if args.command == "check":

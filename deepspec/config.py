@@ -141,7 +141,13 @@ class TrainDataConfig(_Strict):
     source: str | None = Field(None, description="file (sharegpt/jsonl) or HF dataset id; packaged ShareGPT when omitted")
     max_samples: Annotated[int, Field(ge=0)] | None = Field(400, description="conversations the target answers; null: all")
     dataset_samples: Annotated[int, Field(ge=0)] = Field(0, description="further conversations with the dataset's answers")
-    backend: Literal["auto", "lean", "hf"] = Field("auto", description="regeneration: our batched lean forward or HF generate")
+    backend: Literal["auto", "lean", "hf", "openai"] = Field(
+        "auto", description="regeneration: our batched lean forward, HF generate, or OpenAI-compatible servers (vLLM, SGLang)")
+    servers: list[str] = Field([], description="openai: base URLs, e.g. http://node1:30000/v1; requests spread over them")
+    server_model: str | None = Field(None, description="openai: the model name the servers know (default: target.model)")
+    concurrency: Annotated[int, Field(ge=1)] = Field(8, description="openai: requests in flight")
+    retries: Annotated[int, Field(ge=0)] = Field(5, description="openai: attempts after a failed request, on the next server")
+    timeout_s: Annotated[float, Field(gt=0)] = Field(300.0, description="openai: seconds one request may take")
     max_turns: Annotated[int, Field(ge=1)] = 1
     max_prompt_tokens: Annotated[int, Field(ge=8)] = 256
     max_new_tokens: Annotated[int, Field(ge=1)] = 160
@@ -151,6 +157,12 @@ class TrainDataConfig(_Strict):
 
     @model_validator(mode="after")
     def _source_needed(self) -> "TrainDataConfig":
+        if self.backend == "openai":
+            if not self.servers:
+                raise ValueError("servers: backend 'openai' needs at least one server base URL")
+            for url in self.servers:
+                if not url.startswith(("http://", "https://")):
+                    raise ValueError(f"servers: {url!r} is not an http(s) URL")
         return _needs_source(self)
 
 
@@ -199,19 +211,21 @@ class TrainConfig(_Strict):
         return self.global_batch or self.batch_sequences * self.grad_accum
 
 
-# How a run is launched does not change what it computes: these keys stay out of every config hash (and
-# global_batch while unset), so one reference serves every launcher.
-_LAUNCH_KEYS = ("distributed", "processes", "zero_stage")
+# Where a run executes does not change what it computes: these keys stay out of every config hash (and
+# global_batch while unset), so one reference serves every launcher and every set of servers.
+_LAUNCH_KEYS = {TrainConfig: ("distributed", "processes", "zero_stage"),
+                TrainDataConfig: ("servers", "server_model", "concurrency", "retries", "timeout_s")}
 
 
 def _hashed(node: Any) -> Any:
     if isinstance(node, dict):
         out = {k: _hashed(v) for k, v in node.items()}
-        if "distributed" in out and "batch_sequences" in out:  # a TrainConfig
-            for key in _LAUNCH_KEYS:
-                out.pop(key, None)
-            if out.get("global_batch") is None:
-                out.pop("global_batch", None)
+        for model, keys in _LAUNCH_KEYS.items():
+            if set(keys) <= set(out) and set(out) <= set(model.model_fields):
+                for key in keys:
+                    out.pop(key)
+        if "batch_sequences" in out and out.get("global_batch", 0) is None:
+            out.pop("global_batch")
         return out
     if isinstance(node, list):
         return [_hashed(v) for v in node]
@@ -375,11 +389,17 @@ class Config(_Strict):
         """Drafters some method decodes with: only these are trained (and need features)."""
         return sorted({m.drafter for m in self.methods.values() if m.kind in ("eagle3", "block") and m.drafter is not None})
 
-    def section_hash(self, *keys: str) -> str:
-        """Hash of one part of the config: stage outputs record what they were built from."""
+    def section(self, *keys: str) -> Any:
+        """One part of the config as plain data, without the keys that only say where it runs (`_LAUNCH_KEYS`):
+        what a stage's output depends on (its hash; the Snakemake rule params that trigger reruns)."""
         node: Any = _hashed(self.model_dump(mode="json"))
         for key in keys:
             node = node[key]
+        return node
+
+    def section_hash(self, *keys: str) -> str:
+        """Hash of one part of the config: stage outputs record what they were built from."""
+        node = self.section(*keys)
         blob = json.dumps(node, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

@@ -207,7 +207,7 @@ def _conversation_record(tokenizer, conv: dict[str, Any], prompts: list[list[int
     return {"id": conv["id"], "turns": conv["turns"], "answers": texts, "input_ids": ids, "loss_mask": mask}
 
 
-class _Generate:
+class Generate:
     """Batched answers for a list of prompts with one seed: our lean forward over a batched KV cache
     (Llama-family targets) or HF's `generate`."""
 
@@ -220,16 +220,16 @@ class _Generate:
         self.lean = backend if isinstance(backend, LeanLlama) else None
         self.backend = "lean" if self.lean is not None else "hf"
 
-    def __call__(self, prompts: list[list[int]], seed: int) -> list[list[int]]:
-        td = self.td
+    def __call__(self, prompts: list[list[int]], seed: int, max_new_tokens: int | None = None,
+                 temperature: float | None = None) -> list[list[int]]:
+        new = self.td.max_new_tokens if max_new_tokens is None else max_new_tokens
+        temp = self.td.temperature if temperature is None else temperature
         if self.lean is None:
-            return hf_generate_batch(self.loaded.model, prompts, td.max_new_tokens, self.loaded.eos_ids, self.pad_id,
-                                     td.temperature, seed)
-        need = max(len(p) for p in prompts) + td.max_new_tokens
+            return hf_generate_batch(self.loaded.model, prompts, new, self.loaded.eos_ids, self.pad_id, temp, seed)
+        need = max(len(p) for p in prompts) + new
         if need > self.lean.cache.max_len:
             raise TaskError(f"train_data: a prompt plus max_new_tokens needs {need} positions; raise target.max_len")
-        return self.lean.generate_batch(prompts, td.max_new_tokens, self.loaded.eos_ids, td.temperature,
-                                        torch.Generator().manual_seed(seed))
+        return self.lean.generate_batch(prompts, new, self.loaded.eos_ids, temp, torch.Generator().manual_seed(seed))
 
 
 def train_data_file(cfg: Config) -> Path:
@@ -251,6 +251,7 @@ def regenerate(cfg: Config, stop_after_batches: int | None = None) -> Path:
 
     `stop_after_batches` ends the run early as a crash would (tests use it to check the resume)."""
     from deepspec.models import load_model
+    from deepspec.models.loading import load_tokenizer
 
     td = cfg.train_data
     out = train_data_file(cfg)
@@ -258,13 +259,19 @@ def regenerate(cfg: Config, stop_after_batches: int | None = None) -> Path:
     data_hash = cfg.section_hash("train_data") + cfg.section_hash("target")
     with tracking.stage_run(cfg, "prepare", "prepare train_data", task="train_data") as run:
         convs, source, sha, note = load_conversations(td)
-        loaded = load_model(cfg.target.model, cfg.target.dtype)
-        tok = loaded.tokenizer
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else loaded.eos_ids[0]
+        if td.backend == "openai":  # the servers hold the weights; here only the tokenizer is needed
+            from deepspec.data.openai_client import ServerGenerate
+
+            tok, eos_ids = load_tokenizer(cfg.target.model)
+            generate = ServerGenerate(td, td.server_model or cfg.target.model, tok, eos_ids)
+        else:
+            loaded = load_model(cfg.target.model, cfg.target.dtype)
+            tok, eos_ids = loaded.tokenizer, loaded.eos_ids
+            pad_id = tok.pad_token_id if tok.pad_token_id is not None else eos_ids[0]
+            generate = Generate(loaded, td, pad_id, cfg.target.max_len)
         plan, fixed = plan_batches(convs, td, tok)
         if not plan and not fixed:
             raise TaskError(f"train_data: no conversation has a first prompt of at most {td.max_prompt_tokens} tokens")
-        generate = _Generate(loaded, td, pad_id, cfg.target.max_len)
         done = _whole_batches(partial, plan, data_hash)
         # Rewrite the partial file with whole batches only, so appending continues from a clean end.
         io.write_text(partial, "".join(json.dumps(r) + "\n" for b in sorted(done) for r in done[b]))
@@ -312,7 +319,7 @@ def regenerate(cfg: Config, stop_after_batches: int | None = None) -> Path:
         bar.close()
         records = _whole_batches(partial, plan, data_hash)
         rows = [r for b in range(len(plan)) for r in records[b]]
-        stop_id = tok.eos_token_id if tok.eos_token_id is not None else loaded.eos_ids[0]
+        stop_id = tok.eos_token_id if tok.eos_token_id is not None else eos_ids[0]
         rows += [dict(dataset_record(tok, c, td.max_new_tokens, stop_id), data_hash=data_hash) for c in fixed]
         io.write_jsonl(out, rows)
         partial.unlink(missing_ok=True)
@@ -329,7 +336,8 @@ def regenerate(cfg: Config, stop_after_batches: int | None = None) -> Path:
                      "dataset_answer_tokens": dataset_tokens,
                      **({"generated_tokens_per_s": generated / gen_time} if gen_time else {})})
         run.artifact(out.with_suffix(".meta.json"))
+        retried = getattr(generate, "failures", 0)
         print(f"[prepare] train_data: {len(rows)} conversations, {tokens} tokens ({target_tokens} written by the "
-              f"target, {dataset_tokens} dataset answer tokens)")
+              f"target, {dataset_tokens} dataset answer tokens){f'; {retried} requests retried' if retried else ''}")
     return out
 

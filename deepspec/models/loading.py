@@ -118,6 +118,24 @@ def resolve(spec: str) -> tuple[str, str]:
     return spec, "hub:" + spec  # a hub id; resolved (or refused) by from_pretrained
 
 
+def load_tokenizer(spec: str) -> tuple[object, list[int]]:
+    """The target's tokenizer and stop ids without its weights (regeneration through servers needs no more)."""
+    _quiet_transformers()
+    from transformers import AutoTokenizer, GenerationConfig
+
+    source, _ = resolve(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except OSError as err:
+        raise ModelLoadError(f"target.model: cannot load the tokenizer of {spec!r} ({str(err).strip()[:200]})") from None
+    try:
+        eos = GenerationConfig.from_pretrained(source).eos_token_id
+    except OSError:
+        eos = None
+    ids = {i for src in (eos, tokenizer.eos_token_id) if src is not None for i in (src if isinstance(src, list) else [src])}
+    return tokenizer, sorted(ids)
+
+
 def load_model(spec: str, dtype: str = "float32") -> LoadedModel:
     _quiet_transformers()
     from transformers import AutoModelForCausalLM, AutoTokenizer
