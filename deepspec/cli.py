@@ -63,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(feature cache throughput), `train` (training recipes on a learning curve), "
                                      "`regenerate` (our batched generation against HF generate), `drafters` (trained "
                                      "drafters teacher-forced on the evaluation outputs), `loss` (fused soft-target loss against the naive one: "
-                                     "peak memory and time)")
-    p.add_argument("what", choices=["decode", "extract", "train", "regenerate", "drafters", "loss"])
+                                     "peak memory and time), `gpu` (the prepared check for a CUDA device)")
+    p.add_argument("what", choices=["decode", "extract", "train", "regenerate", "drafters", "loss", "gpu"])
     _config_args(p)
     p.add_argument("--prompts", type=int, default=8, help="decode: prompts; extract: training sequences; "
                                                            "regenerate: training prompts in the batch")
@@ -77,9 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", type=int, default=3584, help="loss: logit rows (DSpark: 512 blocks of 7)")
     p.add_argument("--vocab", type=int, default=151_936, help="loss: vocabulary (Qwen3's by default)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="loss: logits dtype")
+    p.add_argument("--shape", default="8b", choices=["8b", "tiny"], help="gpu: target shape (tiny runs on the CPU)")
 
-    p = sub.add_parser("check", help="validate a config and print its hash and effective values")
+    p = sub.add_parser("check", help="validate a config; print its hash and what it will cost (work, feature-cache size)")
     _config_args(p)
+    p.add_argument("--effective", action="store_true", help="also print every effective value")
 
     p = sub.add_parser("serve", help="serve a target over an OpenAI-compatible completions endpoint (tests and small "
                                      "jobs; vLLM / SGLang at scale)")
@@ -135,8 +137,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     cfg = load(args.config, args.overrides)
     if args.command == "check":
+        from deepspec.planning import format_plan
+
         print(f"config ok: experiment {cfg.experiment}, hash {cfg.hash()}")
-        print(json.dumps(cfg.model_dump(mode="json"), indent=2))
+        if args.effective:
+            print(json.dumps(cfg.model_dump(mode="json"), indent=2))
+        print(format_plan(cfg))
         return 0
     if args.command == "prepare" and args.train:
         from deepspec.data.training import regenerate
@@ -180,6 +186,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         table = pd.DataFrame(rows).to_markdown(index=False)
         io.write_text(cfg.out_dir / "bench" / "loss.md", table + "\n")
         print(table)
+    elif args.command == "bench" and args.what == "gpu":
+        import pandas as pd
+
+        from deepspec import io
+        from deepspec.gpu_check import gpu_check
+
+        table = pd.DataFrame(gpu_check(args.shape)).astype(object).fillna("").to_markdown(index=False)
+        path = io.write_text(cfg.out_dir / "bench" / f"gpu_{args.shape}.md", table + "\n")
+        print(table)
+        print(f"wrote {path}")
     elif args.command == "bench" and args.what == "drafters":
         from deepspec.training.teacher_forced import bench_drafters
 

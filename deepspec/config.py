@@ -35,11 +35,16 @@ class TargetConfig(_Strict):
     dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
     backend: Literal["auto", "lean", "hf"] = "auto"
     max_len: Annotated[int, Field(gt=16)] = 4096
+    chat_template_kwargs: dict[str, Any] = Field(
+        {}, description="passed to the chat template wherever a prompt is built, e.g. {enable_thinking: false} for Qwen3")
 
 
 class TaskConfig(_Strict):
     kind: Literal["mt_bench", "humaneval", "jsonl", "hf"]
     source: str | None = Field(None, description="jsonl path or HF dataset id; packaged data when omitted")
+    subset: str | None = Field(None, description="hf: the dataset's configuration name (e.g. gsm8k's 'main')")
+    split: str | None = Field(None, description="hf: the split (default test)")
+    prompt_field: str | None = Field(None, description="the column holding a single-turn prompt (default: a 'turns' list)")
     max_samples: Annotated[int, Field(ge=1)] | None = None
     max_new_tokens: Annotated[int, Field(ge=1)] | None = None
     max_turns: Annotated[int, Field(ge=1)] | None = None
@@ -148,6 +153,7 @@ class TrainDataConfig(_Strict):
     concurrency: Annotated[int, Field(ge=1)] = Field(8, description="openai: requests in flight")
     retries: Annotated[int, Field(ge=0)] = Field(5, description="openai: attempts after a failed request, on the next server")
     timeout_s: Annotated[float, Field(gt=0)] = Field(300.0, description="openai: seconds one request may take")
+    server_params: dict[str, Any] = Field({}, description="openai: more sampling fields per request (top_p, top_k, min_p)")
     max_turns: Annotated[int, Field(ge=1)] = 1
     max_prompt_tokens: Annotated[int, Field(ge=8)] = 256
     max_new_tokens: Annotated[int, Field(ge=1)] = 160
@@ -179,6 +185,8 @@ class TrainConfig(_Strict):
     lr: Annotated[float, Field(gt=0)] = 1e-3
     min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.1
     warmup_steps: Annotated[int, Field(ge=0)] = 20
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] | None = Field(None, description="warmup as a share of the steps "
+                                                                                       "(instead of warmup_steps)")
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
     grad_clip: Annotated[float, Field(gt=0)] | None = 0.5
     batch_sequences: Annotated[int, Field(ge=1)] = Field(4, description="sequences per micro-batch per process")
@@ -211,21 +219,25 @@ class TrainConfig(_Strict):
         return self.global_batch or self.batch_sequences * self.grad_accum
 
 
-# Where a run executes does not change what it computes: these keys stay out of every config hash (and
-# global_batch while unset), so one reference serves every launcher and every set of servers.
+# Where a run executes does not change what it computes: these keys stay out of every config hash and rule
+# param, so one reference serves every launcher and every set of servers. Keys added after a reference was
+# made stay out too while unset, so old hashes hold.
 _LAUNCH_KEYS = {TrainConfig: ("distributed", "processes", "zero_stage"),
                 TrainDataConfig: ("servers", "server_model", "concurrency", "retries", "timeout_s")}
+_UNSET_KEYS = {TargetConfig: {"chat_template_kwargs": {}}, TaskConfig: {"subset": None, "split": None, "prompt_field": None},
+               TrainConfig: {"global_batch": None, "warmup_ratio": None}, TrainDataConfig: {"server_params": {}}}
 
 
 def _hashed(node: Any) -> Any:
     if isinstance(node, dict):
         out = {k: _hashed(v) for k, v in node.items()}
-        for model, keys in _LAUNCH_KEYS.items():
-            if set(keys) <= set(out) and set(out) <= set(model.model_fields):
-                for key in keys:
+        for model in _UNSET_KEYS:
+            if set(out) == set(model.model_fields):
+                for key in _LAUNCH_KEYS.get(model, ()):
                     out.pop(key)
-        if "batch_sequences" in out and out.get("global_batch", 0) is None:
-            out.pop("global_batch")
+                for key, unset in _UNSET_KEYS[model].items():
+                    if out[key] == unset:
+                        out.pop(key)
         return out
     if isinstance(node, list):
         return [_hashed(v) for v in node]
@@ -316,6 +328,38 @@ class EvalConfig(_Strict):
     threads: Annotated[int, Field(ge=0)] = 0
 
 
+STAGES = ("prepare", "prepare_train", "extract", "feature_manifest", "train", "evaluate", "report")
+
+
+class ResourcesConfig(_Strict):
+    """What each job asks its scheduler for (Snakemake `resources`: memory, run time, GPUs; the SLURM executor
+    plugin turns them into its request). Where jobs run, not what they compute: left out of every hash."""
+
+    gpus: Annotated[int, Field(ge=0)] = Field(
+        0, description="GPUs per extract job (each claims a free device of its node); a train job asks for "
+                       "train.processes GPUs when this is > 0")
+    mem_mb: dict[str, Annotated[int, Field(ge=1)]] = Field(
+        {"prepare": 4000, "prepare_train": 16000, "extract": 32000, "feature_manifest": 4000, "train": 64000,
+         "evaluate": 32000, "report": 4000}, description="memory per job of each stage (MB)")
+    runtime_min: dict[str, Annotated[int, Field(ge=1)]] = Field(
+        {"prepare": 30, "prepare_train": 1440, "extract": 240, "feature_manifest": 30, "train": 2880,
+         "evaluate": 720, "report": 30}, description="wall-time limit per job of each stage (minutes)")
+
+    @field_validator("mem_mb", "runtime_min")
+    @classmethod
+    def _stages(cls, value: dict[str, int]) -> dict[str, int]:
+        unknown = sorted(set(value) - set(STAGES))
+        if unknown:
+            raise ValueError(f"unknown stage {unknown[0]!r} (stages: {', '.join(STAGES)})")
+        return value
+
+    def of(self, stage: str, gpus: int = 0) -> dict[str, int]:
+        """Snakemake resources of one job of `stage`; defaults fill stages the config leaves out."""
+        base = ResourcesConfig.model_fields
+        return {"mem_mb": self.mem_mb.get(stage, base["mem_mb"].default[stage]),
+                "runtime": self.runtime_min.get(stage, base["runtime_min"].default[stage]), "gpu": gpus}
+
+
 class TrackingConfig(_Strict):
     uri: str | None = Field(None, description="MLflow tracking URI; MLFLOW_TRACKING_URI wins, else sqlite under results")
 
@@ -340,6 +384,7 @@ class Config(_Strict):
     features: FeaturesConfig = FeaturesConfig()
     drafters: dict[str, DrafterConfig] = {}
     tracking: TrackingConfig = TrackingConfig()
+    resources: ResourcesConfig = ResourcesConfig()
     reproduce: ReproduceConfig = ReproduceConfig()
 
     @field_validator("tasks", "methods", "drafters")
@@ -406,9 +451,9 @@ class Config(_Strict):
     def hash(self) -> str:
         """Stable short hash of the effective config (key order and formatting do not matter).
 
-        `reproduce` is left out: it says what a run is compared with, not what it computes, so a run and
-        the reference it reproduces share one hash."""
-        blob = json.dumps(_hashed(self.model_dump(mode="json", exclude={"reproduce"})), sort_keys=True, separators=(",", ":"))
+        `reproduce` and `resources` are left out: they say what a run is compared with and where it runs, not
+        what it computes, so a run and the reference it reproduces share one hash."""
+        blob = json.dumps(_hashed(self.model_dump(mode="json", exclude={"reproduce", "resources"})), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

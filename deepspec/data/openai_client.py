@@ -43,7 +43,7 @@ class ServerGenerate:
         td = self.td
         body = json.dumps({"model": self.model, "prompt": prompt, "max_tokens": td.max_new_tokens,
                            "temperature": td.temperature, "seed": seed, "return_token_ids": True,
-                           "skip_special_tokens": True}).encode()
+                           "skip_special_tokens": True, **td.server_params}).encode()
         last = ""
         for attempt in range(td.retries + 1):
             url = self.urls[(slot + attempt) % len(self.urls)]

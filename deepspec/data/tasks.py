@@ -46,24 +46,31 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _turns_rows(name: str, rows: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:
+def _turns_rows(name: str, rows: list[dict[str, Any]], where: str, prompt_field: str | None = None) -> list[dict[str, Any]]:
+    """Samples from rows holding a `turns` list, or a single-turn prompt in column `prompt_field`."""
     samples = []
     for i, row in enumerate(rows):
-        turns = row.get("turns")
+        if prompt_field is not None:
+            if not isinstance(row.get(prompt_field), str) or not row[prompt_field].strip():
+                raise TaskError(f"{where}: row {i + 1} has no text in column {prompt_field!r} (tasks.{name}.prompt_field)")
+            turns = [row[prompt_field]]
+        else:
+            turns = row.get("turns")
         if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
-            raise TaskError(f"{where}: row {i + 1} has no 'turns' list of strings")
+            raise TaskError(f"{where}: row {i + 1} has no 'turns' list of strings (set tasks.{name}.prompt_field for a "
+                            "single-turn column)")
         qid = row.get("question_id", row.get("id", i))
         samples.append({"question_id": qid, "task": name, "category": row.get("category", name), "turns": turns})
     return samples
 
 
-def _load_hf(source: str) -> list[dict[str, Any]]:
+def _load_hf(source: str, subset: str | None = None, split: str | None = None) -> list[dict[str, Any]]:
     try:
         import datasets  # optional dependency (extra "data")
     except ImportError:
         raise TaskError(f"HF dataset {source!r} needs the 'datasets' package (pip install 'deepspec[data]')") from None
     try:
-        return [dict(r) for r in datasets.load_dataset(source, split="test")]
+        return [dict(r) for r in datasets.load_dataset(source, subset, split=split or "test")]
     except Exception as err:  # the hub raises many types; the user needs one line
         raise TaskError(f"cannot load HF dataset {source!r}: {str(err).splitlines()[0]}") from None
 
@@ -71,7 +78,7 @@ def _load_hf(source: str) -> list[dict[str, Any]]:
 def load_task(name: str, cfg: TaskConfig, seed: int = 0) -> TaskData:
     if cfg.kind == "mt_bench":
         path = Path(cfg.source) if cfg.source else asset_path("mt_bench.jsonl")
-        samples = _turns_rows(name, _read_jsonl(path), str(path))
+        samples = _turns_rows(name, _read_jsonl(path), str(path), cfg.prompt_field)
     elif cfg.kind == "humaneval":
         path = Path(cfg.source) if cfg.source else asset_path("humaneval.jsonl.gz")
         samples = [
@@ -82,10 +89,10 @@ def load_task(name: str, cfg: TaskConfig, seed: int = 0) -> TaskData:
         path = Path(cfg.source)
         if not path.is_file():
             raise TaskError(f"tasks.{name}.source: file not found: {path}")
-        samples = _turns_rows(name, _read_jsonl(path), str(path))
+        samples = _turns_rows(name, _read_jsonl(path), str(path), cfg.prompt_field)
     else:
-        rows = _load_hf(cfg.source)
-        samples = _turns_rows(name, rows, cfg.source)
+        rows = _load_hf(cfg.source, cfg.subset, cfg.split)
+        samples = _turns_rows(name, rows, cfg.source, cfg.prompt_field)
         return _subset(TaskData(name, samples, f"hf:{cfg.source}", "", len(samples)), cfg, seed)
     if not samples:
         raise TaskError(f"tasks.{name}: {path} holds no samples")
@@ -102,10 +109,11 @@ def _subset(data: TaskData, cfg: TaskConfig, seed: int) -> TaskData:
     return data
 
 
-def chat_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of a conversation under the model's own chat template, ready for the assistant's turn."""
+def chat_ids(tokenizer, messages: list[dict[str, str]], template_kwargs: dict[str, Any] | None = None) -> list[int]:
+    """Token ids of a conversation under the model's own chat template, ready for the assistant's turn.
+    `template_kwargs` (`target.chat_template_kwargs`) reach the template, e.g. Qwen3's enable_thinking."""
     if getattr(tokenizer, "chat_template", None):
-        out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **(template_kwargs or {}))
         ids = out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out
         return list(ids)
     text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "

@@ -122,7 +122,7 @@ def _conversations(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def plan_batches(convs: list[dict[str, Any]], cfg: TrainDataConfig, tokenizer
+def plan_batches(convs: list[dict[str, Any]], cfg: TrainDataConfig, tokenizer, template_kwargs: dict | None = None
                  ) -> tuple[list[list[dict[str, Any]]], list[dict[str, Any]]]:
     """Seeded selection of conversations whose first prompt fits: the first `max_samples` are grouped by
     length into regeneration batches; the next `dataset_samples` that carry an answer for every kept turn
@@ -139,7 +139,7 @@ def plan_batches(convs: list[dict[str, Any]], cfg: TrainDataConfig, tokenizer
         regen = len(chosen) < limit
         if not regen and any(a is None or not a.strip() for a in conv["answers"][: len(turns)]):
             continue
-        n = len(chat_ids(tokenizer, [{"role": "user", "content": turns[0]}]))
+        n = len(chat_ids(tokenizer, [{"role": "user", "content": turns[0]}], template_kwargs))
         if n > cfg.max_prompt_tokens:
             continue
         item = {"id": conv["id"], "turns": turns, "prompt_tokens": n}
@@ -151,7 +151,8 @@ def plan_batches(convs: list[dict[str, Any]], cfg: TrainDataConfig, tokenizer
     return [chosen[i : i + cfg.batch_size] for i in range(0, len(chosen), cfg.batch_size)], fixed
 
 
-def dataset_record(tokenizer, conv: dict[str, Any], max_new_tokens: int, stop_id: int) -> dict[str, Any]:
+def dataset_record(tokenizer, conv: dict[str, Any], max_new_tokens: int, stop_id: int,
+                   template_kwargs: dict | None = None) -> dict[str, Any]:
     """A conversation with the dataset's own answers (EAGLE-1's fixed data): the target never wrote them,
     but the drafter is still trained on the target's distribution at every position (features and soft
     targets come from the target reading this text). Each answer is cut at `max_new_tokens` as a
@@ -160,7 +161,7 @@ def dataset_record(tokenizer, conv: dict[str, Any], max_new_tokens: int, stop_id
     prompts, answers = [], []
     for turn, text in zip(conv["turns"], conv["answers"]):
         messages.append({"role": "user", "content": turn})
-        prompts.append(chat_ids(tokenizer, messages))
+        prompts.append(chat_ids(tokenizer, messages, template_kwargs))
         ids = tokenizer.encode(text.strip(), add_special_tokens=False)
         answers.append(ids[:max_new_tokens] if len(ids) >= max_new_tokens else ids + [stop_id])
         messages.append({"role": "assistant", "content": tokenizer.decode(answers[-1], skip_special_tokens=True)})
@@ -269,7 +270,8 @@ def regenerate(cfg: Config, stop_after_batches: int | None = None) -> Path:
             tok, eos_ids = loaded.tokenizer, loaded.eos_ids
             pad_id = tok.pad_token_id if tok.pad_token_id is not None else eos_ids[0]
             generate = Generate(loaded, td, pad_id, cfg.target.max_len)
-        plan, fixed = plan_batches(convs, td, tok)
+        chat = cfg.target.chat_template_kwargs
+        plan, fixed = plan_batches(convs, td, tok, chat)
         if not plan and not fixed:
             raise TaskError(f"train_data: no conversation has a first prompt of at most {td.max_prompt_tokens} tokens")
         done = _whole_batches(partial, plan, data_hash)
@@ -300,7 +302,7 @@ def regenerate(cfg: Config, stop_after_batches: int | None = None) -> Path:
                     turn_prompts = []
                     for r in rows:
                         messages[r].append({"role": "user", "content": batch[r]["turns"][turn]})
-                        turn_prompts.append(chat_ids(tok, messages[r]))
+                        turn_prompts.append(chat_ids(tok, messages[r], chat))
                     new = generate(turn_prompts, td.seed * 1_000_003 + b * 101 + turn)
                     for r, p, a in zip(rows, turn_prompts, new):
                         prompts[r].append(p)
@@ -320,7 +322,7 @@ def regenerate(cfg: Config, stop_after_batches: int | None = None) -> Path:
         records = _whole_batches(partial, plan, data_hash)
         rows = [r for b in range(len(plan)) for r in records[b]]
         stop_id = tok.eos_token_id if tok.eos_token_id is not None else eos_ids[0]
-        rows += [dict(dataset_record(tok, c, td.max_new_tokens, stop_id), data_hash=data_hash) for c in fixed]
+        rows += [dict(dataset_record(tok, c, td.max_new_tokens, stop_id, chat), data_hash=data_hash) for c in fixed]
         io.write_jsonl(out, rows)
         partial.unlink(missing_ok=True)
         tokens = sum(len(r["input_ids"]) for r in rows)

@@ -50,11 +50,11 @@ class Tally:
         return self.new_tokens / self.wall if self.wall else 0.0
 
 
-def bench_prompts(tokenizer, n: int, seed: int = 0) -> list[list[int]]:
+def bench_prompts(tokenizer, n: int, seed: int = 0, template_kwargs: dict | None = None) -> list[list[int]]:
     half = max(1, n // 2)
     mt = load_task("mt_bench", TaskConfig(kind="mt_bench", max_samples=half), seed).samples
     he = load_task("humaneval", TaskConfig(kind="humaneval", max_samples=n - half), seed).samples if n > half else []
-    return [chat_ids(tokenizer, [{"role": "user", "content": s["turns"][0]}]) for s in mt + he]
+    return [chat_ids(tokenizer, [{"role": "user", "content": s["turns"][0]}], template_kwargs) for s in mt + he]
 
 
 def verify_cost_curve(backend, context: int = 256, sizes=(1, 2, 4, 8, 16, 32, 64), reps: int = 7) -> dict[str, float]:
@@ -92,7 +92,7 @@ def bench_decode(cfg: Config, n_prompts: int = 8, max_new_tokens: int = 128, thr
         target = load_target(cfg.target.model, cfg.target.dtype, cfg.target.backend, cfg.target.max_len)
         tok, hf = target.tokenizer, target.loaded.model
         engine = Engine(target.backend, target.loaded.eos_ids)
-        prompts = bench_prompts(tok, n_prompts, cfg.eval.seed)
+        prompts = bench_prompts(tok, n_prompts, cfg.eval.seed, cfg.target.chat_template_kwargs)
         runners: dict[str, Callable[[list[int]], tuple[list[int], Any]]] = {}
         eos = target.loaded.eos_ids
 
@@ -324,8 +324,8 @@ def bench_regenerate(cfg: Config, prompts: int = 32, max_new_tokens: int | None 
     target = load_target(cfg.target.model, cfg.target.dtype, "hf", cfg.target.max_len)
     model, tok = target.loaded.model, target.tokenizer
     convs = load_conversations(td)[0]
-    batch = plan_batches(convs, td, tok)[0][0]
-    ids = [chat_ids(tok, [{"role": "user", "content": c["turns"][0]}]) for c in batch]
+    batch = plan_batches(convs, td, tok, cfg.target.chat_template_kwargs)[0][0]
+    ids = [chat_ids(tok, [{"role": "user", "content": c["turns"][0]}], cfg.target.chat_template_kwargs) for c in batch]
     pad = tok.pad_token_id if tok.pad_token_id is not None else target.loaded.eos_ids[0]
     lean = LeanLlama(model, max(len(p) for p in ids) + new + 1)
     with tracking.stage_run(cfg, "bench", "bench regenerate") as run:

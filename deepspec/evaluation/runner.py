@@ -36,14 +36,15 @@ def sampling_of(cfg: Config) -> Sampling:
     return Sampling(cfg.eval.temperature, cfg.eval.top_k, cfg.eval.top_p)
 
 
-def run_conversation(engine: Engine, target: Target, turns: list[str], max_new_tokens: int, proposer, seed: int) -> list[dict]:
+def run_conversation(engine: Engine, target: Target, turns: list[str], max_new_tokens: int, proposer, seed: int,
+                     template_kwargs: dict | None = None) -> list[dict]:
     """All turns of one sample; each later turn sees this method's own earlier answers."""
     tok = target.tokenizer
     messages: list[dict[str, str]] = []
     outputs = []
     for i, turn in enumerate(turns):
         messages.append({"role": "user", "content": turn})
-        prompt = chat_ids(tok, messages)
+        prompt = chat_ids(tok, messages, template_kwargs)
         generator = torch.Generator().manual_seed(seed * 1000 + i)
         gen = engine.generate(prompt, max_new_tokens, proposer, generator)
         text = tok.decode(gen.tokens, skip_special_tokens=True)
@@ -98,7 +99,7 @@ def evaluate(cfg: Config, method: str, task: str, threads: int | None = None) ->
                     "threads": torch.get_num_threads(),
                     **{f"method.{k}": v for k, v in cfg.methods[method].model_dump().items()}})
         # Warm-up: first calls pay one-off allocation costs that would bias whichever method runs first.
-        warm = chat_ids(target.tokenizer, [{"role": "user", "content": "Hello"}])
+        warm = chat_ids(target.tokenizer, [{"role": "user", "content": "Hello"}], cfg.target.chat_template_kwargs)
         engine.generate(warm, 8, proposer)
         engine.generate(warm, 8, base_proposer)
 
@@ -119,7 +120,8 @@ def evaluate(cfg: Config, method: str, task: str, threads: int | None = None) ->
                 if i % 2:
                     order.reverse()
                 for key, prop in order:
-                    rec[key] = run_conversation(engine, target, sample["turns"], max_new, prop, seed)
+                    rec[key] = run_conversation(engine, target, sample["turns"], max_new, prop, seed,
+                                                cfg.target.chat_template_kwargs)
                 fh.write(json.dumps(rec) + "\n")
                 fh.flush()
                 records.append(rec)

@@ -15,6 +15,7 @@ missing shard and a corrupted one is detected (by `load_manifest`) instead of si
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -125,8 +126,13 @@ def extract_shard(cfg: Config, shard: int, target=None) -> Path:
     rows = _shard_rows(io.read_jsonl(src), shard, cfg.features.shards)
     max_len = cfg.features.max_len
     with tracking.stage_run(cfg, "extract", f"extract shard {shard}", shard=str(shard)) as run:
+        device = torch.device("cpu")
         if target is None:
-            target = load_target(cfg.target.model, cfg.target.dtype, cfg.target.backend, max(cfg.target.max_len, max_len))
+            from deepspec.devices import job_device
+
+            device = job_device(cfg.resources.gpus)  # a GPU of this node no other extract job holds
+            target = load_target(cfg.target.model, cfg.target.dtype, cfg.target.backend, max(cfg.target.max_len, max_len),
+                                 device)
         backend = target.backend
         n_layers = backend.config.num_hidden_layers
         layers = feature_layers(cfg, n_layers)
@@ -145,7 +151,8 @@ def extract_shard(cfg: Config, shard: int, target=None) -> Path:
         pos = 0
         for ids, _ in tqdm(seqs, desc=f"extract {shard}", unit="seq", dynamic_ncols=True):
             t0 = time.perf_counter()
-            feats = capture(backend, ids, layers)
+            with device if device.type != "cpu" else contextlib.nullcontext():
+                feats = capture(backend, ids, layers).cpu()
             fwd += time.perf_counter() - t0
             if not torch.isfinite(feats).all():
                 raise FeatureCacheError(f"non-finite hidden states in a sequence of shard {shard}")

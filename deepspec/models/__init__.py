@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from deepspec.models.hf_backend import HFBackend
 from deepspec.models.lean import SUPPORTED_MODEL_TYPES, LeanLlama
 from deepspec.models.loading import LoadedModel, ModelLoadError, load_model
@@ -30,9 +32,16 @@ def make_backend(model, backend: str = "auto", max_len: int = 4096, key: str = "
     return HFBackend(model, max_len)
 
 
-def load_target(spec: str, dtype: str = "float32", backend: str = "auto", max_len: int = 4096) -> Target:
+def load_target(spec: str, dtype: str = "float32", backend: str = "auto", max_len: int = 4096,
+                device: torch.device | str = "cpu") -> Target:
+    """The target and its forward backend on `device` (the backend's caches are allocated there too)."""
     loaded = load_model(spec, dtype)
-    return Target(loaded, make_backend(loaded.model, backend, max_len))
+    device = torch.device(device)
+    if device.type == "cpu":
+        return Target(loaded, make_backend(loaded.model, backend, max_len))
+    loaded.model.to(device)
+    with device:
+        return Target(loaded, make_backend(loaded.model, backend, max_len))
 
 
 __all__ = ["Target", "load_target", "make_backend", "load_model", "LoadedModel", "ModelLoadError"]

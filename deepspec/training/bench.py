@@ -98,7 +98,7 @@ def bench_train(cfg: Config, recipes_path: str, drafter: str | None = None, epoc
         run.params({"drafter": base, "recipes": list(recipes), "epochs": epochs, "prompts": n_prompts,
                     "max_new_tokens": max_new_tokens, "recipes_file": recipes_path})
         target = load_target(cfg.target.model, cfg.target.dtype, cfg.target.backend, cfg.target.max_len)
-        prompts = bench_prompts(target.tokenizer, n_prompts, cfg.eval.seed)
+        prompts = bench_prompts(target.tokenizer, n_prompts, cfg.eval.seed, cfg.target.chat_template_kwargs)
         engine = Engine(target.backend, target.loaded.eos_ids)
         engine.generate(prompts[0][:32], 8)  # warm-up
         ar = []

@@ -31,7 +31,7 @@ def _sequences(cfg: Config, target, task: str, layers: list[int]) -> list[dict[s
         raise FileNotFoundError(f"no evaluation records for task {task!r} under {cfg.out_dir / 'eval'}; run the DAG first")
     seqs = []
     for rec in io.read_jsonl(path):
-        prompt = chat_ids(target.tokenizer, [{"role": "user", "content": rec["turns"][0]}])
+        prompt = chat_ids(target.tokenizer, [{"role": "user", "content": rec["turns"][0]}], cfg.target.chat_template_kwargs)
         ids = prompt + rec["baseline"][0]["token_ids"]  # first turn, the target's own greedy answer
         caps = capture(target.backend, ids, layers)
         mask = torch.zeros(len(ids), dtype=torch.bool)

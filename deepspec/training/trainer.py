@@ -35,9 +35,10 @@ def drafter_dir(cfg: Config, name: str) -> Path:
 
 def lr_at(step: int, total: int, dc) -> float:
     t = dc.train
-    if step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
-    progress = (step - t.warmup_steps) / max(1, total - t.warmup_steps)
+    warmup = t.warmup_steps if t.warmup_ratio is None else round(t.warmup_ratio * total)
+    if step < warmup:
+        return t.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 

@@ -27,6 +27,11 @@ if not os.path.exists(EFFECTIVE) or open(EFFECTIVE).read() != _text:
     write_text(EFFECTIVE, _text)  # rewritten only on change: its mtime must not retrigger jobs
 
 
+def resources_of(stage, gpus=0):
+    """A job's memory (MB), run time (minutes) and GPUs, from the config's `resources` section."""
+    return CFG.resources.of(stage, gpus)
+
+
 def section(*keys):
     """A config section as a string: used as a rule param, so changing it reruns exactly the affected jobs
     (and changing only where they run, launcher or servers, reruns nothing)."""

@@ -11,6 +11,8 @@ rule evaluate:
         target=section("target"),
         eval=section("eval"),
     threads: workflow.cores
+    resources:
+        **resources_of("evaluate"),
     log:
         f"{OUT}/logs/evaluate/{{method}}-{{task}}.log",
     shell:

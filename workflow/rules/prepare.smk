@@ -4,6 +4,8 @@ rule prepare:
     params:
         task=lambda wc: section("tasks", wc.task),
         seed=section("eval", "seed"),
+    resources:
+        **resources_of("prepare"),
     log:
         f"{OUT}/logs/prepare/{{task}}.log",
     shell:

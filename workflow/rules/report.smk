@@ -17,6 +17,8 @@ rule report:
         tau=report(f"{OUT}/plots/tau.png", caption="../report/tau.rst", category="Results", labels={"plot": "τ"}),
     params:
         reproduce=section("reproduce"),
+    resources:
+        **resources_of("report"),
     log:
         f"{OUT}/logs/report.log",
     shell:

@@ -30,6 +30,8 @@ rule prepare_train:
         train_data=section("train_data"),
         target=section("target"),
     threads: workflow.cores
+    resources:
+        **resources_of("prepare_train"),
     log:
         f"{OUT}/logs/prepare/train_data.log",
     shell:
@@ -46,6 +48,8 @@ rule extract:
         features=section("features"),
         target=section("target"),
     threads: workflow.cores
+    resources:
+        **resources_of("extract", CFG.resources.gpus),  # each job claims a free GPU of its node
     log:
         f"{OUT}/logs/extract/shard-{{shard}}.log",
     shell:
@@ -57,6 +61,8 @@ rule feature_manifest:
         expand(f"{FEATURES}/shard-{{shard}}.json", shard=SHARDS),
     output:
         f"{FEATURES}/manifest.json",
+    resources:
+        **resources_of("feature_manifest"),
     log:
         f"{OUT}/logs/extract/manifest.log",
     shell:
@@ -74,6 +80,10 @@ rule train:
     params:
         drafter=lambda wc: section("drafters", wc.drafter),
     threads: workflow.cores
+    resources:
+        mem_mb=resources_of("train")["mem_mb"],
+        runtime=resources_of("train")["runtime"],
+        gpu=lambda wc: CFG.drafters[wc.drafter].train.processes if CFG.resources.gpus else 0,
     log:
         f"{OUT}/logs/train/{{drafter}}.log",
     shell:

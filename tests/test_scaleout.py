@@ -1,0 +1,91 @@
+"""Paper and cluster profiles, `deepspec check`'s cost estimate, device claiming, the prepared GPU check."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PAPER = sorted(Path("config/paper").glob("*.yaml"))
+
+
+def test_paper_profiles_follow_deepspec_table1_protocol():
+    from deepspec.config import load
+
+    assert [p.stem for p in PAPER] == ["qwen3_14b", "qwen3_4b", "qwen3_8b"]
+    for path in PAPER:
+        cfg = load(path)
+        assert list(cfg.tasks) == ["gsm8k", "math500", "aime25", "humaneval", "mbpp", "livecodebench", "mt_bench",
+                                   "alpaca", "arena_hard_v2"]
+        assert [t.max_samples for t in cfg.tasks.values()] == [500, 500, 30, 164, 256, 500, 80, 500, 500]
+        assert cfg.eval.temperature == 1.0 and cfg.target.chat_template_kwargs == {"enable_thinking": False}
+        assert cfg.methods["eagle3"].depth == 7 and cfg.methods["eagle3"].top_k == 1
+        ids = [1, 10, 19, 28, 37] if "14b" in path.stem else [1, 9, 17, 25, 33]
+        for name in ("dflash", "dspark"):
+            d = cfg.drafters[name]
+            assert d.layers == ids and d.num_layers == 5 and d.block_size == 7 and d.draft_vocab is None
+        assert cfg.drafters["eagle3"].layers == [i + 1 for i in ids]  # the same states, input convention
+        for d in cfg.drafters.values():
+            t = d.train
+            assert (t.lr, t.warmup_ratio, t.global_batch, t.epochs) == (6e-4, 0.04, 512, 10)
+
+
+@pytest.mark.parametrize("profile", [None, "profiles/local-gpu", "profiles/slurm"])
+def test_paper_profile_dry_runs(profile):
+    extra = ["--profile", profile] if profile else []
+    if profile == "profiles/slurm":
+        pytest.importorskip("snakemake_executor_plugin_slurm")
+        extra += ["--default-resources", "slurm_account=acct", "slurm_partition=gpu"]
+    done = subprocess.run(["snakemake", "-n", "--configfile", "config/paper/qwen3_8b.yaml", *extra], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout + done.stderr
+    assert "extract               512" in out and "evaluate               36" in out
+    assert "gpu=8" in out and "mem_mb=512000" in out  # a train job asks for its 8 processes' GPUs
+
+
+def test_check_prints_the_cost_before_anything_starts():
+    done = subprocess.run(["deepspec", "check", "--config", "config/paper/qwen3_8b.yaml"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    # 5 fused layers + final state of a 4096-wide target in bf16: 6 * 4096 * 2 + 5 bytes per token.
+    assert "49157 bytes/token" in done.stdout and "19.5k steps of 512 sequences on 8 x fsdp2" in done.stdout
+    assert "3 methods x 9 tasks (3030 samples)" in done.stdout
+
+
+def test_launch_keys_stay_out_of_hashes():
+    from deepspec.config import load
+
+    base = load("config/default.yaml")
+    moved = load("config/default.yaml", ["drafters.eagle3.train.distributed=ddp", "drafters.eagle3.train.processes=4",
+                                         "resources.gpus=1", "train_data.concurrency=64"])
+    assert moved.hash() == base.hash() == "ed55c068ab85"  # the committed reference's hash
+    assert moved.section("drafters", "eagle3") == base.section("drafters", "eagle3")
+    assert load("config/default.yaml", ["drafters.eagle3.train.global_batch=8"]).hash() != base.hash()
+
+
+def test_jobs_claim_different_devices_and_release_them_on_exit(tmp_path):
+    from deepspec.devices import claim_slot
+
+    keys = ["gpu-a", "gpu-b"]
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from deepspec.devices import claim_slot; "
+                               f"print(claim_slot({keys!r}, Path({str(tmp_path)!r})), flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "0"
+    assert claim_slot(keys, tmp_path) == 1  # the other device
+    with pytest.raises(RuntimeError, match="all 2 visible devices are held by other deepspec jobs"):
+        claim_slot(keys, tmp_path)
+    holder.kill()
+    holder.wait()
+    assert claim_slot(keys, tmp_path) == 0  # the lock went with the process
+
+
+def test_prepared_gpu_check_runs_end_to_end_on_a_tiny_target():
+    from deepspec.gpu_check import gpu_check
+
+    rows = gpu_check("tiny", steps=2)
+    assert [r["part"] for r in rows][:4] == ["device", "train eagle3", "train dflash", "train dspark"]
+    assert all(r["result"] == "ok" for r in rows), rows
