@@ -82,7 +82,10 @@ class CompletionServer(ThreadingHTTPServer):
 
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, dtype: str = "float32", max_len: int = 4096) -> None:
-    server = CompletionServer((host, port), model, dtype, max_len)
+    try:
+        server = CompletionServer((host, port), model, dtype, max_len)
+    except OSError as err:
+        raise RuntimeError(f"cannot listen on {host}:{port} ({err.strerror or err})") from None
     print(f"[serve] {model} on http://{host}:{server.server_address[1]}/v1 (completions)", flush=True)
     try:
         server.serve_forever()

@@ -133,3 +133,14 @@ def test_openai_backend_needs_servers(tmp_path):
     with pytest.raises(ConfigError, match="train_data: servers: backend 'openai' needs at least one server base URL"):
         validate({"tasks": {"t": {"kind": "humaneval"}}, "methods": {"ar": {"kind": "autoregressive"}},
                   "train_data": {"backend": "openai"}})
+
+
+def test_serve_on_a_taken_port_is_one_line(tiny_target_dir):
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "deepspec.cli", "serve", "--model", str(tiny_target_dir), "--port",
+                               str(port)], env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == f"deepspec serve: error: cannot listen on 127.0.0.1:{port} (Address already in use)"
