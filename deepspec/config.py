@@ -329,6 +329,10 @@ class EvalConfig(_Strict):
 
 
 STAGES = ("prepare", "prepare_train", "extract", "feature_manifest", "train", "evaluate", "report")
+_MEM_MB = {"prepare": 4000, "prepare_train": 16000, "extract": 32000, "feature_manifest": 4000, "train": 64000,
+           "evaluate": 32000, "report": 4000}
+_RUNTIME_MIN = {"prepare": 30, "prepare_train": 1440, "extract": 240, "feature_manifest": 30, "train": 2880,
+                "evaluate": 720, "report": 30}
 
 
 class ResourcesConfig(_Strict):
@@ -339,25 +343,21 @@ class ResourcesConfig(_Strict):
         0, description="GPUs per extract job (each claims a free device of its node); a train job asks for "
                        "train.processes GPUs when this is > 0")
     mem_mb: dict[str, Annotated[int, Field(ge=1)]] = Field(
-        {"prepare": 4000, "prepare_train": 16000, "extract": 32000, "feature_manifest": 4000, "train": 64000,
-         "evaluate": 32000, "report": 4000}, description="memory per job of each stage (MB)")
+        _MEM_MB, description="memory per job of each stage (MB); stages left out keep these defaults")
     runtime_min: dict[str, Annotated[int, Field(ge=1)]] = Field(
-        {"prepare": 30, "prepare_train": 1440, "extract": 240, "feature_manifest": 30, "train": 2880,
-         "evaluate": 720, "report": 30}, description="wall-time limit per job of each stage (minutes)")
+        _RUNTIME_MIN, description="wall-time limit per job of each stage (minutes); stages left out keep these defaults")
 
     @field_validator("mem_mb", "runtime_min")
     @classmethod
-    def _stages(cls, value: dict[str, int]) -> dict[str, int]:
+    def _stages(cls, value: dict[str, int], info) -> dict[str, int]:
         unknown = sorted(set(value) - set(STAGES))
         if unknown:
             raise ValueError(f"unknown stage {unknown[0]!r} (stages: {', '.join(STAGES)})")
-        return value
+        return {**(_MEM_MB if info.field_name == "mem_mb" else _RUNTIME_MIN), **value}
 
     def of(self, stage: str, gpus: int = 0) -> dict[str, int]:
-        """Snakemake resources of one job of `stage`; defaults fill stages the config leaves out."""
-        base = ResourcesConfig.model_fields
-        return {"mem_mb": self.mem_mb.get(stage, base["mem_mb"].default[stage]),
-                "runtime": self.runtime_min.get(stage, base["runtime_min"].default[stage]), "gpu": gpus}
+        """Snakemake resources of one job of `stage`."""
+        return {"mem_mb": self.mem_mb[stage], "runtime": self.runtime_min[stage], "gpu": gpus}
 
 
 class TrackingConfig(_Strict):

@@ -8,6 +8,7 @@ job sees only its own allocation and simply takes it.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import tempfile
@@ -38,6 +39,17 @@ def claim_slot(keys: list[str], directory: Path | None = None) -> int:
         return i
     raise RuntimeError(f"all {len(keys)} visible devices are held by other deepspec jobs on this node "
                        f"(locks in {directory}); ask Snakemake for fewer GPUs than the node has (--resources gpu=N)")
+
+
+def on(device: torch.device | str) -> contextlib.AbstractContextManager:
+    """New tensors default to `device` inside (the backends and drafters build index tensors as they go);
+    nothing changes on the CPU."""
+    device = torch.device(device)
+    return device if device.type != "cpu" else contextlib.nullcontext()
+
+
+def bf16_autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
 
 
 def job_device(gpus: int) -> torch.device:

@@ -10,12 +10,13 @@ device is lent.
 
 from __future__ import annotations
 
-import contextlib
 import time
 import traceback
 from typing import Any, Callable
 
 import torch
+
+from deepspec.devices import bf16_autocast, on
 
 SHAPES = {  # Qwen3-8B's, and a tiny one for the CPU
     "8b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
@@ -59,7 +60,7 @@ def _target(shape: dict[str, Any], device: torch.device, dtype: torch.dtype):
     cfg = AutoConfig.for_model("qwen3", **{k: shape[k] for k in keys}, max_position_embeddings=4096,
                                tie_word_embeddings=False)
     torch.manual_seed(0)
-    with device:
+    with on(device):
         return AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa").eval()
 
 
@@ -108,7 +109,7 @@ def _train_rows(model, shape, device, steps: int) -> list[dict[str, Any]]:
                       for c, s in zip(cached, seqs)]
             labels = [{k: v.to(device) for k, v in t.items()} for t in labels]
             batch = [{k: v for k, v in s.items() if k != "final"} for s in seqs]
-            with device:
+            with on(device):
                 if name == "eagle3":
                     drafter = Eagle3Drafter.for_target(model, hs_ids, draft_ids, True, 0, layer_convention="hf")
                 else:
@@ -122,8 +123,7 @@ def _train_rows(model, shape, device, steps: int) -> list[dict[str, Any]]:
             losses, times = [], []
             for step in range(steps):
                 t0 = time.perf_counter()
-                autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
-                with autocast, (device if device.type != "cpu" else contextlib.nullcontext()):
+                with bf16_autocast(device, amp), on(device):
                     stats = _run(trainable, dc, batch, labels, True, torch.Generator().manual_seed(step))
                 trainable.step(dc.train.lr)
                 _sync(device)
@@ -172,19 +172,14 @@ def _loss_row(shape, device) -> dict[str, Any]:
 
 
 def _verify_row(model, device) -> dict[str, Any]:
+    from deepspec.evaluation.bench import verify_cost_curve
     from deepspec.models import make_backend
 
-    row: dict[str, Any] = {"part": "verify cost (ms per target forward)"}
+    row: dict[str, Any] = {"part": "verify cost (ms per target forward at a 512-token context)"}
     try:
-        with device if device.type != "cpu" else contextlib.nullcontext():
-            backend = make_backend(model, "auto", 2048)
-            backend.cache.reset()
-            ctx = 512
-            backend.forward(torch.randint(0, 1000, (ctx,)), torch.arange(ctx))
-            backend.cache.commit(ctx)
-            curve = {n: _timed(device, lambda n=n: backend.forward(torch.randint(0, 1000, (n,)), torch.arange(ctx, ctx + n)))
-                     for n in (1, 2, 4, 8, 16, 32, 64)}
-        row.update(result="ok", detail=", ".join(f"{n}: {ms:.1f}" for n, ms in curve.items()), ms=round(curve[1], 1))
+        with on(device):
+            curve = verify_cost_curve(make_backend(model, "auto", 2048), context=512)
+        row.update(result="ok", detail=", ".join(f"{k}: {ms:.1f}" for k, ms in curve.items()), ms=round(curve["chain_1"], 1))
     except Exception as err:
         row.update(result="failed", detail=f"{type(err).__name__}: {str(err).splitlines()[0][:160]}")
         traceback.print_exc()

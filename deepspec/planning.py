@@ -16,7 +16,6 @@ KNOWN_SHAPES = {
     "Qwen/Qwen3-14B": (40, 5120, 151_936),
     "packaged:smollm2-135m-instruct": (30, 576, 49_152),
 }
-DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
 
 def target_shape(model: str) -> tuple[int, int, int] | None:
@@ -51,7 +50,7 @@ def _count(n: float) -> str:
 
 def plan(cfg: Config) -> tuple[list[dict[str, Any]], list[str]]:
     """Rows (stage, work, size) and notes."""
-    from deepspec.features.extract import drafter_layers, feature_layers
+    from deepspec.features.extract import bytes_per_token, drafter_layers, feature_layers
 
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
@@ -74,7 +73,7 @@ def plan(cfg: Config) -> tuple[list[dict[str, Any]], list[str]]:
         if shape is not None:
             n_layers, hidden, vocab = shape
             layers = feature_layers(cfg, n_layers)
-            per_token = (len(layers) + 1) * hidden * DTYPE_BYTES[cfg.features.dtype] + 5
+            per_token = bytes_per_token(len(layers), hidden, cfg.features.dtype)
             rows.append({"stage": "extract", "work": f"<= {_count(tokens)} tokens through the target in "
                          f"{cfg.features.shards} shards; hidden_states {layers} + final, {cfg.features.dtype}",
                          "size": f"<= {_size(tokens * per_token)} ({per_token} bytes/token)"})

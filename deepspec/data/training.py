@@ -212,6 +212,8 @@ class Generate:
     """Batched answers for a list of prompts with one seed: our lean forward over a batched KV cache
     (Llama-family targets) or HF's `generate`."""
 
+    failures = 0  # requests retried: only server-backed generation has any
+
     def __init__(self, loaded, td: TrainDataConfig, pad_id: int, max_len: int):
         from deepspec.models import make_backend
         from deepspec.models.lean import LeanLlama
@@ -338,7 +340,7 @@ def regenerate(cfg: Config, stop_after_batches: int | None = None) -> Path:
                      "dataset_answer_tokens": dataset_tokens,
                      **({"generated_tokens_per_s": generated / gen_time} if gen_time else {})})
         run.artifact(out.with_suffix(".meta.json"))
-        retried = getattr(generate, "failures", 0)
+        retried = generate.failures
         print(f"[prepare] train_data: {len(rows)} conversations, {tokens} tokens ({target_tokens} written by the "
               f"target, {dataset_tokens} dataset answer tokens){f'; {retried} requests retried' if retried else ''}")
     return out

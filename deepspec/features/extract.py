@@ -15,7 +15,6 @@ missing shard and a corrupted one is detected (by `load_manifest`) instead of si
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -32,6 +31,7 @@ from deepspec import io, tracking
 from deepspec.assets import sha256_file
 from deepspec.config import Config
 from deepspec.data.training import train_data_file
+from deepspec.devices import job_device, on
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 LAYER_CONVENTION = "hf_hidden_states: id i = input of decoder layer i (0 = embeddings); 'final' = normed output of the last layer"
@@ -77,6 +77,11 @@ def block_layer_ids(cfg: Config, name: str, n_layers: int) -> list[int]:
 def feature_layers(cfg: Config, n_layers: int) -> list[int]:
     """Every layer some drafter in use needs: one cache serves them all."""
     return sorted({i for d in cfg.drafters_in_use() for i in drafter_layers(cfg, d, n_layers)})
+
+
+def bytes_per_token(n_layers: int, hidden_size: int, dtype: str) -> int:
+    """Feature-cache bytes per token: the stored layers and the final state, plus token id and loss mask."""
+    return (n_layers + 1) * hidden_size * DTYPES[dtype].itemsize + 5
 
 
 def target_slug(spec: str) -> str:
@@ -128,8 +133,6 @@ def extract_shard(cfg: Config, shard: int, target=None) -> Path:
     with tracking.stage_run(cfg, "extract", f"extract shard {shard}", shard=str(shard)) as run:
         device = torch.device("cpu")
         if target is None:
-            from deepspec.devices import job_device
-
             device = job_device(cfg.resources.gpus)  # a GPU of this node no other extract job holds
             target = load_target(cfg.target.model, cfg.target.dtype, cfg.target.backend, max(cfg.target.max_len, max_len),
                                  device)
@@ -140,7 +143,7 @@ def extract_shard(cfg: Config, shard: int, target=None) -> Path:
         dtype = DTYPES[cfg.features.dtype]
         seqs = [(r["input_ids"][:max_len], r["loss_mask"][:max_len]) for r in rows]
         tokens = sum(len(s) for s, _ in seqs)
-        per_token = (len(layers) + 1) * hidden_size * dtype.itemsize + 5
+        per_token = bytes_per_token(len(layers), hidden_size, cfg.features.dtype)
         print(f"[extract] shard {shard}/{cfg.features.shards}: {len(seqs)} sequences, {tokens} tokens, layers {layers} + final; "
               f"about {tokens * per_token / 2**20:.1f} MiB ({per_token} bytes/token)")
         run.params({"shard": shard, "layers": layers, "dtype": cfg.features.dtype, "sequences": len(seqs),
@@ -151,7 +154,7 @@ def extract_shard(cfg: Config, shard: int, target=None) -> Path:
         pos = 0
         for ids, _ in tqdm(seqs, desc=f"extract {shard}", unit="seq", dynamic_ncols=True):
             t0 = time.perf_counter()
-            with device if device.type != "cpu" else contextlib.nullcontext():
+            with on(device):
                 feats = capture(backend, ids, layers).cpu()
             fwd += time.perf_counter() - t0
             if not torch.isfinite(feats).all():

@@ -35,12 +35,11 @@ def make_backend(model, backend: str = "auto", max_len: int = 4096, key: str = "
 def load_target(spec: str, dtype: str = "float32", backend: str = "auto", max_len: int = 4096,
                 device: torch.device | str = "cpu") -> Target:
     """The target and its forward backend on `device` (the backend's caches are allocated there too)."""
+    from deepspec.devices import on
+
     loaded = load_model(spec, dtype)
-    device = torch.device(device)
-    if device.type == "cpu":
-        return Target(loaded, make_backend(loaded.model, backend, max_len))
     loaded.model.to(device)
-    with device:
+    with on(device):
         return Target(loaded, make_backend(loaded.model, backend, max_len))
 
 

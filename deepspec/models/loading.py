@@ -35,12 +35,16 @@ class LoadedModel:
 
     @property
     def eos_ids(self) -> list[int]:
-        ids: set[int] = set()
-        for source in (self.model.generation_config.eos_token_id, self.tokenizer.eos_token_id):
-            if source is None:
-                continue
+        return stop_ids(self.model.generation_config.eos_token_id, self.tokenizer.eos_token_id)
+
+
+def stop_ids(*sources: int | list[int] | None) -> list[int]:
+    """The stop tokens named by a generation config and a tokenizer (an id, a list of ids, or none)."""
+    ids: set[int] = set()
+    for source in sources:
+        if source is not None:
             ids.update(source if isinstance(source, list) else [source])
-        return sorted(ids)
+    return sorted(ids)
 
 
 def _quiet_transformers() -> None:
@@ -132,8 +136,7 @@ def load_tokenizer(spec: str) -> tuple[object, list[int]]:
         eos = GenerationConfig.from_pretrained(source).eos_token_id
     except OSError:
         eos = None
-    ids = {i for src in (eos, tokenizer.eos_token_id) if src is not None for i in (src if isinstance(src, list) else [src])}
-    return tokenizer, sorted(ids)
+    return tokenizer, stop_ids(eos, tokenizer.eos_token_id)
 
 
 def load_model(spec: str, dtype: str = "float32") -> LoadedModel:

@@ -21,6 +21,7 @@ import copy
 import json
 import os
 import shutil
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +32,6 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from deepspec import io
-
-LAUNCHERS = ("none", "ddp", "fsdp2", "deepspeed")
-
 
 @dataclass(frozen=True)
 class World:
@@ -59,22 +57,12 @@ class World:
         dist.all_gather_object(out, obj)
         return out
 
-    def broadcast(self, obj: Any) -> Any:
-        """Rank 0's `obj` on every rank."""
-        if self.size == 1:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
 
 def join(launcher: str) -> World:
     """Join the process group torchrun (or the deepspeed launcher) set up in the environment: gloo on CPU,
     NCCL on GPU. `none` is this one process; a multi-process launch of `none` is refused, since every
     process would train the same model alone."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
-    if launcher not in LAUNCHERS:
-        raise ValueError(f"train.distributed: {launcher!r} is not one of {', '.join(LAUNCHERS)}")
     if launcher == "none":
         if size > 1:
             raise ValueError(f"train.distributed: 'none' was launched with WORLD_SIZE={size}; choose ddp, fsdp2 "
@@ -99,8 +87,6 @@ def relaunch_command(tc: Any, argv: list[str]) -> list[str] | None:
     itself. Several nodes: run torchrun (or srun) with your rendezvous; every process joins the same way."""
     if tc.processes == 1 or "WORLD_SIZE" in os.environ:
         return None
-    import sys
-
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={tc.processes}",
             "-m", "deepspec.cli", *argv]
 
@@ -138,16 +124,12 @@ class Direct:
         loss.backward()
 
 
-def micro_plan(global_batch: int, micro: int, world: World) -> tuple[int, list[int]]:
-    """(M micro-batches per step, the indices this rank runs); refuses a split that would not be exact."""
-    if global_batch % micro:
-        raise ValueError(f"train.global_batch: {global_batch} sequences are not a whole number of "
-                         f"{micro}-sequence micro-batches (train.batch_sequences)")
-    m = global_batch // micro
-    if m % world.size:
-        raise ValueError(f"train.global_batch: its {m} micro-batches of {micro} sequences do not split evenly over "
-                         f"{world.size} processes")
-    return m, list(range(world.rank, m, world.size))
+def micro_plan(n_micro: int, world: World) -> list[int]:
+    """The micro-batches of a step this rank runs (the config checks global_batch against batch_sequences;
+    this, the split over ranks, which only the launch knows)."""
+    if n_micro % world.size:
+        raise ValueError(f"train.global_batch: its {n_micro} micro-batches do not split evenly over {world.size} processes")
+    return list(range(world.rank, n_micro, world.size))
 
 
 class Trainable:
@@ -253,7 +235,7 @@ class Trainable:
         if not self.world.main or state is None:
             return None
         prefix = "drafter."
-        self._plain.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=False)
+        self._plain.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
         return self._plain
 
     def save_state(self, directory: Path) -> None:
@@ -268,7 +250,7 @@ class Trainable:
 
         model_state, optim_state = get_state_dict(self.module, self.optimizer)
         with _one_process_ok():
-                dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(directory / "dcp"),
+            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(directory / "dcp"),
                      no_dist=not dist.is_initialized())
 
     def load_state(self, directory: Path) -> None:

@@ -10,7 +10,6 @@ rate and tokens/s to MLflow; `train_log.jsonl` keeps the same rows for the repor
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -23,6 +22,7 @@ from tqdm import tqdm
 
 from deepspec import io, tracking
 from deepspec.config import Config
+from deepspec.devices import bf16_autocast, on
 from deepspec.drafters.eagle3 import Eagle3Drafter
 from deepspec.features.extract import block_layer_ids, drafter_layers, features_dir, load_manifest, load_sequences
 from deepspec.training.distributed import Direct, Runner, Trainable, World, join, leave, micro_plan, save_checkpoint
@@ -149,7 +149,8 @@ def _train(cfg: Config, name: str, world: World, stop_after_steps: int | None) -
                                           dc.vocab_coverage)
         per = min(tc.batch_sequences, len(train_idx))
         micro_per_epoch = max(1, len(train_idx) // per)
-        n_micro, mine = micro_plan(tc.sequences_per_step // tc.batch_sequences * per, per, world)
+        n_micro = tc.sequences_per_step // tc.batch_sequences  # micro-batches of `per` sequences per step
+        mine = micro_plan(n_micro, world)
         total = max(1, math.ceil(tc.epochs * micro_per_epoch / n_micro))
         model = _new_drafter(cfg, name, loaded, layers, draft_ids, manifest, [seqs[i]["hidden"] for i in train_idx], say)
         steps = dc.ttt_length if dc.kind == "eagle3" else model.drafts
@@ -214,7 +215,7 @@ def _train(cfg: Config, name: str, world: World, stop_after_steps: int | None) -
             for j, m in enumerate(mine):
                 batch = _batch(train_idx, step * n_micro + m, per, tc.seed)
                 gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + step * n_micro + m)  # anchors
-                with _autocast(world, amp), _device(world):
+                with bf16_autocast(world.device, amp), on(world.device):
                     local.append((m, _run(trainable, dc, [seqs[i] for i in batch], [labels[i] for i in batch], True, gen,
                                           last=j == len(mine) - 1)))
             grad_norm = trainable.step(lr)
@@ -236,7 +237,7 @@ def _train(cfg: Config, name: str, world: World, stop_after_steps: int | None) -
                     row[k] = sum(s[k] for s in stats) / len(stats)
             if n_val and (step % tc.eval_every == 0 or step == total):
                 trainable.train(False)
-                with _autocast(world, amp), _device(world):  # on every rank: FSDP2 gathers weights in each forward
+                with bf16_autocast(world.device, amp), on(world.device):  # on every rank: FSDP2 gathers weights in each forward
                     v = _run(trainable, dc, [seqs[i] for i in val_idx], [labels[i] for i in val_idx], False, None)
                 trainable.train()
                 row.update({"val_loss": v["loss"], "val_tau_chain": v["tau_chain"],
@@ -294,15 +295,6 @@ def _state_kind(launcher: str) -> str:
 
 def _to(d: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in d.items()}
-
-
-def _device(world: World) -> contextlib.AbstractContextManager:
-    """New tensors on the training device (the drafters build index tensors as they go)."""
-    return world.device if world.device.type != "cpu" else contextlib.nullcontext()
-
-
-def _autocast(world: World, amp: bool) -> contextlib.AbstractContextManager:
-    return torch.autocast(world.device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
 
 
 def _new_drafter(cfg: Config, name: str, loaded, layers: list[int], draft_ids: torch.Tensor, manifest: dict,
