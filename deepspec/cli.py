@@ -115,6 +115,22 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _bench_table(cfg, name: str, params: dict, rows) -> None:
+    """A bench whose result is one table: an MLflow run (params, the table), results/<exp>/bench/<name>.md."""
+    import pandas as pd
+
+    from deepspec import io, tracking
+
+    with tracking.stage_run(cfg, "bench", f"bench {name}", bench=name) as run:
+        run.params(params)
+        frame = pd.DataFrame(rows()).astype(object).fillna("")
+        path = io.write_text(cfg.out_dir / "bench" / f"{name}.md", frame.to_markdown(index=False) + "\n")
+        run.table(frame.astype(str), f"bench_{name}.json")
+        run.artifact(path, "bench")
+    print(frame.to_markdown(index=False))
+    print(f"wrote {path}")
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "schema":
         from deepspec import io
@@ -177,25 +193,15 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         bench_train(cfg, args.recipes, args.drafter, args.epochs, args.prompts, args.max_new_tokens, args.threads)
     elif args.command == "bench" and args.what == "loss":
-        import pandas as pd
-
-        from deepspec import io
         from deepspec.kernels.bench import bench_loss
 
-        rows = bench_loss(args.rows, args.vocab, dtype=args.dtype, device="cuda" if _cuda() else "cpu")
-        table = pd.DataFrame(rows).to_markdown(index=False)
-        io.write_text(cfg.out_dir / "bench" / "loss.md", table + "\n")
-        print(table)
+        device = "cuda" if _cuda() else "cpu"
+        _bench_table(cfg, "loss", {"rows": args.rows, "vocab": args.vocab, "dtype": args.dtype, "device": device},
+                     lambda: bench_loss(args.rows, args.vocab, dtype=args.dtype, device=device))
     elif args.command == "bench" and args.what == "gpu":
-        import pandas as pd
-
-        from deepspec import io
         from deepspec.gpu_check import gpu_check
 
-        table = pd.DataFrame(gpu_check(args.shape)).astype(object).fillna("").to_markdown(index=False)
-        path = io.write_text(cfg.out_dir / "bench" / f"gpu_{args.shape}.md", table + "\n")
-        print(table)
-        print(f"wrote {path}")
+        _bench_table(cfg, f"gpu_{args.shape}", {"shape": args.shape}, lambda: gpu_check(args.shape))
     elif args.command == "bench" and args.what == "drafters":
         from deepspec.training.teacher_forced import bench_drafters
 

@@ -78,3 +78,21 @@ def test_bad_shapes_are_refused_with_a_message():
 
     with pytest.raises(ValueError, match=r"logits \[N, V\] and idx / p \[N, k\] expected"):
         soft_target_losses(torch.zeros(3, 10), torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 4))
+
+
+def test_bench_loss_from_the_cli_writes_its_table_and_an_mlflow_run(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from conftest import write_config
+    from deepspec.cli import main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = write_config(tmp_path / "c.yaml", tmp_path / "results")
+    assert main(["bench", "loss", "--config", str(cfg), "--rows", "16", "--vocab", "500"]) == 0
+    table = (tmp_path / "results" / "t" / "bench" / "loss.md").read_text()
+    assert "| naive " in table and "| fused " in table and "500" in table
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("t").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["deepspec.bench"] == "loss"
+    assert run.data.params["vocab"] == "500"
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "bench")} == {"bench/loss.md"}
