@@ -312,7 +312,7 @@ class DSparkDrafter(_BlockDrafter):
     markov_head_type: Literal["vanilla", "gated", "rnn"] = "vanilla"
     confidence_head: bool = True
     confidence_with_markov: bool = True
-    calibrate: bool = Field(True, description="fit per-draft temperatures of the confidence on held-out data")
+    calibrate: bool = Field(True, description="fit a temperature and bias per draft to the confidence on held-out data (greedy and sampled acceptance)")
 
 
 DrafterConfig = Annotated[Union[Eagle3Drafter, DFlashDrafter, DSparkDrafter], Field(discriminator="kind")]

@@ -176,22 +176,88 @@ def test_block_tree_and_cost_length_are_lossless(prompts):
     assert max(gen.proposed) <= 2
 
 
+def _blocks(g: torch.Generator, n: int, scale: float, shift: float) -> dict[str, torch.Tensor]:
+    """Synthetic held-out blocks of 3 drafts whose confidence logit is (true log-odds − shift) · scale."""
+    true = torch.randn(n, 3, generator=g) * 1.5  # the real log-odds of acceptance
+    accept = torch.sigmoid(true)  # 1 − TV: the sampled acceptance probability
+    hit = torch.rand(n, 3, generator=g) < accept  # a greedy event with that probability
+    return {"confidence": (true - shift) * scale, "hit": hit, "valid": torch.ones(n, 3, dtype=torch.bool),
+            "accept": accept}
+
+
 def test_calibration_lowers_ece_on_held_out_blocks():
-    """Confidences that are systematically over-sharp get a temperature > 1 and a lower held-out ECE."""
+    """Over-sharp confidences get a temperature > 1 and a lower held-out ECE, under both acceptance rules;
+    a temperature keeps each position's ranking."""
     from deepspec.drafters.block.calibration import calibrate
 
     g = torch.Generator().manual_seed(0)
+    result = calibrate(_blocks(g, 4000, 3.0, 0.0), _blocks(g, 4000, 3.0, 0.0))
+    assert set(result) == {"greedy", "sampled"}
+    for rule, r in result.items():
+        assert all(t > 1.5 for t in r["temperature_only"]), rule
+        assert r["pooled"]["after"]["ece"] < 0.5 * r["pooled"]["before"]["ece"], rule
+        assert r["pooled"]["temperature_only"]["ece"] < 0.5 * r["pooled"]["before"]["ece"], rule
+        for per in r["per_draft"]:
+            assert per["after"]["auroc"] == pytest.approx(per["before"]["auroc"], abs=1e-4)  # (ties from saturation)
+    # Sampled events at draft j weigh each block by the chance its earlier drafts were accepted.
+    assert result["sampled"]["per_draft"][1]["weight"] == pytest.approx(result["sampled"]["per_draft"][0]["weight"] * 0.5,
+                                                                        rel=0.1)
 
-    def blocks(n):
-        true = torch.randn(n, 3, generator=g) * 1.5  # the real log-odds of acceptance
-        hit = torch.rand(n, 3, generator=g) < torch.sigmoid(true)
-        return {"confidence": true * 3.0, "hit": hit, "valid": torch.ones(n, 3, dtype=torch.bool)}
 
-    result = calibrate(blocks(4000), blocks(4000))
-    assert all(t > 1.5 for t in result["temperatures"])
-    assert result["pooled"]["after"]["ece"] < 0.5 * result["pooled"]["before"]["ece"]
-    for per in result["per_draft"]:  # a temperature keeps each position's ranking
-        assert per["after"]["auroc"] == pytest.approx(per["before"]["auroc"], abs=1e-4)  # (ties from float saturation)
+def test_calibration_bias_fixes_what_a_temperature_cannot():
+    """An under-confident head (log-odds shifted down, the committed DSpark's shape) keeps a large ECE
+    with a temperature alone; the bias removes it. The map stays monotone (ranking unchanged)."""
+    from deepspec.drafters.block.calibration import calibrate
+
+    g = torch.Generator().manual_seed(1)
+    result = calibrate(_blocks(g, 4000, 1.0, 1.5), _blocks(g, 4000, 1.0, 1.5))
+    for rule, r in result.items():
+        pooled = r["pooled"]
+        assert pooled["temperature_only"]["ece"] > 0.05, rule
+        assert pooled["after"]["ece"] < 0.4 * pooled["temperature_only"]["ece"], rule
+        assert r["map"] == ["temperature_and_bias"] * 3, rule
+        assert all(b == pytest.approx(1.5, abs=0.3) for b in r["bias"]), rule
+        assert all(t == pytest.approx(1.0, abs=0.2) for t in r["temperature"]), rule
+
+
+def test_calibration_leaves_a_calibrated_head_alone():
+    """A head that already predicts its acceptance (DSpark's, for the sampled rule it is trained on) keeps
+    the identity on most drafts: cross-validation on the fit half does not refit it to noise, so held-out
+    ECE does not rise."""
+    from deepspec.drafters.block.calibration import calibrate
+
+    g = torch.Generator().manual_seed(2)
+    result = calibrate(_blocks(g, 600, 1.0, 0.0), _blocks(g, 600, 1.0, 0.0))
+    for rule, r in result.items():
+        assert r["map"].count("identity") >= 2, (rule, r["map"])
+        assert r["pooled"]["after"]["ece"] <= r["pooled"]["before"]["ece"] + 0.005, rule
+
+
+def test_calibration_picks_the_decoding_rule_and_old_folders_load(tmp_path):
+    """The proposer's confidence uses the greedy map when decoding greedily and the sampled map otherwise;
+    a folder written before the bias (one temperature row) loads with that row for both rules."""
+    from safetensors.torch import load_file, save_file
+
+    from deepspec.drafters.block.model import BlockDrafter
+
+    target = tiny_llama(vocab=64, layers=3, dtype=torch.float32)
+    d = _drafter(target, dtype=torch.float32)
+    with torch.no_grad():
+        d.confidence_temperature.copy_(torch.tensor([[2.0] * 4, [0.5] * 4]))
+        d.confidence_bias.copy_(torch.tensor([[0.0] * 4, [1.0] * 4]))
+    h, state = torch.randn(d.config["hidden_size"]), torch.randn(8)
+    with torch.no_grad():
+        z = d.confidence_logit(h, state)
+        assert float(d.confidence(h, state, 0, sampled=False)) == pytest.approx(float(torch.sigmoid(z / 2.0)))
+        assert float(d.confidence(h, state, 0, sampled=True)) == pytest.approx(float(torch.sigmoid(z / 0.5 + 1.0)))
+
+    folder = d.save(tmp_path / "old")
+    weights = load_file(str(folder / "model.safetensors"))
+    weights["confidence_temperature"] = torch.full((4,), 1.5)
+    del weights["confidence_bias"]
+    save_file(weights, str(folder / "model.safetensors"))
+    old = BlockDrafter.load(folder, target.get_input_embeddings().weight)
+    assert old.confidence_temperature.tolist() == [[1.5] * 4] * 2 and not old.confidence_bias.any()
 
 
 def test_markov_sampling_keeps_the_target_distribution():
@@ -292,6 +358,7 @@ def test_deepspec_layout_round_trip_and_zlab_layout_loads(tmp_path):
         with torch.no_grad():
             d.markov_head.markov_w2.weight.normal_(std=0.5)
             d.confidence_temperature.fill_(1.7)
+            d.confidence_bias[1].fill_(0.3)
         return d
 
     # A reduced draft vocabulary is widened: its head / Markov rows land on their target ids.
@@ -318,7 +385,8 @@ def test_deepspec_layout_round_trip_and_zlab_layout_loads(tmp_path):
     gb = engine.generate(prompt, 20, BlockProposer(back, 128))
     assert ga.tokens == gb.tokens == engine.generate(prompt, 20).tokens
     assert ga.accepted == gb.accepted  # the same drafts were proposed and accepted
-    assert float(back.confidence_temperature[0]) == pytest.approx(1.7)
+    torch.testing.assert_close(back.confidence_temperature, ours.confidence_temperature)
+    torch.testing.assert_close(back.confidence_bias, ours.confidence_bias)
 
     zlab = import_block(_zlab_folder(tmp_path / "zlab", target), target)
     assert zlab.config["label_convention"] == "own" and zlab.drafts == 3

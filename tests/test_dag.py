@@ -97,7 +97,9 @@ def test_drafter_pipeline_outputs(smoke_run):
         assert max(max(t["proposed"]) for r in (json.loads(x) for x in (out / f"eval/{name}/mt_bench/records.jsonl").open())
                    for t in r["outputs"]) <= drafts
     calibration = json.loads((out / "drafters/dspark/calibration.json").read_text())
-    assert len(calibration["temperatures"]) == 4 and "before" in calibration["pooled"]
+    for rule in ("greedy", "sampled"):
+        assert len(calibration[rule]["temperature"]) == len(calibration[rule]["bias"]) == 4
+        assert {"before", "temperature_only", "after"} <= set(calibration[rule]["pooled"])
 
 
 def test_plots_are_real_images(smoke_run):

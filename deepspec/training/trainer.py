@@ -264,10 +264,11 @@ def _train(cfg: Config, name: str, world: World, stop_after_steps: int | None) -
         if calibration is not None:
             io.write_json(out / "calibration.json", calibration)
             run.artifact(out / "calibration.json")
-            pooled = calibration["pooled"]
-            say(f"[train] {name}: confidence calibrated on half the validation split; held-out ECE "
-                f"{pooled['before']['ece']:.3f} -> {pooled['after']['ece']:.3f}, temperatures "
-                f"{[round(t, 2) for t in calibration['temperatures']]}")
+            for rule, cal in calibration.items():
+                pooled = cal["pooled"]
+                say(f"[train] {name}: confidence calibrated for {rule} acceptance on half the validation split; "
+                    f"held-out ECE {pooled['before']['ece']:.3f} -> {pooled['temperature_only']['ece']:.3f} "
+                    f"(temperature) -> {pooled['after']['ece']:.3f} (kept: {', '.join(cal['map'])})")
         final.save(out / "model")
         last_val = next((r for r in reversed(history) if "val_tau_chain" in r), {})
         summary = {"drafter": name, "steps": total, "train_tokens": tokens_total, "supervise": dc.supervise,
@@ -275,8 +276,9 @@ def _train(cfg: Config, name: str, world: World, stop_after_steps: int | None) -
                    "draft_vocab": int(draft_ids.numel()), "vocab_coverage": coverage, "final_loss": history[-1]["loss"],
                    "val_loss": last_val.get("val_loss"), "val_tau_chain": last_val.get("val_tau_chain"),
                    "val_acc": [last_val.get(f"val_acc_{k}") for k in range(steps)], "algorithm": dc.kind,
-                   **({"calibration": {k: {m: calibration["pooled"][k][m] for m in ("ece", "brier", "auroc")}
-                                       for k in calibration["pooled"]}} if calibration else {}),
+                   **({"calibration": {rule: {k: {m: r[m] for m in ("ece", "brier", "auroc")}
+                                              for k, r in cal["pooled"].items()} for rule, cal in calibration.items()}}
+                      if calibration else {}),
                    "config_hash": _train_hash(cfg, name)}
         io.write_json(out / "metrics.json", summary)
         run.artifact(out / "metrics.json")
@@ -344,11 +346,12 @@ def _run(runner: Runner, dc, seqs: list[dict], labels: list[dict], train: bool, 
 
 
 def _calibrate(model, dc, seqs: list[dict], labels: list[dict]) -> dict[str, Any] | None:
-    """DSpark: per-draft confidence temperatures fitted on one half of the validation split and judged on the
-    other (halves of its sequences; alternate blocks when it holds a single sequence)."""
+    """DSpark: per-draft confidence calibration (greedy and sampled acceptance) fitted on one half of the
+    validation split and judged on the other (halves of its sequences; alternate blocks when it holds a
+    single sequence)."""
     if dc.kind != "dspark" or not dc.calibrate or model.confidence_head is None or not seqs:
         return None
-    from deepspec.drafters.block.calibration import calibrate
+    from deepspec.drafters.block.calibration import RULES, calibrate
     from deepspec.drafters.block.loss import run_batch
 
     model.eval()
@@ -366,7 +369,10 @@ def _calibrate(model, dc, seqs: list[dict], labels: list[dict]) -> dict[str, Any
     if fit is None or held is None:
         return None
     result = calibrate(fit, held)
-    model.confidence_temperature.copy_(torch.tensor(result["temperatures"]))
+    for r, rule in enumerate(RULES):
+        if rule in result:
+            model.confidence_temperature[r] = torch.tensor(result[rule]["temperature"])
+            model.confidence_bias[r] = torch.tensor(result[rule]["bias"])
     return result
 
 

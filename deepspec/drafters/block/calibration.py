@@ -1,9 +1,21 @@
-"""Sequential temperature scaling of DSpark's confidence head, fitted on held-out data.
+"""Sequential calibration of DSpark's confidence head, fitted on held-out data.
 
-Draft j's confidence is read as P(draft j accepted | drafts before it accepted), so each position is
-fitted on the blocks whose earlier drafts were all accepted (teacher-forced, greedy acceptance: the
-draft's argmax equals the target's). One temperature per position divides the logit; it is chosen on
-one half of the validation split and judged on the other (ECE, Brier, AUROC, reliability bins).
+Draft j's confidence is read as P(draft j accepted | drafts before it accepted), and "accepted" depends on
+how the engine decodes, so there are two fits, each kept in the checkpoint and picked by the proposer:
+
+- greedy: draft j is accepted when its argmax equals the target's. Its events are the blocks whose earlier
+  drafts were all hits (teacher-forced), labelled hit or miss.
+- sampled: a draft drawn from the drafter at T = 1 is accepted with probability 1 - TV(p_draft, p_target).
+  Every block is an event at j, weighted by the probability that drafts before j were accepted (the
+  product of their 1 - TV) and labelled with its own 1 - TV: the expectation of the sampled event.
+
+Per draft j the calibrated confidence is sigmoid(z / T_j + b_j), fitted by weighted log-loss on one half of
+the validation split and judged on the other (ECE, Brier, AUROC, reliability bins). Three maps compete per
+draft: the identity, sequential temperature scaling (b = 0, the paper's) and temperature with a bias (Platt
+scaling: a temperature alone cannot lift an under-confident top without lifting the bottom too). The one
+with the lowest two-fold cross-validated log-loss *within the fit half* is kept, so a head that is already
+calibrated (DSpark's is trained toward 1 - TV, the sampled rule's label) is left alone rather than refitted
+to noise, and the held-out half stays a clean judge. Sequential temperature scaling is reported either way.
 """
 
 from __future__ import annotations
@@ -13,70 +25,143 @@ from typing import Any
 import torch
 from torch import Tensor
 
-GRID = torch.exp(torch.linspace(-2.5, 2.5, 201))  # temperatures 0.08 .. 12
+RULES = ("greedy", "sampled")
+MIN_EVENTS = 10.0  # weighted events below which a draft keeps the identity map
+PRIOR = 1.0  # pseudo-events pulling (1/T, b) toward (1, 0): keeps thin late positions from overfitting
 
 
-def conditional_events(logits: Tensor, hit: Tensor, valid: Tensor) -> list[tuple[Tensor, Tensor]]:
-    """Per draft j: (logits, accepted) of blocks whose drafts before j were all accepted and j is scored."""
-    before = torch.ones_like(hit[:, :1])
-    alive = torch.cat([before, hit[:, :-1].long().cumprod(-1).bool()], dim=1)
-    keep = alive & valid
-    return [(logits[keep[:, j], j], hit[keep[:, j], j].float()) for j in range(hit.shape[1])]
+def conditional_events(confidence: Tensor, hit: Tensor, valid: Tensor, accept: Tensor | None, rule: str,
+                       group: Tensor | None = None) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """Per draft j: (logits, labels, weights, groups) of its acceptance events under `rule` (see the module
+    doc). Groups are the blocks' sequences (cross-validation folds never split one); without them, every
+    other block."""
+    valid = valid.bool()
+    if rule == "greedy":
+        label = hit.float()
+    else:
+        if accept is None:
+            raise ValueError("sampled calibration needs the per-draft acceptance probabilities (1 - TV)")
+        label = accept.float().clamp(0.0, 1.0) * valid
+    alive = torch.cat([torch.ones_like(label[:, :1]), label[:, :-1].cumprod(-1)], dim=1)
+    weight = alive * valid
+    group = torch.arange(label.shape[0]) if group is None else group
+    out = []
+    for j in range(label.shape[1]):
+        keep = weight[:, j] > 0
+        out.append((confidence[keep, j].double(), label[keep, j].double(), weight[keep, j].double(), group[keep]))
+    return out
 
 
-def _nll(z: Tensor, y: Tensor) -> Tensor:
-    return torch.nn.functional.binary_cross_entropy_with_logits(z, y.expand_as(z), reduction="none").mean(-1)
+def fit_logistic(z: Tensor, y: Tensor, w: Tensor, bias: bool) -> tuple[float, float]:
+    """(T, b) minimising the weighted log-loss of sigmoid(z / T + b) plus a small prior toward (1, 0).
+
+    Newton's method on (a = 1/T, b): the loss is convex there. A non-positive slope (a head that ranks
+    backwards) is clamped, so T stays a temperature."""
+    if float(w.sum()) < MIN_EVENTS or float((y * w).sum()) <= 0 or float(((1 - y) * w).sum()) <= 0:
+        return 1.0, 0.0
+    theta = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    x = torch.stack([z, torch.ones_like(z)], dim=1)
+    dims = 2 if bias else 1
+    x, theta = x[:, :dims], theta[:dims]
+    prior = theta.clone()
+    reg = PRIOR * torch.eye(dims, dtype=torch.float64)
+    for _ in range(50):
+        p = torch.sigmoid(x @ theta)
+        grad = x.T @ (w * (p - y)) + reg @ (theta - prior)
+        hess = (x * (w * p * (1 - p))[:, None]).T @ x + reg
+        step = torch.linalg.solve(hess, grad)
+        theta = theta - step
+        theta[0] = theta[0].clamp(min=0.02)
+        if float(step.abs().max()) < 1e-9:
+            break
+    return 1.0 / float(theta[0]), float(theta[1]) if bias else 0.0
 
 
-def fit_temperatures(events: list[tuple[Tensor, Tensor]]) -> list[float]:
-    temps = []
-    for z, y in events:
-        if z.numel() < 10 or y.min() == y.max():
-            temps.append(1.0)
-            continue
-        losses = _nll(z[None, :] / GRID[:, None], y[None, :])
-        temps.append(float(GRID[int(losses.argmin())]))
-    return temps
+MAPS = {"identity": None, "temperature": False, "temperature_and_bias": True}  # name -> fit_logistic's `bias`
 
 
-def auroc(p: Tensor, y: Tensor) -> float | None:
-    pos, neg = p[y > 0.5], p[y <= 0.5]
-    if pos.numel() == 0 or neg.numel() == 0:
+def _log_loss(z: Tensor, y: Tensor, w: Tensor, t: float, b: float) -> float:
+    return float((w * torch.nn.functional.binary_cross_entropy_with_logits(z / t + b, y, reduction="none")).sum())
+
+
+def select_map(z: Tensor, y: Tensor, w: Tensor, group: Tensor) -> tuple[str, float, float]:
+    """The map of MAPS with the lowest two-fold cross-validated log-loss on these events (the simpler one on
+    a tie), refitted on all of them: (name, T, b). Folds split by group (sequence) when there are two or
+    more, since sequences differ more than blocks do; otherwise every other event."""
+    groups = torch.unique(group)
+    fold = (torch.searchsorted(groups, group) % 2) if groups.numel() >= 2 else torch.arange(z.numel()) % 2
+    best, best_loss = "identity", None
+    for name, bias in MAPS.items():
+        loss = 0.0
+        for f in (0, 1):
+            tr, te = fold != f, fold == f
+            t, b = (1.0, 0.0) if bias is None else fit_logistic(z[tr], y[tr], w[tr], bias)
+            loss += _log_loss(z[te], y[te], w[te], t, b)
+        if best_loss is None or loss < best_loss - 1e-9:
+            best, best_loss = name, loss
+    bias = MAPS[best]
+    return (best, 1.0, 0.0) if bias is None else (best, *fit_logistic(z, y, w, bias))
+
+
+def auroc(p: Tensor, y: Tensor, w: Tensor | None = None) -> float | None:
+    """P(score of an accepted event > score of a rejected one), events weighted (soft labels count on both
+    sides: w·y as accepted, w·(1 - y) as rejected); ties count one half."""
+    w = torch.ones_like(p) if w is None else w
+    pos, neg = (w * y).double(), (w * (1 - y)).double()
+    if float(pos.sum()) <= 0 or float(neg.sum()) <= 0:
         return None
-    ranks = torch.cat([pos, neg]).argsort().argsort().double() + 1
-    return float((ranks[: pos.numel()].sum() - pos.numel() * (pos.numel() + 1) / 2) / (pos.numel() * neg.numel()))
+    values, inverse = torch.unique(p, return_inverse=True)  # sorted ascending
+    pos_g = torch.zeros(values.numel(), dtype=torch.float64).index_add_(0, inverse, pos)
+    neg_g = torch.zeros(values.numel(), dtype=torch.float64).index_add_(0, inverse, neg)
+    below = torch.cumsum(neg_g, 0) - neg_g
+    return float((pos_g * (below + 0.5 * neg_g)).sum() / (pos.sum() * neg.sum()))
 
 
-def reliability(p: Tensor, y: Tensor, bins: int = 10) -> dict[str, Any]:
-    """ECE, Brier and the reliability bins (mean confidence, accuracy, count) of probabilities p vs outcomes y."""
-    edges = torch.linspace(0, 1, bins + 1)
+def reliability(p: Tensor, y: Tensor, w: Tensor | None = None, bins: int = 10) -> dict[str, Any]:
+    """ECE, Brier and the reliability bins (mean confidence, acceptance, weight) of probabilities p vs outcomes y."""
+    w = torch.ones_like(p) if w is None else w
+    edges = torch.linspace(0, 1, bins + 1, dtype=p.dtype)
     which = torch.bucketize(p, edges[1:-1])
+    total = float(w.sum())
     rows, ece = [], 0.0
     for b in range(bins):
         m = which == b
-        n = int(m.sum())
-        if n:
-            conf, acc = float(p[m].mean()), float(y[m].mean())
-            ece += n / p.numel() * abs(conf - acc)
+        n = float(w[m].sum())
+        if n > 0:
+            conf, acc = float((w[m] * p[m]).sum()) / n, float((w[m] * y[m]).sum()) / n
+            ece += n / total * abs(conf - acc)
             rows.append({"bin": b, "confidence": conf, "accuracy": acc, "count": n})
-    return {"ece": ece, "brier": float(((p - y) ** 2).mean()), "auroc": auroc(p, y), "bins": rows, "n": int(p.numel())}
+    return {"ece": ece, "brier": float((w * (p - y) ** 2).sum()) / total, "auroc": auroc(p, y, w), "bins": rows,
+            "n": int(p.numel()), "weight": total}
+
+
+def _summary(r: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in r.items() if k != "bins"}
+
+
+def calibrate_rule(fit: dict[str, Tensor], held_out: dict[str, Tensor], rule: str) -> dict[str, Any]:
+    """One acceptance rule: the maps fitted on `fit` and their per-draft and pooled metrics on `held_out`."""
+    fit_ev = conditional_events(fit["confidence"], fit["hit"], fit["valid"], fit.get("accept"), rule, fit.get("sequence"))
+    held_ev = conditional_events(held_out["confidence"], held_out["hit"], held_out["valid"], held_out.get("accept"), rule)
+    temp_only = [fit_logistic(z, y, w, bias=False)[0] for z, y, w, _ in fit_ev]
+    chosen = [select_map(z, y, w, g) for z, y, w, g in fit_ev]
+    per, pooled = [], {k: ([], [], []) for k in ("before", "temperature_only", "after")}
+    for j, ((z, y, w, _), t0, (name, t, b)) in enumerate(zip(held_ev, temp_only, chosen)):
+        if z.numel() == 0:
+            continue
+        probs = {"before": torch.sigmoid(z), "temperature_only": torch.sigmoid(z / t0), "after": torch.sigmoid(z / t + b)}
+        per.append({"draft": j, "map": name, "temperature": t, "bias": b, "temperature_only": t0, "n": int(z.numel()),
+                    "weight": float(w.sum()), "accept_rate": float((w * y).sum() / w.sum()),
+                    **{k: _summary(reliability(p, y, w)) for k, p in probs.items()}})
+        for k, p in probs.items():
+            for acc, v in zip(pooled[k], (p, y, w)):
+                acc.append(v)
+    overall = {k: reliability(torch.cat(p), torch.cat(y), torch.cat(w)) for k, (p, y, w) in pooled.items() if p}
+    return {"map": [m for m, _, _ in chosen], "temperature": [t for _, t, _ in chosen], "bias": [b for _, _, b in chosen],
+            "temperature_only": temp_only, "per_draft": per, "pooled": overall}
 
 
 def calibrate(fit: dict[str, Tensor], held_out: dict[str, Tensor]) -> dict[str, Any]:
-    """Temperatures fitted on `fit`, and per-position plus pooled metrics on `held_out`, before and after."""
-    temps = fit_temperatures(conditional_events(fit["confidence"], fit["hit"], fit["valid"]))
-    ev = conditional_events(held_out["confidence"], held_out["hit"], held_out["valid"])
-    per = []
-    pooled = {"before": ([], []), "after": ([], [])}
-    for j, ((z, y), t) in enumerate(zip(ev, temps)):
-        if z.numel() == 0:
-            continue
-        before, after = torch.sigmoid(z), torch.sigmoid(z / t)
-        per.append({"draft": j, "temperature": t, "n": int(z.numel()), "accept_rate": float(y.mean()),
-                    "before": {k: v for k, v in reliability(before, y).items() if k != "bins"},
-                    "after": {k: v for k, v in reliability(after, y).items() if k != "bins"}})
-        for key, p in (("before", before), ("after", after)):
-            pooled[key][0].append(p)
-            pooled[key][1].append(y)
-    overall = {k: reliability(torch.cat(p), torch.cat(y)) for k, (p, y) in pooled.items() if p}
-    return {"temperatures": temps, "per_draft": per, "pooled": overall}
+    """Both acceptance rules (sampled only when the blocks carry their 1 - TV)."""
+    rules = [r for r in RULES if r == "greedy" or ("accept" in fit and "accept" in held_out)]
+    return {rule: calibrate_rule(fit, held_out, rule) for rule in rules}

@@ -11,7 +11,7 @@ mask_token_id}`; weights `fc`, `hidden_norm`, `norm`, `layers.{i}.*`, embedding 
 target. Mask slots predict their own position.
 
 Our own folder (`BlockDrafter.save`) keeps a reduced draft vocabulary (`d2t`), the label convention
-and the calibrated confidence temperatures; `export_block` writes the engine layout from it.
+and the confidence calibration (temperature and bias per draft, greedy and sampled); `export_block` writes the engine layout from it.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from deepspec import io
+from deepspec.drafters.block.calibration import RULES as CALIBRATION_RULES
 from deepspec.drafters.block.model import LAYER_CONVENTION, BlockDrafter
 
 SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
@@ -70,7 +71,9 @@ def export_block(drafter: BlockDrafter, directory: str | Path, target_head: Tens
             out.update({k: v for k, v in state.items() if k.startswith("markov_head.") and "markov_w2" not in k})
         if drafter.confidence_head is not None:
             config["confidence_head_with_markov"] = bool(c.get("confidence_head_with_markov"))
-            config["confidence_temperatures"] = state["confidence_temperature"].tolist()  # ours; engines ignore it
+            config["confidence_calibration"] = {  # ours; engines ignore it
+                rule: {"temperature": state["confidence_temperature"][r].tolist(),
+                       "bias": state["confidence_bias"][r].tolist()} for r, rule in enumerate(CALIBRATION_RULES)}
             out.update({k: v for k, v in state.items() if k.startswith("confidence_head.")})
     else:
         if drafter.markov_head is not None or drafter.confidence_head is not None:
@@ -124,14 +127,14 @@ def import_block(directory: str | Path, target_model, **meta: Any) -> BlockDraft
                   "confidence_head_with_markov": bool(written.get("confidence_head_with_markov"))}
         head = state.pop("lm_head.weight")
         state.pop("embed_tokens.weight", None)
-        temps = written.get("confidence_temperatures")
+        calibration = written.get("confidence_calibration")
     elif arch == "DFlashDraftModel":
         dc = written.get("dflash_config") or {}
         config = {**base, "architectures": [arch], "algorithm": "dflash", "label_convention": "own",
                   "mask_token_id": dc.get("mask_token_id", written.get("mask_token_id")),
                   "target_layer_ids": dc.get("target_layer_ids", written.get("target_layer_ids")), "markov_rank": 0}
         head = target_model.get_output_embeddings().weight.detach()
-        temps = None
+        calibration = None
     if config["mask_token_id"] is None or config["target_layer_ids"] is None:
         raise ValueError(f"{cfg_path}: mask_token_id and target_layer_ids are required")
     bad = [k for k in config["target_layer_ids"] if not -1 <= k < tc.num_hidden_layers - 1]
@@ -143,8 +146,12 @@ def import_block(directory: str | Path, target_model, **meta: Any) -> BlockDraft
     ours_state["lm_head.weight"] = head.float()
     ours_state["d2t"] = torch.zeros(vocab, dtype=torch.long)
     ours_state["t2d"] = torch.ones(vocab, dtype=torch.bool)
-    ours_state["confidence_temperature"] = (torch.tensor(temps, dtype=torch.float32) if temps
-                                            else torch.ones(model.drafts))
+    if calibration:
+        for key, field in (("confidence_temperature", "temperature"), ("confidence_bias", "bias")):
+            ours_state[key] = torch.tensor([calibration[rule][field] for rule in CALIBRATION_RULES], dtype=torch.float32)
+    else:
+        ours_state["confidence_temperature"] = torch.ones(2, model.drafts)
+        ours_state["confidence_bias"] = torch.zeros(2, model.drafts)
     unknown = sorted(set(state) - set(ours))
     if unknown:
         raise ValueError(f"{cfg_path}: weights this drafter does not have: {unknown[:5]}")

@@ -74,6 +74,7 @@ def block_terms(model: BlockDrafter, hidden: Tensor, input_ids: Tensor, labels: 
         z = model.confidence_logit(h, states).float()
         out["bce"] = (F.binary_cross_entropy_with_logits(z, accept.detach(), reduction="none") * w).sum(0)
         out["confidence"] = z.detach()
+        out["accept"] = accept.detach()
     with torch.no_grad():
         hit = (model.draft_to_target[draft_top] == labels["target_top"][tc]) & valid
         out["hits"] = hit.sum(0).float()
@@ -96,13 +97,13 @@ def run_batch(runner: Runner, seqs: list[dict], labels: list[dict], dc: Any, tra
     list of sequences.
 
     Training draws `dc.num_anchors` anchors per sequence from `generator`; evaluation (`generator` None)
-    uses every candidate. `keep` returns the per-block confidences and hits (for calibration)."""
+    uses every candidate. `keep` returns the per-block confidences, hits, 1 - TV and sequence index (for calibration)."""
     D = runner.drafter.drafts
     coef = {"ce": dc.ce_weight, "l1": dc.l1_weight, "bce": dc.confidence_weight}
     sums = {k: torch.zeros(D) for k in ("ce", "w", "l1", "bce", "hits", "scored")}
     total: Tensor | None = None
     runs, blocks = 0.0, 0
-    kept: dict[str, list[Tensor]] = {"confidence": [], "hit": [], "valid": []}
+    kept: dict[str, list[Tensor]] = {"confidence": [], "hit": [], "valid": [], "accept": [], "sequence": []}
     items = []
     for s, t in zip(seqs, labels):
         if s["input_ids"].numel() < 3:
@@ -123,6 +124,7 @@ def run_batch(runner: Runner, seqs: list[dict], labels: list[dict], dc: Any, tra
             runs += float(terms["run"][scored].sum())
             blocks += int(scored.sum())
             if keep and "confidence" in terms:
+                terms["sequence"] = torch.full((terms["hit"].shape[0],), len(kept["sequence"]))
                 for k in kept:
                     kept[k].append(terms[k])
         if train and total is not None and total.requires_grad:

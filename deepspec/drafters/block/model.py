@@ -147,8 +147,10 @@ class BlockDrafter(FolderCheckpoint, nn.Module):
             self.confidence_head = ConfidenceHead(h + (rank if with_markov else 0))
         self.register_buffer("d2t", torch.zeros(c["draft_vocab_size"], dtype=torch.long))
         self.register_buffer("t2d", torch.zeros(c["vocab_size"], dtype=torch.bool))
-        # Per-draft temperatures of the confidence logits, fitted on held-out data (ones: uncalibrated).
-        self.register_buffer("confidence_temperature", torch.ones(self.drafts))
+        # Calibration of the confidence per draft, sigmoid(z / T + b), fitted on held-out data; row 0 for greedy
+        # acceptance, row 1 for sampled (calibration.py). Ones and zeros: uncalibrated.
+        self.register_buffer("confidence_temperature", torch.ones(2, self.drafts))
+        self.register_buffer("confidence_bias", torch.zeros(2, self.drafts))
         self.register_buffer("embed", embed.detach(), persistent=False)  # the target's, frozen
         self.register_buffer("inv_freq", inv_freq(c), persistent=False)
 
@@ -253,6 +255,19 @@ class BlockDrafter(FolderCheckpoint, nn.Module):
         if self.config.get("confidence_head_with_markov"):
             hidden = torch.cat([hidden, state.to(hidden.dtype)], dim=-1)
         return self.confidence_head(hidden)
+
+    def confidence(self, hidden: Tensor, state: Tensor | None, j: int, sampled: bool) -> Tensor:
+        """Calibrated P(draft j accepted | earlier drafts accepted) under greedy or sampled acceptance."""
+        r = int(sampled)
+        z = self.confidence_logit(hidden, state).float()
+        return torch.sigmoid(z / self.confidence_temperature[r, j] + self.confidence_bias[r, j])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        old = state_dict.get(prefix + "confidence_temperature")
+        if old is not None and old.dim() == 1:  # folders written before the two rules and the bias
+            state_dict[prefix + "confidence_temperature"] = old[None].repeat(2, 1)
+            state_dict.setdefault(prefix + "confidence_bias", torch.zeros(2, old.numel()))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def block_mask(anchors: Tensor, seq_len: int, block_size: int) -> Tensor:

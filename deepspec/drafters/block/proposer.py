@@ -106,8 +106,7 @@ class BlockProposer:
                 logits = logits + d.markov_head.bias(state, h[j]).float()
                 carry = state
             if d.confidence_head is not None:
-                z = d.confidence_logit(h[j], state) / d.confidence_temperature[j]
-                conf.append(float(torch.sigmoid(z)))
+                conf.append(float(d.confidence(h[j], state, j, sampled)))
                 if self.length == "threshold" and j > 0 and conf[-1] < self.threshold:
                     break
             if sampled:
