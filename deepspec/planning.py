@@ -67,9 +67,13 @@ def plan(cfg: Config) -> tuple[list[dict[str, Any]], list[str]]:
                          "the bounds below are per million conversations")
             convs = 1_000_000
         written = convs * td.max_turns * td.max_new_tokens
-        tokens = convs * min(cfg.features.max_len, td.max_turns * (td.max_prompt_tokens + td.max_new_tokens))
+        per_conv = min(cfg.features.max_len, td.max_turns * (td.max_prompt_tokens + td.max_new_tokens))
+        fixed = td.dataset_samples  # fixed data: read by the target at extraction, never generated
+        tokens = (convs + fixed) * per_conv
         rows.append({"stage": "regenerate", "work": f"{_count(convs)} conversations x {td.max_turns} turn(s), "
-                     f"<= {_count(written)} tokens written by the target, {where}", "size": _size(tokens * 8)})
+                     f"<= {_count(written)} tokens written by the target, {where}"
+                     + (f"; {_count(fixed)} more keep the dataset's answers" if fixed else ""),
+                     "size": _size(tokens * 8)})
         if shape is not None:
             n_layers, hidden, vocab = shape
             layers = feature_layers(cfg, n_layers)
@@ -80,7 +84,7 @@ def plan(cfg: Config) -> tuple[list[dict[str, Any]], list[str]]:
             topk = max(cfg.drafters[d].soft_top_k for d in drafters)
             rows.append({"stage": "soft targets", "work": f"top-{topk} of the target's distribution per token",
                          "size": f"<= {_size(tokens * topk * 6)}"})
-        train_seqs = convs
+        train_seqs = convs + fixed
         for name in drafters:
             dc = cfg.drafters[name]
             tc = dc.train

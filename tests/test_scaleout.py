@@ -55,6 +55,18 @@ def test_check_prints_the_cost_before_anything_starts():
     assert "3 methods x 9 tasks (3030 samples)" in done.stdout
 
 
+def test_check_counts_fixed_data_conversations():
+    """Conversations that keep their dataset answers are extracted and trained on: the plan counts them."""
+    from deepspec.config import load
+    from deepspec.planning import plan
+
+    rows, _ = plan(load("config/fixed_mix.yaml"))
+    by = {r["stage"]: r["work"] for r in rows}
+    assert "512 conversations" in by["regenerate"] and "1.0k more keep the dataset's answers" in by["regenerate"]
+    # (512 + 1024) conversations x 1.33 epochs / 4 sequences per step
+    assert "510 steps of 4 sequences" in by["train eagle3"]
+
+
 def test_launch_keys_stay_out_of_hashes():
     from deepspec.config import load
 
