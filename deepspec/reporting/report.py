@@ -128,7 +128,7 @@ def training_plot(cfg: Config, name: str, log: list[dict[str, Any]], out: Path) 
 
 def calibration_plot(cfg: Config, name: str, calibration: dict[str, Any], out: Path) -> Path:
     """Reliability diagrams of a DSpark confidence head on held-out blocks, one per acceptance rule: raw,
-    temperature only, temperature and bias."""
+    temperature only, and the map kept per draft."""
     import matplotlib.pyplot as plt
 
     rules = list(calibration)
@@ -162,7 +162,7 @@ def _maps(cal: dict[str, Any]) -> str:
 
 
 def _calibration_lines(cfg: Config, name: str, cal: dict[str, Any]) -> list[str]:
-    """One line per acceptance rule: held-out ECE / Brier raw, with a temperature, with temperature and bias."""
+    """One line per acceptance rule: held-out ECE / Brier raw, with a temperature, with the map kept per draft."""
     used = "sampled" if cfg.eval.temperature > 0 else "greedy"
     lines = ["Confidence head, calibrated per draft on half the validation split and judged on the other half. "
              "ECE and Brier read raw → sequential temperature scaling → the map kept (identity, temperature, or "

@@ -84,10 +84,10 @@ def _log_loss(z: Tensor, y: Tensor, w: Tensor, t: float, b: float) -> float:
     return float((w * torch.nn.functional.binary_cross_entropy_with_logits(z / t + b, y, reduction="none")).sum())
 
 
-def select_map(z: Tensor, y: Tensor, w: Tensor, group: Tensor) -> tuple[str, float, float]:
-    """The map of MAPS with the lowest two-fold cross-validated log-loss on these events (the simpler one on
-    a tie), refitted on all of them: (name, T, b). Folds split by group (sequence) when there are two or
-    more, since sequences differ more than blocks do; otherwise every other event."""
+def fit_maps(z: Tensor, y: Tensor, w: Tensor, group: Tensor) -> tuple[str, dict[str, tuple[float, float]]]:
+    """Every map of MAPS fitted on all these events as (T, b), and the name of the one with the lowest
+    two-fold cross-validated log-loss (the simpler one on a tie). Folds split by group (sequence) when
+    there are two or more, since sequences differ more than blocks do; otherwise every other event."""
     groups = torch.unique(group)
     fold = (torch.searchsorted(groups, group) % 2) if groups.numel() >= 2 else torch.arange(z.numel()) % 2
     best, best_loss = "identity", None
@@ -99,8 +99,7 @@ def select_map(z: Tensor, y: Tensor, w: Tensor, group: Tensor) -> tuple[str, flo
             loss += _log_loss(z[te], y[te], w[te], t, b)
         if best_loss is None or loss < best_loss - 1e-9:
             best, best_loss = name, loss
-    bias = MAPS[best]
-    return (best, 1.0, 0.0) if bias is None else (best, *fit_logistic(z, y, w, bias))
+    return best, {name: (1.0, 0.0) if bias is None else fit_logistic(z, y, w, bias) for name, bias in MAPS.items()}
 
 
 def auroc(p: Tensor, y: Tensor, w: Tensor | None = None) -> float | None:
@@ -143,8 +142,9 @@ def calibrate_rule(fit: dict[str, Tensor], held_out: dict[str, Tensor], rule: st
     """One acceptance rule: the maps fitted on `fit` and their per-draft and pooled metrics on `held_out`."""
     fit_ev = conditional_events(fit["confidence"], fit["hit"], fit["valid"], fit.get("accept"), rule, fit.get("sequence"))
     held_ev = conditional_events(held_out["confidence"], held_out["hit"], held_out["valid"], held_out.get("accept"), rule)
-    temp_only = [fit_logistic(z, y, w, bias=False)[0] for z, y, w, _ in fit_ev]
-    chosen = [select_map(z, y, w, g) for z, y, w, g in fit_ev]
+    fitted = [fit_maps(z, y, w, g) for z, y, w, g in fit_ev]
+    temp_only = [fits["temperature"][0] for _, fits in fitted]
+    chosen = [(name, *fits[name]) for name, fits in fitted]
     per, pooled = [], {k: ([], [], []) for k in ("before", "temperature_only", "after")}
     for j, ((z, y, w, _), t0, (name, t, b)) in enumerate(zip(held_ev, temp_only, chosen)):
         if z.numel() == 0:
