@@ -62,9 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks: `decode` (our engine against HF, verify-cost curve), `extract` "
                                      "(feature cache throughput), `train` (training recipes on a learning curve), "
                                      "`regenerate` (our batched generation against HF generate), `drafters` (trained "
-                                     "drafters teacher-forced on the evaluation outputs), `loss` (fused soft-target loss against the naive one: "
-                                     "peak memory and time), `gpu` (the prepared check for a CUDA device)")
-    p.add_argument("what", choices=["decode", "extract", "train", "regenerate", "drafters", "loss", "gpu"])
+                                     "drafters teacher-forced on the evaluation outputs), `families` (EAGLE-3, DFlash and "
+                                     "DSpark raced under one budget, over seeds), `loss` (fused soft-target loss against "
+                                     "the naive one: peak memory and time), `gpu` (the prepared check for a CUDA device)")
+    p.add_argument("what", choices=["decode", "extract", "train", "regenerate", "drafters", "families", "loss", "gpu"])
     _config_args(p)
     p.add_argument("--prompts", type=int, default=8, help="decode: prompts; extract: training sequences; "
                                                            "regenerate: training prompts in the batch")
@@ -74,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipes", default="config/bench_train.yaml", help="train: recipe name -> drafter overrides")
     p.add_argument("--drafter", help="train: the base drafter (default: the first one a method decodes with)")
     p.add_argument("--epochs", type=float, help="train: epochs for every recipe (default: each recipe's own)")
+    p.add_argument("--bench", default="config/bench_families.yaml", help="families: families, seeds, decode shapes, budgets")
+    p.add_argument("--budget", action="append", help="families: only this budget of the bench file (repeatable)")
     p.add_argument("--rows", type=int, default=3584, help="loss: logit rows (DSpark: 512 blocks of 7)")
     p.add_argument("--vocab", type=int, default=151_936, help="loss: vocabulary (Qwen3's by default)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="loss: logits dtype")
@@ -192,6 +195,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from deepspec.training.bench import bench_train
 
         bench_train(cfg, args.recipes, args.drafter, args.epochs, args.prompts, args.max_new_tokens, args.threads)
+    elif args.command == "bench" and args.what == "families":
+        from deepspec.training.families import bench_families
+
+        bench_families(cfg, args.bench, args.budget, args.prompts, args.max_new_tokens, args.threads)
     elif args.command == "bench" and args.what == "loss":
         from deepspec.kernels.bench import bench_loss
 

@@ -113,7 +113,8 @@ class BlockMethod(_Strict):
     `length`: fixed (every draft, up to `max_length`), threshold (stop before the first draft whose
     calibrated confidence is below `threshold`) or cost (the length that maximises expected committed
     tokens per second, from the confidences and the verify cost measured on this machine). `tree_top_k`
-    > 1 adds the next best tokens as siblings where the confidence is below `tree_threshold`."""
+    > 1 adds the next best tokens as siblings where the confidence is below `tree_threshold` (a drafter
+    without a confidence head, DFlash, branches at its first draft)."""
 
     kind: Literal["block"]
     drafter: str | None = Field(None, description="name of a dflash / dspark entry under `drafters`")
@@ -198,6 +199,10 @@ class TrainConfig(_Strict):
         "none", description="launcher: one process, or torchrun DDP / FSDP2, or DeepSpeed ZeRO (gloo on CPU, NCCL on GPU)")
     processes: Annotated[int, Field(ge=1)] = Field(1, description="processes the train rule starts (torchrun --nproc-per-node)")
     zero_stage: Literal[2, 3] = Field(2, description="DeepSpeed ZeRO stage")
+    wall_budget_s: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="size the schedule to end after this much training wall time: the total number of steps "
+                          "is set from the time of the first steps (and kept on resume), so the learning rate anneals "
+                          "by then; null: `epochs` decides")
     val_sequences: Annotated[int, Field(ge=0)] = 16
     eval_every: Annotated[int, Field(ge=1)] = 50
     save_every: Annotated[int, Field(ge=1)] = 100
@@ -225,7 +230,8 @@ class TrainConfig(_Strict):
 _LAUNCH_KEYS = {TrainConfig: ("distributed", "processes", "zero_stage"),
                 TrainDataConfig: ("servers", "server_model", "concurrency", "retries", "timeout_s")}
 _UNSET_KEYS = {TargetConfig: {"chat_template_kwargs": {}}, TaskConfig: {"subset": None, "split": None, "prompt_field": None},
-               TrainConfig: {"global_batch": None, "warmup_ratio": None}, TrainDataConfig: {"server_params": {}}}
+               TrainConfig: {"global_batch": None, "warmup_ratio": None, "wall_budget_s": None},
+               TrainDataConfig: {"server_params": {}}}
 
 
 def _hashed(node: Any) -> Any:
@@ -289,6 +295,12 @@ class _BlockDrafter(_Strict):
     supervise: Literal["all", "assistant"] = "all"
     soft_top_k: Annotated[int, Field(ge=1)] = 64
     num_anchors: Annotated[int, Field(ge=1)] = Field(16, description="blocks per training sequence, redrawn each epoch")
+    anchors: Literal["supervised", "answer"] = Field(
+        "supervised", description="where training anchors are drawn: any supervised position, or (DeepSpec's) only "
+                                  "positions followed by a target-written token, where the drafter runs at inference")
+    freeze_head: bool = Field(True, description="keep the target's head rows fixed (DFlash / DSpark recipe)")
+    fc_input_scale: bool = Field(False, description="divide each fused layer by its median RMS on the training split "
+                                                    "before fc (folded into fc on export), as EAGLE-3 may")
     eval_anchors: Annotated[int, Field(ge=1)] | None = Field(256, description="blocks per validation sequence")
     loss_gamma: Annotated[float, Field(gt=0)] | None = Field(7.0, description="draft j weighted exp(-j / gamma)")
     ce_weight: Annotated[float, Field(ge=0)] = 1.0
@@ -315,6 +327,8 @@ class DSparkDrafter(_BlockDrafter):
     calibrate: bool = Field(True, description="fit a temperature and bias per draft to the confidence on held-out data (greedy and sampled acceptance)")
 
 
+_UNSET_KEYS.update({kind: {"anchors": "supervised", "freeze_head": True, "fc_input_scale": False}
+                    for kind in (DFlashDrafter, DSparkDrafter)})
 DrafterConfig = Annotated[Union[Eagle3Drafter, DFlashDrafter, DSparkDrafter], Field(discriminator="kind")]
 BLOCK_DRAFTERS = ("dflash", "dspark")
 

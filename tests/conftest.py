@@ -22,7 +22,8 @@ def real_target():
     return load_target(REAL_MODEL, max_len=2048)
 
 
-def tiny_llama(vocab: int = 64, layers: int = 2, dtype=torch.float64, seed: int = 0, model_type: str = "llama"):
+def tiny_llama(vocab: int = 64, layers: int = 2, dtype=torch.float64, seed: int = 0, model_type: str = "llama",
+               heads: int = 4, kv_heads: int = 2):
     """A randomly initialised Llama-family model: for exact (float64) engine tests only."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -33,8 +34,8 @@ def tiny_llama(vocab: int = 64, layers: int = 2, dtype=torch.float64, seed: int 
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=512,
         tie_word_embeddings=False,
     )

@@ -10,7 +10,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.conftest import greedy_distillation_data, tiny_llama
+import json
+
+from tests.conftest import greedy_distillation_data, pipeline_config, tiny_llama
 
 LAYERS = [0, 1]  # output-of-layer ids: HF hidden_states[1], [2]
 
@@ -32,7 +34,8 @@ def _features(target, ids: torch.Tensor) -> torch.Tensor:
 
 
 def _dc(**over):
-    base = dict(num_anchors=None, eval_anchors=None, loss_gamma=4.0, ce_weight=1.0, l1_weight=0.0, confidence_weight=0.0)
+    base = dict(num_anchors=None, eval_anchors=None, loss_gamma=4.0, ce_weight=1.0, l1_weight=0.0, confidence_weight=0.0,
+                anchors="supervised")
     base.update(over)
     return SimpleNamespace(**base)
 
@@ -40,7 +43,7 @@ def _dc(**over):
 def test_blocks_never_see_features_at_or_after_their_anchor():
     """Anchors closer than the block size: changing the target features at or after an anchor must not
     change that block's outputs (keying visibility on block index instead of position would leak)."""
-    from deepspec.drafters.block.model import block_mask, block_positions
+    from deepspec.drafters.block.model import block_positions
 
     target = tiny_llama(vocab=64, layers=3)
     d = _drafter(target, block=4)
@@ -52,7 +55,7 @@ def test_blocks_never_see_features_at_or_after_their_anchor():
     def outputs(f):
         ctx_kv = d.context_kv(d.context(f), torch.arange(T))
         with torch.no_grad():
-            h = d.backbone(d.block_inputs(ids[anchors]), block_positions(anchors, 4), ctx_kv, block_mask(anchors, T, 4))
+            h = d.backbone(d.block_inputs(ids[anchors]), block_positions(anchors, 4), ctx_kv, anchors)
         return h.view(len(anchors), 4, -1)
 
     base = outputs(feats)
@@ -64,8 +67,28 @@ def test_blocks_never_see_features_at_or_after_their_anchor():
         earlier = feats.clone()
         earlier[a - 1] += 1.0
         assert not torch.allclose(outputs(earlier)[i], base[i])  # but it does read the position just before
-    mask = block_mask(anchors, T, 4)
-    assert not mask[4:8, 5:T].any() and mask[4:8, :5].all()  # block of anchor 5: context 0..4 only
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (4, 4)])
+def test_training_blocks_equal_one_block_at_a_time(heads, kv_heads):
+    """All blocks of a sequence in one training pass (per-block attention over the context before each
+    anchor and the block itself) give exactly what the inference path gives for each block alone, with
+    the context cut at its anchor: with and without grouped-query heads, anchors closer than B apart."""
+    from deepspec.drafters.block.model import block_positions
+
+    target = tiny_llama(vocab=64, layers=3, heads=heads, kv_heads=kv_heads)
+    d = _drafter(target, block=4)
+    T = 20
+    ids = torch.randint(0, 64, (T,), generator=torch.Generator().manual_seed(3))
+    feats = _features(target, ids)
+    anchors = torch.tensor([1, 4, 5, 11, 18])
+    with torch.no_grad():
+        ctx_kv = d.context_kv(d.context(feats), torch.arange(T))
+        together = d.backbone(d.block_inputs(ids[anchors]), block_positions(anchors, 4), ctx_kv, anchors)
+        for i, a in enumerate(anchors.tolist()):
+            kv = [(k[:, :a], v[:, :a]) for k, v in ctx_kv]
+            alone = d.backbone(d.block_inputs(ids[a : a + 1]), torch.arange(a, a + 4), kv, None)
+            torch.testing.assert_close(together[4 * i : 4 * i + 4], alone)
 
 
 @pytest.mark.parametrize("convention", ["next", "own"])
@@ -429,3 +452,124 @@ def test_markov_head_teacher_forcing_equals_sequential_drafting(kind):
             step = d.lm_head(h[j]) + d.markov_head.bias(carry, h[j])
             torch.testing.assert_close(step, teacher[j])
             torch.testing.assert_close(d.confidence_logit(h[j], carry), conf_teacher[j])
+
+
+def test_answer_anchors_sit_where_the_target_wrote_the_next_token():
+    """`anchors: answer` draws every training anchor from positions followed by a target-written token,
+    even when the loss supervises the prompt too; `supervised` draws from anywhere supervised; evaluation
+    anchors are unchanged by it."""
+    from deepspec.drafters.block.loss import training_anchors
+
+    T = 60
+    answer = torch.zeros(T, dtype=torch.bool)
+    answer[40:59] = True  # the target wrote tokens 41..59
+    labels = {"trained": torch.arange(T) < T - 1, "answer": answer}
+    seen_answer, seen_any = set(), set()
+    for seed in range(20):
+        a = training_anchors(labels, _dc(num_anchors=8, anchors="answer"), torch.Generator().manual_seed(seed))
+        assert a.numel() == 8 and bool(answer[a].all()) and a.unique().numel() == 8
+        seen_answer |= set(a.tolist())
+        seen_any |= set(training_anchors(labels, _dc(num_anchors=8), torch.Generator().manual_seed(seed)).tolist())
+    assert seen_answer == set(range(40, 59))  # every answer position is drawn sometime
+    assert min(seen_any) < 40  # the supervised mode draws from the prompt too
+    dc = _dc(eval_anchors=None, anchors="answer")
+    assert training_anchors(labels, dc, None).tolist() == list(range(1, T - 1))
+
+
+def test_dflash_branches_at_its_first_draft_and_stays_lossless(prompts):
+    """DFlash has no confidence head, so `tree_top_k` puts the next best tokens beside its first draft
+    (siblings under the root); the tree path really runs, is lossless and still accepts long blocks."""
+    from deepspec.decoding.engine import Engine
+    from deepspec.drafters.block.proposer import BlockProposer
+    from deepspec.models import make_backend
+
+    target = tiny_llama(vocab=64, layers=3)
+    d, _, _, _ = _overfit(target, "dflash", "next", prompts, steps=60)
+    engine = Engine(make_backend(target, "lean", 256), stop_ids=[], max_nodes=16)
+    proposer = BlockProposer(d, 256, tree_top_k=3)
+    trees = []
+    propose = proposer.propose
+    proposer.propose = lambda tokens, n: trees.append(propose(tokens, n)) or trees[-1]
+    committed = forwards = 0
+    for prompt in prompts:
+        gen = engine.generate(prompt, 30, proposer)
+        assert gen.tokens == engine.generate(prompt, 30).tokens
+        committed, forwards = committed + len(gen.tokens), forwards + gen.forwards
+    drafted = [t for t in trees if t is not None]
+    assert drafted and all(len(t) == d.drafts + 2 and t.parents[d.drafts:] == [-1, -1] for t in drafted)
+    assert committed / forwards > 1.5
+
+
+def test_block_input_scale_trains_and_folds_into_the_export(tmp_path):
+    """A block drafter with `fc_input_scale` reads its features scaled per fused layer; the DeepSpec export
+    folds the scale into fc, so the exported drafter computes the same context."""
+    from deepspec.drafters.block.checkpoint import export_block, import_block
+    from deepspec.drafters.block.model import BlockDrafter
+
+    target = tiny_llama(vocab=64, layers=3, dtype=torch.float32)
+    d = BlockDrafter.for_target(target, "dflash", LAYERS, torch.arange(64), layers=1, block_size=4,
+                                label_convention="next", mask_token_id=63, seed=1, fc_input_scale=True)
+    with torch.no_grad():
+        d.fc_in_scale.copy_(torch.linspace(0.1, 3.0, d.fc_in_scale.numel()))
+    feats = _features(target.double(), torch.arange(10)).float()
+    target.float()
+    back = import_block(export_block(d, tmp_path / "scaled", target.lm_head.weight), target)
+    assert not hasattr(back, "fc_in_scale")
+    with torch.no_grad():
+        torch.testing.assert_close(back.context(feats), d.context(feats), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(back.context(feats), d.hidden_norm(d.fc(feats)))  # the scale mattered
+
+
+def test_wall_budget_sizes_the_schedule_from_the_timed_steps():
+    """Steps 3..10 took 0.5 s each after 2 s for the first two (6 s in all): a 20 s budget leaves 14 s, 28
+    more steps."""
+    from deepspec.training.trainer import _sized_total
+
+    history = [{"step": k, "wall_s": 1.0 * k if k <= 2 else 2.0 + 0.5 * (k - 2)} for k in range(1, 11)]
+    assert _sized_total(20.0, history, 10, history[-1]["wall_s"]) == 38
+    assert _sized_total(1.0, history, 10, history[-1]["wall_s"]) == 10  # already past the budget: stop here
+
+
+def test_block_recipe_knobs_through_training_under_a_wall_budget(tmp_path, tiny_target_dir, monkeypatch):
+    """A DFlash drafter trained from the pipeline's feature cache with answer anchors, a trainable head,
+    the fc input scale and a wall-time budget: the schedule is resized once the first steps are timed (to
+    16 steps here, whatever the machine's pace) and anneals by its end, the head moved, and the drafter
+    decodes losslessly."""
+    from deepspec import io
+    from deepspec.training import trainer
+    from deepspec.config import validate
+    from deepspec.data.training import regenerate
+    from deepspec.drafters import build_proposer
+    from deepspec.decoding.engine import Engine
+    from deepspec.features.extract import extract_all
+    from deepspec.models import load_target
+    from deepspec.training.trainer import train
+    from safetensors.torch import load_file
+
+    raw = pipeline_config(tmp_path, tiny_target_dir).model_dump(mode="json")
+    raw["drafters"]["b"] = {"kind": "dflash", "layers": [0, 1, 2], "num_layers": 1, "block_size": 3, "num_anchors": 4,
+                            "draft_vocab": 300, "anchors": "answer", "freeze_head": False, "fc_input_scale": True,
+                            "train": {"wall_budget_s": 1e-3, "epochs": 50, "batch_sequences": 2, "warmup_steps": 2,
+                                      "val_sequences": 1, "eval_every": 4, "save_every": 4}}
+    raw["methods"]["b"] = {"kind": "block", "drafter": "b", "tree_top_k": 2}
+    cfg = validate(raw)
+    regenerate(cfg)
+    extract_all(cfg)
+    sized = []
+    monkeypatch.setattr(trainer, "_sized_total", lambda budget, history, step, wall: sized.append(step) or 16)
+    out = train(cfg, "b")
+    log = io.read_jsonl(out / "train_log.jsonl")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert sized == [10] and metrics["steps"] == len(log) == 16  # 50 epochs would be 150 steps
+    assert log[-1]["lr"] < 0.2 * log[2]["lr"]  # annealed to near its floor (0.1), not cut at the peak
+    saved = json.loads((out / "model" / "config.json").read_text())
+    weights = load_file(str(out / "model" / "model.safetensors"))
+    assert saved["fc_input_scale"] and weights["fc_in_scale"].unique().numel() == 3  # one scale per fused layer
+    target = load_target(str(tiny_target_dir), max_len=256)
+    head = target.loaded.model.get_output_embeddings().weight.detach()
+    d2t = torch.arange(weights["d2t"].numel()) + weights["d2t"]
+    assert not torch.allclose(weights["lm_head.weight"], head[d2t].float())  # the head trained
+    proposer = build_proposer(cfg.methods["b"], target, "b", cfg.out_dir / "drafters")
+    engine = Engine(target.backend, target.loaded.eos_ids, max_nodes=16)
+    prompt = list(range(100, 120))
+    assert engine.generate(prompt, 24, proposer).tokens == engine.generate(prompt, 24).tokens

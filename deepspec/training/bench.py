@@ -54,20 +54,25 @@ def _at_wall(log: list[dict[str, Any]], wall: float) -> dict[str, Any]:
     return rows[-1] if rows else {}
 
 
-def decode_tau(cfg: Config, drafter_cfg: Config, name: str, method, target, prompts: list[list[int]],
-               max_new_tokens: int, ar: list[tuple[list[int], float]]) -> dict[str, float]:
-    """τ and tokens/s of the finished drafter through the engine, and whether every output equals AR's."""
+def decode_tau(drafter_cfg: Config, name: str, method, target, prompts: list[list[int]], max_new_tokens: int,
+               ar: list[tuple[list[int], float]], temperature: float = 0.0, seed: int = 0) -> dict[str, Any]:
+    """τ and tokens/s of the finished drafter `name` decoding with `method` through the engine (tokens/s
+    against the autoregressive run `ar`), and, greedy, whether every output equals AR's (None when sampled:
+    the χ² tests judge sampled losslessness)."""
     from deepspec.decoding.engine import Engine
+    from deepspec.decoding.verify import Sampling
     from deepspec.drafters import build_proposer
 
-    engine = Engine(target.backend, target.loaded.eos_ids)
-    proposer = build_proposer(method.model_copy(update={"drafter": name}), target, name, drafter_cfg.out_dir / "drafters")
+    engine = Engine(target.backend, target.loaded.eos_ids, Sampling(temperature))
+    proposer = build_proposer(method.model_copy(update={"drafter": name}), target, name, drafter_cfg.out_dir / "drafters",
+                              temperature, seed)
+    generator = torch.Generator().manual_seed(seed) if temperature > 0 else None
     tokens = forwards = 0
     wall = ar_wall = 0.0
     same = True
     for prompt, (ar_tokens, ar_s) in zip(prompts, ar):
         t0 = time.perf_counter()
-        gen = engine.generate(prompt, max_new_tokens, proposer)
+        gen = engine.generate(prompt, max_new_tokens, proposer, generator)
         wall += time.perf_counter() - t0
         ar_wall += ar_s
         tokens += len(gen.tokens)
@@ -75,12 +80,24 @@ def decode_tau(cfg: Config, drafter_cfg: Config, name: str, method, target, prom
         same &= gen.tokens == ar_tokens
     n_ar = sum(len(t) for t, _ in ar)
     return {"decode_tau": tokens / max(forwards, 1), "decode_speedup": (tokens / wall) / (n_ar / ar_wall),
-            "lossless": same}
+            "lossless": same if temperature == 0 else None}
+
+
+def autoregressive_runs(target, prompts: list[list[int]], max_new_tokens: int) -> list[tuple[list[int], float]]:
+    """Our autoregressive decoding of each prompt (after a warm-up): its tokens and wall seconds."""
+    from deepspec.decoding.engine import Engine
+
+    engine = Engine(target.backend, target.loaded.eos_ids)
+    engine.generate(prompts[0][:32], 8)  # warm-up
+    ar = []
+    for prompt in prompts:
+        t0 = time.perf_counter()
+        ar.append((engine.generate(prompt, max_new_tokens).tokens, time.perf_counter() - t0))
+    return ar
 
 
 def bench_train(cfg: Config, recipes_path: str, drafter: str | None = None, epochs: float | None = None,
                 n_prompts: int = 4, max_new_tokens: int = 64, threads: int | None = None) -> dict[str, Any]:
-    from deepspec.decoding.engine import Engine
     from deepspec.evaluation.bench import bench_prompts
     from deepspec.models import load_target
     from deepspec.training.trainer import train
@@ -89,9 +106,9 @@ def bench_train(cfg: Config, recipes_path: str, drafter: str | None = None, epoc
     base = drafter or (cfg.drafters_in_use() or list(cfg.drafters) or [None])[0]
     if base not in cfg.drafters:
         raise ValueError(f"--drafter: no drafter named {base!r} (drafters: {', '.join(cfg.drafters) or 'none'})")
-    method = next((m for m in cfg.methods.values() if m.kind == "eagle3" and m.drafter == base), None)
+    method = next((m for m in cfg.methods.values() if m.kind in ("eagle3", "block") and m.drafter == base), None)
     if method is None:
-        raise ValueError(f"bench train: no eagle3 method decodes with drafter {base!r}, so decode τ has no settings")
+        raise ValueError(f"bench train: no method decodes with drafter {base!r}, so decode τ has no settings")
     configs = {r: recipe_config(cfg, base, r, over, epochs) for r, over in recipes.items()}  # all validated up front
     torch.set_num_threads(threads or os.cpu_count() or 1)
     with tracking.stage_run(cfg, "bench", "bench train", bench="train") as run:
@@ -99,12 +116,7 @@ def bench_train(cfg: Config, recipes_path: str, drafter: str | None = None, epoc
                     "max_new_tokens": max_new_tokens, "recipes_file": recipes_path})
         target = load_target(cfg.target.model, cfg.target.dtype, cfg.target.backend, cfg.target.max_len)
         prompts = bench_prompts(target.tokenizer, n_prompts, cfg.eval.seed, cfg.target.chat_template_kwargs)
-        engine = Engine(target.backend, target.loaded.eos_ids)
-        engine.generate(prompts[0][:32], 8)  # warm-up
-        ar = []
-        for prompt in prompts:
-            t0 = time.perf_counter()
-            ar.append((engine.generate(prompt, max_new_tokens).tokens, time.perf_counter() - t0))
+        ar = autoregressive_runs(target, prompts, max_new_tokens)
         rows, logs = {}, {}
         for recipe, (rcfg, name) in configs.items():
             print(f"[bench train] recipe {recipe}: {recipes[recipe] or 'the base recipe'}")
@@ -116,7 +128,7 @@ def bench_train(cfg: Config, recipes_path: str, drafter: str | None = None, epoc
                             "draft_vocab": summary["draft_vocab"], "wall_s": last["wall_s"],
                             "tokens_seen": last["train_tokens_seen"], "final_acc0": summary["val_acc"][0],
                             "final_tau_chain": summary["val_tau_chain"],
-                            **decode_tau(cfg, rcfg, name, method, target, prompts, max_new_tokens, ar)}
+                            **decode_tau(rcfg, name, method, target, prompts, max_new_tokens, ar)}
         common = min(r["wall_s"] for r in rows.values())
         for recipe, row in rows.items():
             at = _at_wall(logs[recipe], common)

@@ -5,7 +5,7 @@ times the target's head, a [T, 49k] product that used to be recomputed at every 
 `soft_targets` does it once per sequence and keeps only the top-k (log-probabilities over the full
 vocabulary, their ids and the argmax), so an epoch costs the drafter's work alone. `draft_vocab` picks
 the draft vocabulary from those argmaxes on the training split, and `training_targets` restricts each
-position's top-k to it (renormalised) and marks which positions are supervised.
+position's top-k to it (renormalised) and marks which positions are supervised (and which precede a target-written token, `answer`).
 """
 
 from __future__ import annotations
@@ -93,14 +93,15 @@ def training_targets(st: dict[str, Tensor], loss_mask: Tensor, target_to_draft: 
     `target_idx`/`target_p` [T, k]: the top-k restricted to the draft vocabulary (draft ids; probabilities
     renormalised, zero where a token is outside it). `trained` marks supervised positions, `weight` those
     whose target argmax is in the draft vocabulary (the soft loss is defined there; accuracy counts the
-    others as misses)."""
+    others as misses). `answer` marks the positions followed by a target-written token, wherever
+    `mode` puts the supervision (block drafters may draw their anchors there only)."""
     d = target_to_draft[st["top_ids"].long()]  # -1 outside the draft vocabulary
     inside = d >= 0
     logp = st["top_logp"].masked_fill(~inside, float("-inf"))
     p = torch.softmax(logp, dim=-1).nan_to_num(0.0)  # a row with no draft token at all: weight 0 below
     trained = supervised(loss_mask, mode)
     return {"target_idx": d.clamp(min=0), "target_p": p, "target_top": st["argmax"], "trained": trained,
-            "weight": (trained & inside[:, 0]).float()}
+            "weight": (trained & inside[:, 0]).float(), "answer": supervised(loss_mask, "assistant")}
 
 
 def topk_mass(targets: list[dict[str, Tensor]]) -> float:

@@ -171,6 +171,9 @@ def _train(cfg: Config, name: str, world: World, stop_after_steps: int | None) -
         step = 0
         history: list[dict[str, Any]] = []
         state_file = ckpt / "train_state" / "state.json"
+        sized = tc.wall_budget_s is None  # a wall budget fixes `total` once the first steps are timed
+        if not sized:
+            total = max(total, _PROBE_STEPS + 1)
         if state_file.is_file():
             state = json.loads(state_file.read_text())
             if state["config_hash"] == _train_hash(cfg, name):
@@ -180,6 +183,8 @@ def _train(cfg: Config, name: str, world: World, stop_after_steps: int | None) -
                                      f"or delete the folder to start over")
                 trainable.load_state(ckpt / "train_state")
                 step = state["step"]
+                if not sized and state.get("sized", True):
+                    total, sized = state["total"], True  # sized from the first steps' time by the run that wrote it
                 history = [r for r in io.read_jsonl(log_path)] if log_path.is_file() else []
                 history = [r for r in history if r["step"] <= step]
                 say(f"[train] {name}: resuming at step {step}/{total} on {world.size} process(es) "
@@ -224,6 +229,11 @@ def _train(cfg: Config, name: str, world: World, stop_after_steps: int | None) -
             ran += 1
             elapsed = time.perf_counter() - t0
             wall += elapsed
+            if not sized and step == _PROBE_STEPS:
+                total = _sized_total(tc.wall_budget_s, history, step, wall)
+                sized = True
+                bar.total = total
+                say(f"[train] {name}: {total} steps fit the {tc.wall_budget_s:.0f} s budget")
             tokens = sum(s["tokens"] for s in stats)
             row: dict[str, Any] = {"step": step, "lr": lr, "loss": sum(s["loss"] for s in stats) / len(stats),
                                    "grad_norm": grad_norm, "tokens_per_s": tokens / elapsed, "wall_s": wall,
@@ -250,7 +260,7 @@ def _train(cfg: Config, name: str, world: World, stop_after_steps: int | None) -
             if step % tc.save_every == 0 or step == total:
                 if world.main:
                     io.write_jsonl(log_path, history)
-                save_checkpoint(world, trainable, ckpt, {"step": step, "config_hash": _train_hash(cfg, name), "total": total,
+                save_checkpoint(world, trainable, ckpt, {"step": step, "config_hash": _train_hash(cfg, name), "total": total, "sized": sized,
                                                          "world_size": world.size,
                                                          "launcher_state": _state_kind(tc.distributed)})
         bar.close()
@@ -290,6 +300,16 @@ def _train(cfg: Config, name: str, world: World, stop_after_steps: int | None) -
     return out
 
 
+_PROBE_STEPS = 10  # steps timed before a wall-time budget fixes the schedule (the first two are left out)
+
+
+def _sized_total(budget_s: float, history: list[dict[str, Any]], step: int, wall: float) -> int:
+    """Total steps that end training after `budget_s` seconds, at the pace of steps 3..`step`."""
+    start = next(r["wall_s"] for r in history if r["step"] == 2)
+    per_step = (wall - start) / (step - 2)
+    return max(step, round(step + (budget_s - wall) / max(per_step, 1e-9)))
+
+
 def _state_kind(launcher: str) -> str:
     """Train-state format: torch.distributed.checkpoint (none / ddp / fsdp2, interchangeable) or DeepSpeed's."""
     return "deepspeed" if launcher == "deepspeed" else "dcp"
@@ -305,14 +325,11 @@ def _new_drafter(cfg: Config, name: str, loaded, layers: list[int], draft_ids: t
     dc = cfg.drafters[name]
     tc = dc.train
     meta = {"target": cfg.target.model, "target_fingerprint": loaded.fingerprint}
+    scaled = {"fc_input_scale": True} if dc.fc_input_scale else {}
     if dc.kind == "eagle3":
         model = Eagle3Drafter.for_target(loaded.model, layers, draft_ids, dc.init_head_from_target, tc.seed,
-                                         layer_convention=manifest["layer_convention"], **meta,
-                                         **({"fc_input_scale": True} if dc.fc_input_scale else {}))
-        if dc.fc_input_scale:
-            rms = layer_rms(train_hidden)
-            model.fc_in_scale.copy_((1.0 / rms).repeat_interleave(train_hidden[0].shape[-1]))
-            say(f"[train] {name}: fc input scale 1/RMS per layer, RMS {[round(float(r), 2) for r in rms]}")
+                                         layer_convention=manifest["layer_convention"], **meta, **scaled)
+        _scale_inputs(model, train_hidden, name, say)
         if dc.freeze_head:
             if not dc.init_head_from_target:
                 raise ValueError(f"drafters.{name}.freeze_head: a frozen head must be initialised from the target")
@@ -331,9 +348,19 @@ def _new_drafter(cfg: Config, name: str, loaded, layers: list[int], draft_ids: t
         layers=dc.num_layers, block_size=dc.block_size, label_convention=dc.label_convention, mask_token_id=mask,
         markov_rank=dc.markov_rank if dspark else 0, markov_head_type=dc.markov_head_type if dspark else "vanilla",
         confidence_head=dspark and dc.confidence_head, confidence_with_markov=dspark and dc.confidence_with_markov,
-        seed=tc.seed, **meta)
-    model.lm_head.weight.requires_grad_(False)  # the target's head rows, frozen (DFlash / DSpark recipe)
+        seed=tc.seed, **meta, **scaled)
+    _scale_inputs(model, train_hidden, name, say)
+    model.lm_head.weight.requires_grad_(not dc.freeze_head)  # the target's head rows (DFlash / DSpark freeze them)
     return model
+
+
+def _scale_inputs(model, train_hidden: list[torch.Tensor], name: str, say: Callable[..., None]) -> None:
+    """Set a drafter's fixed fc input scale (when it has one) to 1 / median RMS of each fused layer."""
+    if not hasattr(model, "fc_in_scale"):
+        return
+    rms = layer_rms(train_hidden)
+    model.fc_in_scale.copy_((1.0 / rms).repeat_interleave(train_hidden[0].shape[-1]))
+    say(f"[train] {name}: fc input scale 1/RMS per layer, RMS {[round(float(r), 2) for r in rms]}")
 
 
 def _run(runner: Runner, dc, seqs: list[dict], labels: list[dict], train: bool, generator: torch.Generator | None,

@@ -49,6 +49,9 @@ def export_block(drafter: BlockDrafter, directory: str | Path, target_head: Tens
         raise ValueError("export: a trained mask embedding has no row in the target's embedding; train with a "
                          "mask_token_id to export")
     state = {k: v.detach().float().contiguous() for k, v in drafter.state_dict().items()}
+    scale = state.pop("fc_in_scale", None)
+    if scale is not None:  # the fixed input scale folded into fc's columns: the plain layout engines read
+        state["fc.weight"] = state["fc.weight"] * scale[None]
     ids = drafter.draft_to_target
     out = _layer_state(state)
     shape = {k: c[k] for k in SHAPE_KEYS if k in c}

@@ -1,8 +1,9 @@
 """Training blocks: anchors, labels and the DFlash / DSpark loss over one batch of sequences.
 
-Per sequence: up to `num_anchors` anchors are drawn from positions whose next token is supervised
-(redrawn each epoch from a seeded generator, so a resumed run draws the same ones); all blocks go
-through one backbone pass with one dense mask (`block_mask`). Draft j of anchor a is scored against
+Per sequence: up to `num_anchors` anchors are drawn from positions whose next token is supervised, or
+(`anchors: answer`, DeepSpec's) only from those whose next token the target wrote, redrawn each epoch
+from a seeded generator, so a resumed run draws the same ones. All blocks go through one backbone pass,
+each attending to the context before its anchor and to itself. Draft j of anchor a is scored against
 the target's distribution at position a + j (the token at a + 1 + j), while every draft before it is
 scored too (a contiguous prefix). Losses, weighted exp(-j / gamma):
   ce   soft cross-entropy against the target's cached top-k (restricted to the draft vocabulary)
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from deepspec.drafters.block.model import BlockDrafter, block_mask, block_positions, loss_weights
+from deepspec.drafters.block.model import BlockDrafter, block_positions, loss_weights
 from deepspec.kernels import reference_losses, soft_target_losses
 from deepspec.training.distributed import Runner
 
@@ -43,6 +44,16 @@ def sample_anchors(trained: Tensor, num: int | None, generator: torch.Generator 
     return cand
 
 
+def training_anchors(labels: dict[str, Tensor], dc: Any, generator: torch.Generator | None) -> Tensor:
+    """A sequence's anchors: `dc.num_anchors` drawn from `generator` in training (from the supervised
+    positions, or with `dc.anchors` answer only where the target wrote the next token), every supervised
+    position up to `dc.eval_anchors` in evaluation (`generator` None)."""
+    if generator is None:
+        return sample_anchors(labels["trained"], dc.eval_anchors, None)
+    region = labels["trained"] & labels["answer"] if dc.anchors == "answer" else labels["trained"]
+    return sample_anchors(region, dc.num_anchors, generator)
+
+
 def block_terms(model: BlockDrafter, hidden: Tensor, input_ids: Tensor, labels: dict[str, Tensor], anchors: Tensor,
                 gamma: float | None) -> dict[str, Tensor]:
     """Per-draft loss sums and counts of one sequence's blocks (see the module docstring)."""
@@ -51,7 +62,7 @@ def block_terms(model: BlockDrafter, hidden: Tensor, input_ids: Tensor, labels: 
     ctx = model.context(hidden)
     ctx_kv = model.context_kv(ctx, torch.arange(T))
     x = model.block_inputs(input_ids[anchors])
-    h = model.backbone(x, block_positions(anchors, B), ctx_kv, block_mask(anchors, T, B))
+    h = model.backbone(x, block_positions(anchors, B), ctx_kv, anchors)
     h = h.view(anchors.shape[0], B, -1)[:, model.draft_rows]  # [A, D, H]
     t = anchors[:, None] + torch.arange(D)[None, :]  # where draft j's target distribution lives
     tc = t.clamp(max=T - 1)
@@ -108,7 +119,7 @@ def run_batch(runner: Runner, seqs: list[dict], labels: list[dict], dc: Any, tra
     for s, t in zip(seqs, labels):
         if s["input_ids"].numel() < 3:
             continue
-        anchors = sample_anchors(t["trained"], dc.num_anchors if generator is not None else dc.eval_anchors, generator)
+        anchors = training_anchors(t, dc, generator)
         if anchors.numel():
             items.append((s["hidden"].flatten(1), s["input_ids"], t, anchors))
     with torch.set_grad_enabled(train), runner.sync(last):

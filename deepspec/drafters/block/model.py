@@ -4,7 +4,8 @@ Context C = hidden_norm(fc(concat of K target layers)) at every committed positi
 decoder layers (shaped like the target's, with Qwen3's q_norm / k_norm) projects C with its own
 k_proj / v_proj (k_norm, RoPE at the context positions) and prepends it to the block's keys; C is
 never a query. The block [anchor, M, ..., M] of size B sits at positions a..a+B-1, attends to itself
-bidirectionally and to context keys strictly before a. Its final states go through the (frozen,
+bidirectionally and to context keys strictly before a (training scores each block over its own keys,
+`block_attention`). Its final states go through the (frozen,
 target-initialised) head.
 
 Label conventions (`label_convention`): "next" (DeepSpec) - every slot k predicts the token after its
@@ -50,14 +51,45 @@ class BlockAttention(nn.Module):
         v = self.v_proj(x).view(n, self.n_kv, self.head_dim).transpose(0, 1)
         return rotate(k, cos, sin), v
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx_k: Tensor, ctx_v: Tensor, mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx_k: Tensor, ctx_v: Tensor, visible: Tensor | None,
+                block_size: int) -> Tensor:
         n = x.shape[0]
         q = rotate(self.q_norm(self.q_proj(x).view(n, self.n_heads, self.head_dim)).transpose(0, 1), cos, sin)
         k, v = self.keys_values(x, cos, sin)
-        k, v = torch.cat([ctx_k, k], dim=1), torch.cat([ctx_v, v], dim=1)
-        out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask,
-                                             enable_gqa=self.n_kv != self.n_heads)[0]
+        if visible is None:  # one block that sees every context key (inference)
+            k, v = torch.cat([ctx_k, k], dim=1), torch.cat([ctx_v, v], dim=1)
+            out = F.scaled_dot_product_attention(q[None], k[None], v[None], enable_gqa=self.n_kv != self.n_heads)[0]
+        else:
+            out = block_attention(q, k, v, ctx_k, ctx_v, visible, block_size)
         return self.o_proj(out.transpose(0, 1).reshape(n, -1))
+
+
+def block_attention(q: Tensor, k: Tensor, v: Tensor, ctx_k: Tensor, ctx_v: Tensor, visible: Tensor,
+                    block_size: int) -> Tensor:
+    """Attention [heads, A*B, hd] of A training blocks of B rows (q [heads, A*B, hd], their own k / v
+    [kv_heads, A*B, hd]): block a sees the first visible[a] context keys (those strictly before its anchor
+    *position*, never keyed on block index: anchors closer than B apart must not see each other's future
+    features) and its own B rows, bidirectionally.
+
+    Scored per block over [context ‖ own rows], A*B*(T+B) scores, instead of one dense mask over every
+    block's rows, A*B*(T+A*B), most of it masked out once anchors are many."""
+    heads, n, hd = q.shape
+    a = n // block_size
+    rep = heads // k.shape[0]
+    if rep > 1:
+        k, v, ctx_k, ctx_v = (t.repeat_interleave(rep, dim=0) for t in (k, v, ctx_k, ctx_v))
+    t = int(visible.max())
+    ctx_k, ctx_v = ctx_k[:, :t], ctx_v[:, :t]
+    qb = q.view(heads, a, block_size, hd)
+    kb, vb = k.view(heads, a, block_size, hd), v.view(heads, a, block_size, hd)
+    scale = hd**-0.5
+    s_ctx = torch.einsum("habd,htd->habt", qb, ctx_k) * scale
+    hidden = torch.arange(t, device=q.device)[None, :] >= visible[:, None]  # [A, t]
+    s_ctx = s_ctx.masked_fill(hidden[None, :, None, :], float("-inf"))
+    s_own = torch.einsum("habd,hacd->habc", qb, kb) * scale
+    p = torch.softmax(torch.cat([s_ctx, s_own], dim=-1), dim=-1)
+    out = torch.einsum("habt,htd->habd", p[..., :t], ctx_v) + torch.einsum("habc,hacd->habd", p[..., t:], vb)
+    return out.reshape(heads, n, hd)
 
 
 class BlockLayer(nn.Module):
@@ -132,6 +164,8 @@ class BlockDrafter(FolderCheckpoint, nn.Module):
         h = c["hidden_size"]
         self.block_size = int(c["block_size"])
         self.fc = nn.Linear(len(c["target_layer_ids"]) * h, h, bias=False)
+        if c.get("fc_input_scale"):  # a fixed 1/RMS per fused layer (their scales differ ~8x); folded on export
+            self.register_buffer("fc_in_scale", torch.ones(len(c["target_layer_ids"]) * h))
         self.hidden_norm = RMSNorm(h, c["rms_norm_eps"])
         self.layers = nn.ModuleList(BlockLayer(c) for _ in range(c["num_hidden_layers"]))
         self.norm = RMSNorm(h, c["rms_norm_eps"])
@@ -214,6 +248,8 @@ class BlockDrafter(FolderCheckpoint, nn.Module):
     # ---- the forward, shared by training and inference ---------------------------------------------
     def context(self, features: Tensor) -> Tensor:
         """C [n, H] from the concatenated target features [n, K*H] of n positions."""
+        if hasattr(self, "fc_in_scale"):
+            features = features * self.fc_in_scale.to(features.dtype)
         return self.hidden_norm(self.fc(features))
 
     def context_kv(self, ctx: Tensor, positions: Tensor) -> list[tuple[Tensor, Tensor]]:
@@ -232,13 +268,14 @@ class BlockDrafter(FolderCheckpoint, nn.Module):
         x[:, 0] = F.embedding(anchors, self.embed).to(x.dtype)
         return x.reshape(a * self.block_size, -1)
 
-    def backbone(self, x: Tensor, positions: Tensor, ctx_kv: list[tuple[Tensor, Tensor]], mask: Tensor | None) -> Tensor:
-        """Normed final states [R, H] of block rows x [R, H] at `positions`; mask [R, T + R] (True = attend)
-        over the context keys then the block rows, None when every row sees every key."""
+    def backbone(self, x: Tensor, positions: Tensor, ctx_kv: list[tuple[Tensor, Tensor]], visible: Tensor | None) -> Tensor:
+        """Normed final states [R, H] of the rows x [R, H] of R / B blocks at `positions`. Block a sees the
+        first visible[a] context keys (its anchor position) and its own rows; `visible` None: one block that
+        sees every context key."""
         cos, sin = rope(positions, self.inv_freq)
         h = x
         for layer, (ck, cv) in zip(self.layers, ctx_kv):
-            h = h + layer.self_attn(layer.input_layernorm(h), cos, sin, ck, cv, mask)
+            h = h + layer.self_attn(layer.input_layernorm(h), cos, sin, ck, cv, visible, self.block_size)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return self.norm(h)
 
@@ -268,18 +305,6 @@ class BlockDrafter(FolderCheckpoint, nn.Module):
             state_dict[prefix + "confidence_temperature"] = old[None].repeat(2, 1)
             state_dict.setdefault(prefix + "confidence_bias", torch.zeros(2, old.numel()))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-
-def block_mask(anchors: Tensor, seq_len: int, block_size: int) -> Tensor:
-    """[A*B, T + A*B] attention of training blocks: context keys strictly before the block's anchor
-    *position* (never keyed on block index: anchors closer than B apart must not see each other's
-    future features), and every row of its own block."""
-    a = anchors.shape[0]
-    rows_anchor = anchors.repeat_interleave(block_size)  # [A*B]
-    ctx = torch.arange(seq_len)[None, :] < rows_anchor[:, None]
-    block_id = torch.arange(a).repeat_interleave(block_size)
-    own = block_id[:, None] == block_id[None, :]
-    return torch.cat([ctx, own], dim=1)
 
 
 def block_positions(anchors: Tensor, block_size: int) -> Tensor:

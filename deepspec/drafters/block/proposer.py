@@ -12,8 +12,9 @@ Length (all decided from draft-side quantities only, so the output stays lossles
   threshold  stop before the first draft whose calibrated confidence falls below `threshold`
   cost       the length maximising expected committed tokens per second: E(L) = 1 + sum_{j<=L} prod_{i<=j} c_i
              over the draft time plus the measured verify cost of L + 1 rows
-Tree (`tree_top_k` > 1): at drafts whose confidence is below `tree_threshold`, the next best tokens
-become siblings (leaves), verified by the same tree verifier.
+Tree (`tree_top_k` > 1): at drafts whose confidence is below `tree_threshold` (without a confidence
+head, DFlash: at the first draft, which gates every later one), the next best tokens become siblings
+(leaves), verified by the same tree verifier.
 """
 
 from __future__ import annotations
@@ -117,7 +118,8 @@ class BlockProposer:
                 qs.append(full)
             else:
                 tok = int(logits.argmax())
-                if self.tree_top_k > 1 and conf and conf[-1] < self.tree_threshold:
+                unsure = conf[-1] < self.tree_threshold if conf else j == 0  # no confidence head: the first draft
+                if self.tree_top_k > 1 and unsure:
                     alts.append((j, logits.topk(self.tree_top_k).indices[1:].tolist()))
             toks.append(tok)
             prev = int(self._d2t[tok])

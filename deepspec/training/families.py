@@ -1,0 +1,232 @@
+"""`deepspec bench families`: the race between drafter families, each fed and timed the same way.
+
+The bench file names the families (drafters of the experiment that some method decodes with, in the
+paper's order, best first), the seeds, the decode shapes (the chain every family decodes, and each
+family's best tree, as overrides of the method that decodes with it), overrides common to every
+drafter (the validation split, so every family is judged on the same sequences) and one or more
+budgets: per family, overrides of its drafter section, e.g. equal training wall time (`train.wall_budget_s`: every schedule sized to end at the same second,
+learning rate annealed) or DeepSpec's "same data" (every answer position an anchor, 2 epochs). Every
+family and seed trains from the same feature cache, so the training split (a function of the seed)
+and the supervised region are shared. Each finished drafter then decodes the same held-out benchmark
+prompts through the engine in the shared chain, greedy and sampled at T = 1, and in its family's best
+tree, greedy; speedups are against our autoregressive
+decoding in the same run. Reported per budget and family, as mean and range over seeds: validation
+chain τ against wall time and tokens seen, decoded τ and speedup, and whether the paper's order holds
+for every seed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from deepspec import io, tracking
+from deepspec.config import Config, ConfigError, merge, validate
+from deepspec.training.bench import autoregressive_runs, decode_tau, recipe_config
+
+SHAPES = ("chain_t0", "chain_t1", "tree_t0")
+SHAPE_NAMES = {"chain_t0": "chain, T = 0", "chain_t1": "chain, T = 1", "tree_t0": "best tree, T = 0"}
+
+
+def load_bench(path: str | Path, cfg: Config) -> dict[str, Any]:
+    """The bench file, checked against the experiment: every family decodes through one of its methods."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config error: bench file not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    for key in ("seeds", "order", "chains", "trees", "budgets"):
+        if key not in raw:
+            raise ConfigError(f"config error: {path}: missing '{key}'")
+    families = list(raw["order"])
+    for family in families:
+        if family not in cfg.drafters:
+            raise ConfigError(f"config error: {path}: order: no drafter named {family!r} in the experiment "
+                              f"(drafters: {', '.join(cfg.drafters)})")
+        if chain_method(cfg, family) is None:
+            raise ConfigError(f"config error: {path}: no method of the experiment decodes with drafter {family!r}")
+        for shape in ("chains", "trees"):
+            if family not in (raw[shape] or {}):
+                raise ConfigError(f"config error: {path}: {shape}: nothing for {family!r}")
+    for budget, per in raw["budgets"].items():
+        missing = [f for f in families if f not in (per or {})]
+        if missing:
+            raise ConfigError(f"config error: {path}: budgets.{budget}: no overrides for {', '.join(missing)}")
+    if not raw["seeds"]:
+        raise ConfigError(f"config error: {path}: seeds: at least one seed")
+    return raw
+
+
+def chain_method(cfg: Config, family: str):
+    return next((m for m in cfg.methods.values() if getattr(m, "drafter", None) == family), None)
+
+
+def shape_method(cfg: Config, family: str, overrides: dict[str, Any], where: str):
+    """The method that decodes with `family`, with a decode shape's overrides, validated like any method."""
+    raw = cfg.model_dump(mode="json")
+    name = f"bench-{family}"
+    raw["methods"][name] = {**chain_method(cfg, family).model_dump(mode="json"), **(overrides or {})}
+    try:
+        return validate(raw).methods[name]
+    except ConfigError as err:
+        raise ConfigError(str(err).replace(f"methods.{name}", where)) from None
+
+
+def bench_families(cfg: Config, bench_path: str, budgets: list[str] | None = None, n_prompts: int = 8,
+                   max_new_tokens: int = 64, threads: int | None = None) -> dict[str, Any]:
+    from deepspec.evaluation.bench import bench_prompts
+    from deepspec.models import load_target
+    from deepspec.training.trainer import train
+
+    bench = load_bench(bench_path, cfg)
+    budgets = budgets or list(bench["budgets"])
+    unknown = [b for b in budgets if b not in bench["budgets"]]
+    if unknown:
+        raise ConfigError(f"config error: --budget: {', '.join(unknown)} not in {bench_path} "
+                          f"(budgets: {', '.join(bench['budgets'])})")
+    families, seeds = list(bench["order"]), [int(s) for s in bench["seeds"]]
+    methods = {(f, shape): shape_method(cfg, f, bench[shape][f], f"{shape}.{f}") for f in families
+               for shape in ("chains", "trees")}
+    runs = {}  # every drafter config validated before any work starts
+    for budget in budgets:
+        for family in families:
+            for seed in seeds:
+                over = merge(merge(bench.get("common") or {}, bench["budgets"][budget][family] or {}),
+                             {"train": {"seed": seed}})
+                runs[(budget, family, seed)] = recipe_config(cfg, family, f"{budget}-{family}-s{seed}", over, None)
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    with tracking.stage_run(cfg, "bench", "bench families", bench="families") as run:
+        run.params({"families": families, "seeds": seeds, "budgets": budgets, "prompts": n_prompts,
+                    "max_new_tokens": max_new_tokens, "bench_file": bench_path})
+        target = load_target(cfg.target.model, cfg.target.dtype, cfg.target.backend, cfg.target.max_len)
+        prompts = bench_prompts(target.tokenizer, n_prompts, cfg.eval.seed, cfg.target.chat_template_kwargs)
+        rows: dict[str, dict[str, Any]] = {}
+        logs: dict[str, list[dict[str, Any]]] = {}
+        for (budget, family, seed), (rcfg, name) in runs.items():
+            print(f"[bench families] {budget}: {family}, seed {seed}")
+            out = train(rcfg, name)
+            log = io.read_jsonl(out / "train_log.jsonl")
+            summary = json.loads((out / "metrics.json").read_text())
+            ar = autoregressive_runs(target, prompts, max_new_tokens)  # next to each drafter: machine drift hits both
+            shapes = {"chain_t0": (methods[family, "chains"], 0.0), "chain_t1": (methods[family, "chains"], 1.0),
+                      "tree_t0": (methods[family, "trees"], 0.0)}
+            decoded = {shape: decode_tau(rcfg, name, method, target, prompts, max_new_tokens, ar, temperature, seed)
+                       for shape, (method, temperature) in shapes.items()}
+            key = f"{budget}/{family}/{seed}"
+            logs[key] = log
+            rows[key] = {"budget": budget, "family": family, "seed": seed, "steps": summary["steps"],
+                         "wall_s": log[-1]["wall_s"], "tokens_seen": log[-1]["train_tokens_seen"],
+                         "val_tau_chain": summary["val_tau_chain"], "val_acc0": summary["val_acc"][0],
+                         **{f"{shape}.{k}": v for shape, d in decoded.items() for k, v in d.items()}}
+        result = {"families": families, "seeds": seeds, "budgets": budgets, "prompts": len(prompts),
+                  "max_new_tokens": max_new_tokens, "runs": rows, "summary": summarise(rows, families, budgets),
+                  "order": order_holds(rows, families, budgets, seeds)}
+        out = cfg.out_dir / "bench"
+        text = format_families(result)
+        io.write_json(out / "families.json", result)
+        io.write_text(out / "families.md", text)
+        plot = families_plot(cfg, logs, families, out / "families.png")
+        run.metrics({f"{b}.{f}.{k}": v["mean"] for b, per in result["summary"].items() for f, ks in per.items()
+                     for k, v in ks.items() if isinstance(v, dict)})
+        for path in (out / "families.md", out / "families.json", plot):
+            run.artifact(path)
+        print(text)
+    return result
+
+
+METRICS = ("val_tau_chain", "wall_s", "tokens_seen", *(f"{s}.{k}" for s in SHAPES for k in ("decode_tau", "decode_speedup")))
+
+
+def summarise(rows: dict[str, dict[str, Any]], families: list[str], budgets: list[str]) -> dict[str, Any]:
+    """Per budget and family: mean, min and max over seeds of each metric; lossless over every greedy run."""
+    out: dict[str, Any] = {}
+    for budget in budgets:
+        for family in families:
+            runs = [r for r in rows.values() if r["budget"] == budget and r["family"] == family]
+            cell: dict[str, Any] = {m: {"mean": statistics.fmean(r[m] for r in runs), "min": min(r[m] for r in runs),
+                                        "max": max(r[m] for r in runs)} for m in METRICS}
+            cell["lossless"] = all(r[f"{s}.lossless"] for r in runs for s in ("chain_t0", "tree_t0"))
+            out.setdefault(budget, {})[family] = cell
+    return out
+
+
+def order_holds(rows: dict[str, dict[str, Any]], families: list[str], budgets: list[str], seeds: list[int]) -> dict[str, Any]:
+    """Whether `families` (the paper's order, best first) is non-increasing in validation and decoded τ,
+    for every seed, per budget."""
+    out: dict[str, Any] = {}
+    for budget in budgets:
+        for metric in ("val_tau_chain", "chain_t0.decode_tau", "chain_t1.decode_tau"):
+            per_seed = [[rows[f"{budget}/{f}/{s}"][metric] for f in families] for s in seeds]
+            out.setdefault(budget, {})[metric] = all(all(a >= b for a, b in zip(v, v[1:])) for v in per_seed)
+    return out
+
+
+def _cell(stat: dict[str, float], fmt: str = "{:.3f}", suffix: str = "") -> str:
+    if stat["min"] == stat["max"]:
+        return fmt.format(stat["mean"]) + suffix
+    return f"{fmt.format(stat['mean'])}{suffix} ({fmt.format(stat['min'])}–{fmt.format(stat['max'])})"
+
+
+def format_families(result: dict[str, Any]) -> str:
+    import pandas as pd
+
+    order = " ≥ ".join(result["families"])
+    lines = [f"# Drafter families under one budget\n\nSame feature cache, training split and supervised region for "
+             f"every family; {len(result['seeds'])} seeds ({', '.join(map(str, result['seeds']))}); each cell is the "
+             f"mean over seeds with the range in brackets. Validation τ is teacher-forced (chain) on the held-out split; "
+             f"decoded τ and speed come from the engine on {result['prompts']} benchmark prompts "
+             f"({result['max_new_tokens']} new tokens), against our autoregressive decoding in the same run.\n"]
+    for budget in result["budgets"]:
+        table = []
+        for family in result["families"]:
+            c = result["summary"][budget][family]
+            table.append({"family": family, "train s": _cell(c["wall_s"], "{:.0f}"),
+                          "tokens seen (k)": _cell({k: v / 1e3 for k, v in c["tokens_seen"].items()}, "{:.0f}"),
+                          "val chain τ": _cell(c["val_tau_chain"]),
+                          **{f"τ {SHAPE_NAMES[s]}": _cell(c[f"{s}.decode_tau"], "{:.2f}") for s in SHAPES},
+                          **{f"speedup {SHAPE_NAMES[s]}": _cell(c[f"{s}.decode_speedup"], "{:.2f}", "×") for s in SHAPES},
+                          "lossless (greedy)": "yes" if c["lossless"] else "**NO**"})
+        holds = result["order"][budget]
+        verdict = "; ".join(f"{m.replace('.decode_tau', ' decoded τ').replace('val_tau_chain', 'validation τ')}: "
+                            f"{'holds' if ok else 'does not hold'}" for m, ok in holds.items())
+        lines.append(f"## Budget `{budget}`\n\n" + pd.DataFrame(table).to_markdown(index=False, disable_numparse=True)
+                     + f"\n\nOrder {order}, for every seed: {verdict}.\n")
+    lines.append("![validation τ against training wall time and tokens](families.png)\n")
+    return "\n".join(lines)
+
+
+def families_plot(cfg: Config, logs: dict[str, list[dict[str, Any]]], families: list[str], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from deepspec.reporting.report import _save
+
+    colours = dict(zip(families, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    budgets = list(dict.fromkeys(k.split("/")[0] for k in logs))
+    styles = dict(zip(budgets, ["-", "--", ":", "-."]))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), dpi=120)
+    labelled = set()
+    for key, log in logs.items():
+        budget, family, _ = key.split("/")
+        val = [r for r in log if "val_tau_chain" in r]
+        label = None if (budget, family) in labelled else f"{family} ({budget})"
+        labelled.add((budget, family))
+        for ax, x in zip(axes, ([r["wall_s"] for r in val], [r["train_tokens_seen"] / 1e3 for r in val])):
+            ax.plot(x, [r["val_tau_chain"] for r in val], styles[budget], color=colours[family], marker="o", ms=2,
+                    lw=1, label=label)
+    for ax, xlabel in zip(axes, ("training wall time (s)", "training tokens seen (thousands)")):
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_ylabel("validation chain τ (teacher-forced)", fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, frameon=False)
+    fig.suptitle(f"{cfg.experiment}: drafter families, one line per seed", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return _save(fig, path, cfg)
