@@ -133,8 +133,20 @@ class BlockMethod(_Strict):
         return self
 
 
+class HybridMethod(_Strict):
+    """Several methods' proposers as one. `first`: each round the draft of the first of `methods` that has
+    one (prompt lookup when it finds a match, else a trained drafter), lossless at any temperature;
+    `merge`: every draft under one root, verified as one tree (greedy only)."""
+
+    kind: Literal["hybrid"]
+    methods: list[str] = Field(min_length=2, description="names of other methods (not autoregressive or hybrid), "
+                                                         "tried in this order; at most one reads target features")
+    mode: Literal["first", "merge"] = "first"
+
+
 MethodConfig = Annotated[
-    Union[AutoregressiveMethod, NgramMethod, DraftLMMethod, Eagle3Method, BlockMethod], Field(discriminator="kind")
+    Union[AutoregressiveMethod, NgramMethod, DraftLMMethod, Eagle3Method, BlockMethod, HybridMethod],
+    Field(discriminator="kind")
 ]
 
 
@@ -427,6 +439,16 @@ class Config(_Strict):
                 if (m.kind == "block" and m.length != "fixed"
                         and not getattr(self.drafters[m.drafter], "confidence_head", False)):
                     raise ValueError(f"methods.{name}.length: {m.length!r} needs a drafter with a confidence head (dspark)")
+            if m.kind == "hybrid":
+                for part in m.methods:
+                    if part not in self.methods or self.methods[part].kind in ("autoregressive", "hybrid"):
+                        raise ValueError(f"methods.{name}.methods: {part!r} is not a drafting method of this config")
+                readers = [p for p in m.methods if self.methods[p].kind in ("eagle3", "block")]
+                if len(readers) > 1:
+                    raise ValueError(f"methods.{name}.methods: {', '.join(readers)} both read target features; "
+                                     f"a hybrid takes at most one")
+                if m.mode == "merge" and self.eval.temperature > 0:
+                    raise ValueError(f"methods.{name}.mode: merge verifies greedily only; use first at temperature > 0")
         if self.out_dir.resolve() == self.reference_dir.resolve():
             raise ValueError(f"results_dir: {self.results_dir!r} would write this run over its committed reference")
         return self
@@ -443,6 +465,13 @@ class Config(_Strict):
 
     def baseline_method(self) -> str:
         return next(name for name, m in self.methods.items() if m.kind == "autoregressive")
+
+    def method_drafters(self, method: str) -> list[str]:
+        """Names of the trained drafters a method decodes with (a hybrid: those of its methods)."""
+        m = self.methods[method]
+        if m.kind == "hybrid":
+            return sorted({d for part in m.methods for d in self.method_drafters(part)})
+        return [m.drafter] if m.kind in ("eagle3", "block") and m.drafter is not None else []
 
     def drafters_in_use(self) -> list[str]:
         """Drafters some method decodes with: only these are trained (and need features)."""

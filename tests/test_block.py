@@ -151,6 +151,14 @@ def _overfit(target, algorithm, convention, prompts, steps=150):
     return d.eval(), seqs, labels, dc
 
 
+def _recording(proposer) -> list:
+    """The trees `proposer` returns from here on (its propose wrapped)."""
+    seen: list = []
+    propose = proposer.propose
+    proposer.propose = lambda tokens, n: seen.append(propose(tokens, n)) or seen[-1]
+    return seen
+
+
 @pytest.fixture(scope="module")
 def prompts():
     return [torch.randint(0, 64, (7,), generator=torch.Generator().manual_seed(s)).tolist() for s in range(3)]
@@ -192,7 +200,9 @@ def test_block_tree_and_cost_length_are_lossless(prompts):
         for prompt in prompts + [[9, 3, 1]]:
             assert engine.generate(prompt, 30, proposer).tokens == engine.generate(prompt, 30).tokens
     trees = BlockProposer(d, 256, tree_top_k=3, tree_threshold=0.99)
-    engine.generate([9, 3, 1], 20, trees)
+    proposed = _recording(trees)
+    assert engine.generate([9, 3, 1], 20, trees).tokens == engine.generate([9, 3, 1], 20).tokens
+    assert any(t is not None and not t.is_chain() for t in proposed)  # siblings were really proposed
     # the cost model stops where the verify cost jumps (4 rows here): at most 2 drafts
     cost = BlockProposer(d, 256, length="cost", verify_ms=[10.0, 10.5, 11.0, 30.0, 60.0])
     gen = engine.generate(prompts[0], 30, cost)
@@ -487,9 +497,7 @@ def test_dflash_branches_at_its_first_draft_and_stays_lossless(prompts):
     d, _, _, _ = _overfit(target, "dflash", "next", prompts, steps=60)
     engine = Engine(make_backend(target, "lean", 256), stop_ids=[], max_nodes=16)
     proposer = BlockProposer(d, 256, tree_top_k=3)
-    trees = []
-    propose = proposer.propose
-    proposer.propose = lambda tokens, n: trees.append(propose(tokens, n)) or trees[-1]
+    trees = _recording(proposer)
     committed = forwards = 0
     for prompt in prompts:
         gen = engine.generate(prompt, 30, proposer)

@@ -15,7 +15,7 @@ def _bench_file(path, **over):
     import yaml
 
     bench = {
-        "seeds": [0, 1], "order": ["b", "d"],
+        "seeds": [0, 1], "order": ["b", "d"], "lookup": "pld",
         "common": {"train": {"val_sequences": 1, "eval_every": 2}},
         "chains": {"d": {"depth": 3, "top_k": 1, "total_tokens": 3}, "b": {}},
         "trees": {"d": {"depth": 2, "top_k": 2, "total_tokens": 4}, "b": {"tree_top_k": 2}},
@@ -37,6 +37,7 @@ def tiny_cfg(tmp_path_factory, tiny_target_dir):
     raw["drafters"]["b"] = {"kind": "dflash", "layers": [0, 1, 2], "num_layers": 1, "block_size": 3, "num_anchors": 4,
                             "draft_vocab": 300, "train": {"batch_sequences": 2, "warmup_steps": 2, "save_every": 4}}
     raw["methods"]["b"] = {"kind": "block", "drafter": "b"}
+    raw["methods"]["pld"] = {"kind": "ngram", "ngram_min": 1}
     cfg = validate(raw)
     regenerate(cfg)
     extract_all(cfg)
@@ -53,7 +54,9 @@ def test_bench_families_races_every_family_over_seeds(tiny_cfg):
     for key, row in runs.items():
         assert row["steps"] > 0 and row["val_tau_chain"] >= 1.0
         assert row["chain_t0.lossless"] and row["tree_t0.lossless"] and row["chain_t1.lossless"] is None
-        assert all(row[f"{s}.decode_tau"] >= 1.0 for s in ("chain_t0", "chain_t1", "tree_t0")), key
+        assert row["hybrid_t0.lossless"] and row["lookup_t0.lossless"]
+        shapes = ("chain_t0", "chain_t1", "tree_t0", "hybrid_t0", "lookup_t0")
+        assert all(row[f"{s}.decode_tau"] >= 1.0 and 0 <= row[f"{s}.draft_share"] < 1 for s in shapes), key
     # Each family / seed trained its own drafter with the budget's overrides and the common split.
     saved = json.loads((cfg.out_dir / "drafters/bench-short-b-s1/checkpoint/train_state/state.json").read_text())
     assert saved["step"] == runs["short/b/1"]["steps"]
@@ -68,6 +71,7 @@ def test_bench_families_races_every_family_over_seeds(tiny_cfg):
     assert result["order"]["short"]["val_tau_chain"] == holds
     table = (cfg.out_dir / "bench/families.md").read_text()
     assert "## Budget `short`" in table and "| b " in table and "Order b ≥ d" in table
+    assert "lookup + tree, T = 0" in table and "lookup alone, T = 0" in table
     assert (cfg.out_dir / "bench/families.png").is_file()
 
 
@@ -84,5 +88,7 @@ def test_bench_families_refuses_a_bad_bench_file_before_any_work(tiny_cfg):
         bench_families(cfg, _bench_file(tmp_path / "b3.yaml", trees={"d": {}, "b": {"tree_top_k": 0}}))
     with pytest.raises(ConfigError, match=r"--budget: long not in"):
         bench_families(cfg, _bench_file(tmp_path / "b4.yaml"), budgets=["long"])
+    with pytest.raises(ConfigError, match=r"lookup: 'e3' is not a prompt-lookup"):
+        bench_families(cfg, _bench_file(tmp_path / "b5.yaml", lookup="e3"))
     with pytest.raises(ConfigError, match=r"bench file not found"):
         bench_families(cfg, str(tmp_path / "none.yaml"))

@@ -4,20 +4,28 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from deepspec.config import AutoregressiveMethod, BlockMethod, DraftLMMethod, Eagle3Method, NgramMethod
+from deepspec.config import AutoregressiveMethod, BlockMethod, DraftLMMethod, Eagle3Method, HybridMethod, NgramMethod
 from deepspec.decoding.proposer import Proposer
 from deepspec.drafters.draft_lm import DraftLMProposer, check_same_tokenizer
 from deepspec.drafters.ngram import NgramProposer
 
 
 def build_proposer(method, target=None, name: str = "", drafters_root=None, temperature: float = 0.0,
-                   seed: int = 0) -> Proposer | None:
+                   seed: int = 0, methods: dict | None = None) -> Proposer | None:
     """The proposer of a method config; None for the autoregressive baseline.
 
     `drafters_root` is the folder of trained drafters (results/<experiment>/drafters) for methods that
-    decode with one; `temperature` is the decoding temperature (block drafters sample their drafts at it)."""
+    decode with one; `temperature` is the decoding temperature (block drafters sample their drafts at it);
+    `methods` the experiment's methods, which a hybrid names."""
     if isinstance(method, AutoregressiveMethod):
         return None
+    if isinstance(method, HybridMethod):
+        from deepspec.drafters.hybrid import HybridProposer
+
+        if methods is None:
+            raise ValueError(f"methods.{name or 'hybrid'}: a hybrid needs the experiment's methods")
+        return HybridProposer([build_proposer(methods[part], target, part, drafters_root, temperature, seed)
+                               for part in method.methods], method.mode)
     if isinstance(method, NgramMethod):
         return NgramProposer(method.ngram_max, method.ngram_min, method.num_draft, method.branches)
     if isinstance(method, DraftLMMethod):

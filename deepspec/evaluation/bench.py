@@ -21,7 +21,7 @@ from deepspec.data.tasks import chat_ids, load_task
 from deepspec.decoding.engine import Engine
 from deepspec.decoding.tree import DraftTree
 from deepspec.drafters import build_proposer
-from deepspec.evaluation.runner import drafter_folder
+from deepspec.evaluation.runner import drafter_folders
 from deepspec.models import load_target
 from deepspec.models.lean import LeanLlama
 
@@ -124,9 +124,10 @@ def bench_decode(cfg: Config, n_prompts: int = 8, max_new_tokens: int = 128, thr
             if wanted(name):
                 runners[name] = ours_runner(build_proposer(method, target, name) if method is not None else None)
         for name, method in cfg.methods.items():  # this experiment's trained drafters (once they exist)
-            folder = drafter_folder(cfg, name)
-            if folder is not None and (folder / "config.json").is_file() and wanted(f"ours_{name}"):
-                runners[f"ours_{name}"] = ours_runner(build_proposer(method, target, name, cfg.out_dir / "drafters"))
+            folders = drafter_folders(cfg, name).values()
+            if folders and all((f / "config.json").is_file() for f in folders) and wanted(f"ours_{name}"):
+                runners[f"ours_{name}"] = ours_runner(build_proposer(method, target, name, cfg.out_dir / "drafters",
+                                                                     methods=cfg.methods))
         names = list(runners)
         for name in names:  # warm-up
             runners[name](prompts[0][:32])

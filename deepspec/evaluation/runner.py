@@ -53,12 +53,15 @@ def run_conversation(engine: Engine, target: Target, turns: list[str], max_new_t
     return outputs
 
 
-def drafter_folder(cfg: Config, method: str) -> Path | None:
-    """The drafter checkpoint folder a method decodes with (None for methods without one)."""
+def drafter_folders(cfg: Config, method: str) -> dict[str, Path]:
+    """The drafter checkpoint folders a method decodes with, by the method that reads each (a hybrid's are
+    its parts'; none for methods without a drafter)."""
     m = cfg.methods[method]
+    if m.kind == "hybrid":
+        return {k: v for part in m.methods for k, v in drafter_folders(cfg, part).items()}
     if m.kind not in ("eagle3", "block"):
-        return None
-    return Path(m.checkpoint) if m.checkpoint else cfg.out_dir / "drafters" / m.drafter / "model"
+        return {}
+    return {method: Path(m.checkpoint) if m.checkpoint else cfg.out_dir / "drafters" / m.drafter / "model"}
 
 
 def _load_partial(path: Path, config_hash: str) -> dict[Any, dict]:
@@ -87,10 +90,12 @@ def evaluate(cfg: Config, method: str, task: str, threads: int | None = None) ->
         target = load_target(cfg.target.model, cfg.target.dtype, cfg.target.backend, cfg.target.max_len)
         engine = Engine(target.backend, target.loaded.eos_ids, sampling_of(cfg))
         proposer = build_proposer(cfg.methods[method], target, method, cfg.out_dir / "drafters", cfg.eval.temperature,
-                                  cfg.eval.seed)
+                                  cfg.eval.seed, cfg.methods)
         base_proposer = build_proposer(cfg.methods[baseline], target)
-        folder = drafter_folder(cfg, method)
-        run.tags(tracking.lineage({"task_data": data_path, **({"drafter": folder} if folder else {})},
+        folders = drafter_folders(cfg, method)
+        drafters = {"drafter": f for f in folders.values()} if len(folders) == 1 else \
+            {f"drafter.{k}": f for k, f in folders.items()}
+        run.tags(tracking.lineage({"task_data": data_path, **drafters},
                                   {"method": cfg.section_hash("methods", method), "target": cfg.section_hash("target"),
                                    "eval": cfg.section_hash("eval")}))
         run.params({"method": method, "task": task, "baseline": baseline, "max_new_tokens": max_new,
@@ -133,6 +138,8 @@ def evaluate(cfg: Config, method: str, task: str, threads: int | None = None) ->
         metrics.update({"method": method, "task": task, "kind": cfg.methods[method].kind, "baseline": baseline,
                         "config_hash": chash, "target": cfg.target.model, "target_fingerprint": target.loaded.fingerprint,
                         "max_new_tokens": max_new, "elapsed_s": time.perf_counter() - start})
+        if getattr(proposer, "chosen", None):  # a hybrid: rounds each of its methods drafted (warm-up included)
+            metrics["rounds_drafted_by"] = dict(proposer.chosen)
         io.write_jsonl(out / "records.jsonl", records)
         partial.unlink(missing_ok=True)
         io.write_json(out / "metrics.json", metrics)

@@ -55,32 +55,38 @@ def _at_wall(log: list[dict[str, Any]], wall: float) -> dict[str, Any]:
 
 
 def decode_tau(drafter_cfg: Config, name: str, method, target, prompts: list[list[int]], max_new_tokens: int,
-               ar: list[tuple[list[int], float]], temperature: float = 0.0, seed: int = 0) -> dict[str, Any]:
+               ar: list[tuple[list[int], float]], temperature: float = 0.0, seed: int = 0, lookup=None) -> dict[str, Any]:
     """τ and tokens/s of the finished drafter `name` decoding with `method` through the engine (tokens/s
-    against the autoregressive run `ar`), and, greedy, whether every output equals AR's (None when sampled:
-    the χ² tests judge sampled losslessness)."""
+    against the autoregressive run `ar`), the share of decode time spent drafting, and, greedy, whether
+    every output equals AR's (None when sampled: the χ² tests judge sampled losslessness). `lookup`: a
+    prompt-lookup method tried first each round (a hybrid, the drafter where it finds no match)."""
     from deepspec.decoding.engine import Engine
     from deepspec.decoding.verify import Sampling
     from deepspec.drafters import build_proposer
+    from deepspec.drafters.hybrid import HybridProposer
 
     engine = Engine(target.backend, target.loaded.eos_ids, Sampling(temperature))
-    proposer = build_proposer(method.model_copy(update={"drafter": name}), target, name, drafter_cfg.out_dir / "drafters",
-                              temperature, seed)
+    if hasattr(method, "drafter"):
+        method = method.model_copy(update={"drafter": name})
+    proposer = build_proposer(method, target, name, drafter_cfg.out_dir / "drafters", temperature, seed)
+    if lookup is not None:
+        proposer = HybridProposer([build_proposer(lookup), proposer])
     generator = torch.Generator().manual_seed(seed) if temperature > 0 else None
     tokens = forwards = 0
-    wall = ar_wall = 0.0
+    wall = ar_wall = draft = 0.0
     same = True
     for prompt, (ar_tokens, ar_s) in zip(prompts, ar):
         t0 = time.perf_counter()
         gen = engine.generate(prompt, max_new_tokens, proposer, generator)
         wall += time.perf_counter() - t0
         ar_wall += ar_s
+        draft += gen.draft_time
         tokens += len(gen.tokens)
         forwards += gen.forwards
         same &= gen.tokens == ar_tokens
     n_ar = sum(len(t) for t, _ in ar)
     return {"decode_tau": tokens / max(forwards, 1), "decode_speedup": (tokens / wall) / (n_ar / ar_wall),
-            "lossless": same if temperature == 0 else None}
+            "draft_share": draft / wall, "lossless": same if temperature == 0 else None}
 
 
 def autoregressive_runs(target, prompts: list[list[int]], max_new_tokens: int) -> list[tuple[list[int], float]]:

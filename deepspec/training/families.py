@@ -31,7 +31,9 @@ from deepspec.config import Config, ConfigError, merge, validate
 from deepspec.training.bench import autoregressive_runs, decode_tau, recipe_config
 
 SHAPES = ("chain_t0", "chain_t1", "tree_t0")
-SHAPE_NAMES = {"chain_t0": "chain, T = 0", "chain_t1": "chain, T = 1", "tree_t0": "best tree, T = 0"}
+LOOKUP_SHAPES = ("hybrid_t0", "lookup_t0")  # with a `lookup` method: it first, the family's tree where it finds nothing
+SHAPE_NAMES = {"chain_t0": "chain, T = 0", "chain_t1": "chain, T = 1", "tree_t0": "best tree, T = 0",
+               "hybrid_t0": "lookup + tree, T = 0", "lookup_t0": "lookup alone, T = 0"}
 
 
 def load_bench(path: str | Path, cfg: Config) -> dict[str, Any]:
@@ -59,6 +61,9 @@ def load_bench(path: str | Path, cfg: Config) -> dict[str, Any]:
             raise ConfigError(f"config error: {path}: budgets.{budget}: no overrides for {', '.join(missing)}")
     if not raw["seeds"]:
         raise ConfigError(f"config error: {path}: seeds: at least one seed")
+    lookup = raw.get("lookup")
+    if lookup is not None and (lookup not in cfg.methods or cfg.methods[lookup].kind != "ngram"):
+        raise ConfigError(f"config error: {path}: lookup: {lookup!r} is not a prompt-lookup (ngram) method of the experiment")
     return raw
 
 
@@ -90,6 +95,8 @@ def bench_families(cfg: Config, bench_path: str, budgets: list[str] | None = Non
         raise ConfigError(f"config error: --budget: {', '.join(unknown)} not in {bench_path} "
                           f"(budgets: {', '.join(bench['budgets'])})")
     families, seeds = list(bench["order"]), [int(s) for s in bench["seeds"]]
+    lookup = cfg.methods[bench["lookup"]] if bench.get("lookup") else None
+    shapes = SHAPES + (LOOKUP_SHAPES if lookup is not None else ())
     methods = {(f, shape): shape_method(cfg, f, bench[shape][f], f"{shape}.{f}") for f in families
                for shape in ("chains", "trees")}
     runs = {}  # every drafter config validated before any work starts
@@ -110,47 +117,50 @@ def bench_families(cfg: Config, bench_path: str, budgets: list[str] | None = Non
         for (budget, family, seed), (rcfg, name) in runs.items():
             print(f"[bench families] {budget}: {family}, seed {seed}")
             out = train(rcfg, name)
+            torch.set_num_threads(threads or os.cpu_count() or 1)  # training set its own
             log = io.read_jsonl(out / "train_log.jsonl")
             summary = json.loads((out / "metrics.json").read_text())
             ar = autoregressive_runs(target, prompts, max_new_tokens)  # next to each drafter: machine drift hits both
-            shapes = {"chain_t0": (methods[family, "chains"], 0.0), "chain_t1": (methods[family, "chains"], 1.0),
-                      "tree_t0": (methods[family, "trees"], 0.0)}
-            decoded = {shape: decode_tau(rcfg, name, method, target, prompts, max_new_tokens, ar, temperature, seed)
-                       for shape, (method, temperature) in shapes.items()}
+            runs_of = {"chain_t0": (methods[family, "chains"], 0.0, None), "chain_t1": (methods[family, "chains"], 1.0, None),
+                       "tree_t0": (methods[family, "trees"], 0.0, None), "hybrid_t0": (methods[family, "trees"], 0.0, lookup),
+                       "lookup_t0": (lookup, 0.0, None)}
+            decoded = {shape: decode_tau(rcfg, name, runs_of[shape][0], target, prompts, max_new_tokens, ar,
+                                         runs_of[shape][1], seed, runs_of[shape][2]) for shape in shapes}
             key = f"{budget}/{family}/{seed}"
             logs[key] = log
             rows[key] = {"budget": budget, "family": family, "seed": seed, "steps": summary["steps"],
                          "wall_s": log[-1]["wall_s"], "tokens_seen": log[-1]["train_tokens_seen"],
                          "val_tau_chain": summary["val_tau_chain"], "val_acc0": summary["val_acc"][0],
                          **{f"{shape}.{k}": v for shape, d in decoded.items() for k, v in d.items()}}
-        result = {"families": families, "seeds": seeds, "budgets": budgets, "prompts": len(prompts),
-                  "max_new_tokens": max_new_tokens, "runs": rows, "summary": summarise(rows, families, budgets),
+        result = {"families": families, "seeds": seeds, "budgets": budgets, "prompts": len(prompts), "shapes": list(shapes),
+                  "max_new_tokens": max_new_tokens, "runs": rows, "summary": summarise(rows, families, budgets, shapes),
                   "order": order_holds(rows, families, budgets, seeds)}
         out = cfg.out_dir / "bench"
-        text = format_families(result)
-        io.write_json(out / "families.json", result)
-        io.write_text(out / "families.md", text)
-        plot = families_plot(cfg, logs, families, out / "families.png")
+        stem = "families" if threads is None else f"families_threads{threads}"
+        result["threads"] = torch.get_num_threads()
+        text = format_families(result, f"{stem}.png")
+        io.write_json(out / f"{stem}.json", result)
+        io.write_text(out / f"{stem}.md", text)
+        plot = families_plot(cfg, logs, families, out / f"{stem}.png")
         run.metrics({f"{b}.{f}.{k}": v["mean"] for b, per in result["summary"].items() for f, ks in per.items()
                      for k, v in ks.items() if isinstance(v, dict)})
-        for path in (out / "families.md", out / "families.json", plot):
+        for path in (out / f"{stem}.md", out / f"{stem}.json", plot):
             run.artifact(path)
         print(text)
     return result
 
 
-METRICS = ("val_tau_chain", "wall_s", "tokens_seen", *(f"{s}.{k}" for s in SHAPES for k in ("decode_tau", "decode_speedup")))
-
-
-def summarise(rows: dict[str, dict[str, Any]], families: list[str], budgets: list[str]) -> dict[str, Any]:
+def summarise(rows: dict[str, dict[str, Any]], families: list[str], budgets: list[str], shapes) -> dict[str, Any]:
     """Per budget and family: mean, min and max over seeds of each metric; lossless over every greedy run."""
+    metrics = ("val_tau_chain", "wall_s", "tokens_seen",
+               *(f"{s}.{k}" for s in shapes for k in ("decode_tau", "decode_speedup", "draft_share")))
     out: dict[str, Any] = {}
     for budget in budgets:
         for family in families:
             runs = [r for r in rows.values() if r["budget"] == budget and r["family"] == family]
             cell: dict[str, Any] = {m: {"mean": statistics.fmean(r[m] for r in runs), "min": min(r[m] for r in runs),
-                                        "max": max(r[m] for r in runs)} for m in METRICS}
-            cell["lossless"] = all(r[f"{s}.lossless"] for r in runs for s in ("chain_t0", "tree_t0"))
+                                        "max": max(r[m] for r in runs)} for m in metrics}
+            cell["lossless"] = all(r[f"{s}.lossless"] for r in runs for s in shapes if not s.endswith("_t1"))
             out.setdefault(budget, {})[family] = cell
     return out
 
@@ -172,7 +182,7 @@ def _cell(stat: dict[str, float], fmt: str = "{:.3f}", suffix: str = "") -> str:
     return f"{fmt.format(stat['mean'])}{suffix} ({fmt.format(stat['min'])}–{fmt.format(stat['max'])})"
 
 
-def format_families(result: dict[str, Any]) -> str:
+def format_families(result: dict[str, Any], plot_name: str = "families.png") -> str:
     import pandas as pd
 
     order = " ≥ ".join(result["families"])
@@ -180,23 +190,28 @@ def format_families(result: dict[str, Any]) -> str:
              f"every family; {len(result['seeds'])} seeds ({', '.join(map(str, result['seeds']))}); each cell is the "
              f"mean over seeds with the range in brackets. Validation τ is teacher-forced (chain) on the held-out split; "
              f"decoded τ and speed come from the engine on {result['prompts']} benchmark prompts "
-             f"({result['max_new_tokens']} new tokens), against our autoregressive decoding in the same run.\n"]
+             f"({result['max_new_tokens']} new tokens, {result['threads']} threads), against our autoregressive "
+             f"decoding in the same run.\n"]
+    shapes = result["shapes"]
     for budget in result["budgets"]:
-        table = []
+        training, decoding = [], []
         for family in result["families"]:
             c = result["summary"][budget][family]
-            table.append({"family": family, "train s": _cell(c["wall_s"], "{:.0f}"),
-                          "tokens seen (k)": _cell({k: v / 1e3 for k, v in c["tokens_seen"].items()}, "{:.0f}"),
-                          "val chain τ": _cell(c["val_tau_chain"]),
-                          **{f"τ {SHAPE_NAMES[s]}": _cell(c[f"{s}.decode_tau"], "{:.2f}") for s in SHAPES},
-                          **{f"speedup {SHAPE_NAMES[s]}": _cell(c[f"{s}.decode_speedup"], "{:.2f}", "×") for s in SHAPES},
-                          "lossless (greedy)": "yes" if c["lossless"] else "**NO**"})
+            training.append({"family": family, "train s": _cell(c["wall_s"], "{:.0f}"),
+                             "tokens seen (k)": _cell({k: v / 1e3 for k, v in c["tokens_seen"].items()}, "{:.0f}"),
+                             "val chain τ": _cell(c["val_tau_chain"]),
+                             "lossless (every greedy run)": "yes" if c["lossless"] else "**NO**"})
+            for s in shapes:
+                decoding.append({"family": family, "decode": SHAPE_NAMES[s], "τ": _cell(c[f"{s}.decode_tau"], "{:.2f}"),
+                                 "speedup": _cell(c[f"{s}.decode_speedup"], "{:.2f}", "×"),
+                                 "drafting share": _cell(c[f"{s}.draft_share"], "{:.2f}")})
         holds = result["order"][budget]
         verdict = "; ".join(f"{m.replace('.decode_tau', ' decoded τ').replace('val_tau_chain', 'validation τ')}: "
                             f"{'holds' if ok else 'does not hold'}" for m, ok in holds.items())
-        lines.append(f"## Budget `{budget}`\n\n" + pd.DataFrame(table).to_markdown(index=False, disable_numparse=True)
+        lines.append(f"## Budget `{budget}`\n\n" + pd.DataFrame(training).to_markdown(index=False, disable_numparse=True)
+                     + "\n\n" + pd.DataFrame(decoding).to_markdown(index=False, disable_numparse=True)
                      + f"\n\nOrder {order}, for every seed: {verdict}.\n")
-    lines.append("![validation τ against training wall time and tokens](families.png)\n")
+    lines.append(f"![validation τ against training wall time and tokens]({plot_name})\n")
     return "\n".join(lines)
 
 

@@ -12,8 +12,10 @@ def drafter_model(name):
 
 
 def method_drafter(method):
-    """The trained drafter a method decodes with (an evaluate input), if any."""
+    """The trained drafters a method decodes with (evaluate inputs), if any."""
     m = CFG.methods[method]
+    if m.kind == "hybrid":
+        return sorted({f for part in m.methods for f in method_drafter(part)})
     if m.kind not in ("eagle3", "block"):
         return []
     return [f"{m.checkpoint}/config.json"] if m.checkpoint else [drafter_model(m.drafter)]
