@@ -297,37 +297,44 @@ def test_markov_sampling_keeps_the_target_distribution():
     """Sampled block drafting with the Markov head: each draft is drawn from softmax(base + bias(previous
     draft)) and recorded with exactly that q, so verification keeps the target's distribution (chi-square
     against the exact joint, as tests/test_sampling.py does for generic drafts)."""
-    from deepspec.decoding.verify import Sampling
     from deepspec.drafters.block.proposer import BlockProposer
-    from tests.test_sampling import DRAWS, _exact_joint
+    from tests.test_sampling import DRAWS
 
-    from deepspec.decoding.engine import Engine
-    from deepspec.models import make_backend
-    from scipy.stats import chisquare
-
-    vocab, prompt = 6, [1, 2, 3]
-    model = tiny_llama(vocab=vocab, layers=2, seed=3)
+    model = tiny_llama(vocab=6, layers=2, seed=3)
     with torch.no_grad():
         model.lm_head.weight.mul_(0.25)
     d = _drafter(model, "dspark", block=3, rank=4, seed=5)
     with torch.no_grad():  # a strong bigram bias, so a q without it would be far from the drawn distribution
         d.markov_head.markov_w2.weight.normal_(std=2.0)
+    pvalue, accepted = sampled_joint_pvalue(model, BlockProposer(d, 64, temperature=1.0, seed=7), seed=1234)
+    assert pvalue > 1e-3
+    assert accepted > DRAWS // 4  # drafts were accepted often: the rejection path is not all that ran
+
+
+def sampled_joint_pvalue(model, proposer, seed: int) -> tuple[float, int]:
+    """χ² p-value of the joint of two speculated tokens after [1, 2, 3], decoded at T = 1 with `proposer`,
+    against the target's exact joint; and the drafted tokens accepted over all draws."""
+    from scipy.stats import chisquare
+
+    from deepspec.decoding.engine import Engine
+    from deepspec.decoding.verify import Sampling
+    from deepspec.models import make_backend
+    from tests.test_sampling import DRAWS, PROMPT, _exact_joint
+
     sampling = Sampling(temperature=1.0)
-    proposer = BlockProposer(d, 64, temperature=1.0, seed=7)
     engine = Engine(make_backend(model, "lean", 64), stop_ids=[], sampling=sampling, max_nodes=8)
-    gen = torch.Generator().manual_seed(1234)
+    gen = torch.Generator().manual_seed(seed)
     counts: dict[tuple[int, int], int] = {}
     accepted = 0
     for _ in range(DRAWS):
-        out = engine.generate(prompt, 3, proposer, gen)
+        out = engine.generate(PROMPT, 3, proposer, gen)
         counts[(out.tokens[1], out.tokens[2])] = counts.get((out.tokens[1], out.tokens[2]), 0) + 1
         accepted += sum(out.accepted_depth)
     exact = _exact_joint(model, sampling)
     big = [k for k, p in exact.items() if p * DRAWS >= 5]
     obs = [counts.get(k, 0) for k in big] + [DRAWS - sum(counts.get(k, 0) for k in big)]
     exp = [exact[k] * DRAWS for k in big] + [DRAWS - sum(exact[k] * DRAWS for k in big)]
-    assert chisquare(obs, exp).pvalue > 1e-3
-    assert accepted > DRAWS // 4  # drafts were accepted often: the rejection path is not all that ran
+    return chisquare(obs, exp).pvalue, accepted
 
 
 def _zlab_folder(path, target, block=4):

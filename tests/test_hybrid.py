@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import tiny_llama
-from tests.test_block import _drafter, _overfit
+from tests.test_block import _drafter, _overfit, sampled_joint_pvalue
 
 
 def test_merge_trees_shares_prefixes_and_keeps_the_budget():
@@ -54,36 +54,18 @@ def test_hybrid_of_lookup_and_block_drafter_is_lossless_and_uses_both(mode):
 def test_sampled_hybrid_keeps_the_target_distribution():
     """At T = 1 each round is verified as its own proposer's draft (deterministic lookup chains, sampled
     block drafts with their q): the joint of two speculated tokens matches the target's exactly (χ²)."""
-    from scipy.stats import chisquare
-
-    from deepspec.decoding.engine import Engine
-    from deepspec.decoding.verify import Sampling
     from deepspec.drafters.block.proposer import BlockProposer
     from deepspec.drafters.hybrid import HybridProposer
     from deepspec.drafters.ngram import NgramProposer
-    from deepspec.models import make_backend
-    from tests.test_sampling import DRAWS, _exact_joint
+    from tests.test_sampling import DRAWS
 
-    vocab, prompt = 6, [1, 2, 3]
-    model = tiny_llama(vocab=vocab, layers=2, seed=3)
+    model = tiny_llama(vocab=6, layers=2, seed=3)
     with torch.no_grad():
         model.lm_head.weight.mul_(0.25)
     d = _drafter(model, "dspark", block=3, rank=4, seed=5)
-    sampling = Sampling(temperature=1.0)
     hybrid = HybridProposer([NgramProposer(2, 1, 2), BlockProposer(d, 64, temperature=1.0, seed=7)])
-    engine = Engine(make_backend(model, "lean", 64), stop_ids=[], sampling=sampling, max_nodes=8)
-    gen = torch.Generator().manual_seed(99)
-    counts: dict[tuple[int, int], int] = {}
-    accepted = 0
-    for _ in range(DRAWS):
-        out = engine.generate(prompt, 3, hybrid, gen)
-        counts[(out.tokens[1], out.tokens[2])] = counts.get((out.tokens[1], out.tokens[2]), 0) + 1
-        accepted += sum(out.accepted_depth)
-    exact = _exact_joint(model, sampling)
-    big = [k for k, p in exact.items() if p * DRAWS >= 5]
-    obs = [counts.get(k, 0) for k in big] + [DRAWS - sum(counts.get(k, 0) for k in big)]
-    exp = [exact[k] * DRAWS for k in big] + [DRAWS - sum(exact[k] * DRAWS for k in big)]
-    assert chisquare(obs, exp).pvalue > 1e-3
+    pvalue, accepted = sampled_joint_pvalue(model, hybrid, seed=99)
+    assert pvalue > 1e-3
     assert hybrid.chosen["ngram"] > DRAWS // 10 and hybrid.chosen["dspark"] > DRAWS // 10, hybrid.chosen
     assert accepted > DRAWS // 4
 
