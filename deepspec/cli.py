@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,8 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepspec", description=__doc__)
+    parser.add_argument("--debug", action="store_true",
+                        help="print the whole traceback of an error (also DEEPSPEC_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="write each benchmark task's samples to results/<experiment>/data/")
@@ -103,13 +106,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Bad input ends in one line naming the field or file; `--debug` shows the whole traceback instead.
+    Running out of memory is never shortened: where it happened is the point."""
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("DEEPSPEC_DEBUG", "") not in ("", "0")
     try:
         return _dispatch(args)
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as err:
+        if debug or _out_of_memory(err):
+            raise
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"deepspec {args.command}: error: {msg}", file=sys.stderr)
         return 2
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    import torch
+
+    return isinstance(err, (MemoryError, torch.OutOfMemoryError))
 
 
 def _cuda() -> bool:

@@ -83,7 +83,7 @@ def _train_rows(model, shape, device, steps: int) -> list[dict[str, Any]]:
     from deepspec.drafters.eagle3 import Eagle3Drafter
     from deepspec.training.distributed import Trainable, World
     from deepspec.training.targets import soft_targets, training_targets
-    from deepspec.training.trainer import _run
+    from deepspec.training.trainer import run_sequences
 
     amp = device.type == "cuda"
     seqs = _data(model, shape, device)
@@ -124,7 +124,7 @@ def _train_rows(model, shape, device, steps: int) -> list[dict[str, Any]]:
             for step in range(steps):
                 t0 = time.perf_counter()
                 with bf16_autocast(device, amp), on(device):
-                    stats = _run(trainable, dc, batch, labels, True, torch.Generator().manual_seed(step))
+                    stats = run_sequences(trainable, dc, batch, labels, True, torch.Generator().manual_seed(step))
                 trainable.step(dc.train.lr)
                 _sync(device)
                 times.append(time.perf_counter() - t0)
@@ -172,7 +172,7 @@ def _loss_row(shape, device) -> dict[str, Any]:
 
 
 def _verify_row(model, device) -> dict[str, Any]:
-    from deepspec.evaluation.bench import verify_cost_curve
+    from deepspec.decoding.cost import verify_cost_curve
     from deepspec.models import make_backend
 
     row: dict[str, Any] = {"part": "verify cost (ms per target forward at a 512-token context)"}

@@ -5,12 +5,12 @@ sequential draws, calibration lowers ECE, and the checkpoint layouts of DeepSpec
 
 from __future__ import annotations
 
+import copy
+import json
 from types import SimpleNamespace
 
 import pytest
 import torch
-
-import json
 
 from tests.conftest import greedy_distillation_data, pipeline_config, tiny_llama
 
@@ -390,8 +390,6 @@ def test_deepspec_layout_round_trip_and_zlab_layout_loads(tmp_path):
     target = tiny_llama(vocab=64, layers=3, dtype=torch.float32)
     from deepspec.drafters.block.model import BlockDrafter
 
-    import copy
-
     def make(vocab_ids):
         d = BlockDrafter.for_target(target, "dspark", LAYERS, vocab_ids, layers=1, block_size=4, label_convention="next",
                                     mask_token_id=63, markov_rank=8, confidence_head=True, seed=2)
@@ -444,31 +442,42 @@ def test_deepspec_layout_round_trip_and_zlab_layout_loads(tmp_path):
 @pytest.mark.parametrize("kind", ["vanilla", "gated", "rnn"])
 def test_markov_head_teacher_forcing_equals_sequential_drafting(kind):
     """Training scores each draft with the Markov state of the true previous tokens (all at once); the
-    proposer builds the same state left to right from the tokens it drafts. With the drafts forced to the
-    true tokens, both give the same logits and confidences, for every head type."""
+    proposer builds the state left to right from the tokens it drafts. Teacher-forced on the proposer's own
+    drafts, training's logits pick exactly those drafts, for every head type; with the Markov head's
+    weights this large, a state carried wrongly (or not at all) picks others."""
     from deepspec.drafters.block.model import BlockDrafter
+    from deepspec.drafters.block.proposer import BlockProposer
 
     target = tiny_llama(vocab=64, layers=3)
     d = BlockDrafter.for_target(target, "dspark", LAYERS, torch.arange(64), layers=1, block_size=5,
                                 label_convention="next", mask_token_id=63, markov_rank=6, markov_head_type=kind,
                                 confidence_head=True, seed=4).to(torch.float64).eval()
-    with torch.no_grad():
-        d.markov_head.markov_w2.weight.normal_(std=0.7)
+    with torch.no_grad():  # a head that matters: large weights, the gate open, an RNN state that moves
+        d.markov_head.markov_w1.weight.normal_(std=1.0)
+        d.markov_head.markov_w2.weight.normal_(std=3.0)
+        if kind == "gated":
+            d.markov_head.markov_gate.bias.fill_(4.0)
+        if kind == "rnn":
+            d.markov_head.markov_u.weight.normal_(std=1.0)
     T, a = 14, 6
     ids = torch.randint(0, 63, (T,), generator=torch.Generator().manual_seed(2))
     feats = _features(target, ids)
+    proposer = BlockProposer(copy.deepcopy(d), 64)
+    proposer.observe(list(feats[:a].split(target.config.hidden_size, dim=-1)))
+    drafted = proposer.propose(ids[: a + 1].tolist(), 8).tokens
+    assert len(drafted) == d.drafts
     with torch.no_grad():
         ctx_kv = d.context_kv(d.context(feats[:a]), torch.arange(a))
         h = d.backbone(d.block_inputs(ids[a : a + 1]), torch.arange(a, a + 5), ctx_kv, None)[d.draft_rows]
-        prev = ids[a : a + d.drafts]  # draft j follows the token at a + j
-        teacher, states = d.draft_logits(h, prev)
-        conf_teacher = d.confidence_logit(h, states)
-        carry = None
+        teacher, states = d.draft_logits(h, torch.tensor([int(ids[a])] + drafted[:-1]))  # draft j follows draft j-1
+        assert teacher.argmax(-1).tolist() == drafted
+        free = d.lm_head(h).argmax(-1).tolist()  # the Markov head must matter for this test to mean anything
+        assert free != drafted
+        unchained = d.draft_logits(h, ids[a : a + d.drafts])[0].argmax(-1).tolist()
+        assert unchained != drafted  # other previous tokens, other drafts
+        conf = d.confidence_logit(h, states)
         for j in range(d.drafts):
-            carry = d.markov_head.state(prev[j], carry)
-            step = d.lm_head(h[j]) + d.markov_head.bias(carry, h[j])
-            torch.testing.assert_close(step, teacher[j])
-            torch.testing.assert_close(d.confidence_logit(h[j], carry), conf_teacher[j])
+            torch.testing.assert_close(d.confidence_logit(h[j], states[j]), conf[j])
 
 
 def test_answer_anchors_sit_where_the_target_wrote_the_next_token():

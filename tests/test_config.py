@@ -103,6 +103,24 @@ def test_cli_error_is_one_line_and_writes_nothing(tmp_path):
     assert not res.exists()
 
 
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_cli_debug_shows_the_traceback(tmp_path, how):
+    """A missing file is one line by default; with --debug (or DEEPSPEC_DEBUG=1) the whole stack, so a
+    torch error deep in a stage can be traced."""
+    import os
+
+    path = write_config(tmp_path / "c.yaml", tmp_path / "res")
+    argv = [sys.executable, "-m", "deepspec.cli", *(["--debug"] if how == "flag" else []), "extract", "--config",
+            str(path), "--shard", "00000"]
+    env = {**os.environ, "DEEPSPEC_DEBUG": "1" if how == "env" else "0"}
+    quiet = subprocess.run(argv[:3] + argv[4:] if how == "flag" else argv, capture_output=True, text=True,
+                           env={**env, "DEEPSPEC_DEBUG": "0"})
+    assert quiet.returncode == 2 and len(quiet.stderr.strip().splitlines()) == 1, quiet.stderr
+    loud = subprocess.run(argv, capture_output=True, text=True, env=env)
+    assert loud.returncode == 1 and "Traceback (most recent call last)" in loud.stderr
+    assert quiet.stderr.strip().split("error: ", 1)[1] in loud.stderr.strip().splitlines()[-1]
+
+
 def test_schema_file_matches_model():
     """The schema Snakemake validates against is generated from the pydantic model, not written by hand."""
     import json

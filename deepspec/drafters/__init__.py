@@ -66,7 +66,7 @@ def build_proposer(method, target=None, name: str = "", drafters_root=None, temp
             drafter = _same_target(import_block(folder, target.loaded.model), folder, target)
         verify_ms = None
         if method.length == "cost":  # this machine's verify cost of 1 .. drafts + 1 rows
-            from deepspec.evaluation.bench import verify_cost_curve
+            from deepspec.decoding.cost import verify_cost_curve
 
             sizes = tuple(range(1, drafter.drafts + 2))
             curve = verify_cost_curve(target.backend, context=128, sizes=sizes, reps=5)

@@ -18,8 +18,8 @@ from tqdm import tqdm
 from deepspec import io, tracking
 from deepspec.config import Config, DraftLMMethod, NgramMethod, TaskConfig
 from deepspec.data.tasks import chat_ids, load_task
+from deepspec.decoding.cost import verify_cost_curve
 from deepspec.decoding.engine import Engine
-from deepspec.decoding.tree import DraftTree
 from deepspec.drafters import build_proposer
 from deepspec.evaluation.runner import drafter_folders
 from deepspec.models import load_target
@@ -55,37 +55,6 @@ def bench_prompts(tokenizer, n: int, seed: int = 0, template_kwargs: dict | None
     mt = load_task("mt_bench", TaskConfig(kind="mt_bench", max_samples=half), seed).samples
     he = load_task("humaneval", TaskConfig(kind="humaneval", max_samples=n - half), seed).samples if n > half else []
     return [chat_ids(tokenizer, [{"role": "user", "content": s["turns"][0]}], template_kwargs) for s in mt + he]
-
-
-def verify_cost_curve(backend, context: int = 256, sizes=(1, 2, 4, 8, 16, 32, 64), reps: int = 7) -> dict[str, float]:
-    """Median ms of one target forward over n new tokens at a `context`-token prefix; plus a 16-node tree."""
-    cache = backend.cache
-    cache.reset()
-    backend.forward(torch.randint(0, 1000, (context,)), torch.arange(context))
-    cache.commit(context)
-    out: dict[str, float] = {}
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)  # CUDA returns before it finishes
-
-    def timed(fn: Callable[[], Any]) -> float:
-        fn()
-        sync()
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            ts.append(time.perf_counter() - t0)
-        return statistics.median(ts) * 1e3
-
-    for n in sizes:
-        ids = torch.randint(0, 1000, (n,))
-        out[f"chain_{n}"] = timed(lambda ids=ids: backend.forward(ids, torch.arange(context, context + len(ids))))
-    tree = DraftTree(list(range(100, 116)), [-1, -1, -1, -1, 0, 0, 1, 1, 2, 4, 4, 6, 8, 9, 10, 12])
-    ids = torch.tensor([5] + tree.tokens)
-    mask = tree.attention_mask(context, backend.dtype)
-    out["tree_16"] = timed(lambda: backend.forward(ids, tree.positions(context), mask=mask))
-    cache.reset()
-    return out
 
 
 def bench_decode(cfg: Config, n_prompts: int = 8, max_new_tokens: int = 128, threads: int | None = None,

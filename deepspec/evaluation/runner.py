@@ -109,6 +109,7 @@ def evaluate(cfg: Config, method: str, task: str, threads: int | None = None) ->
         engine.generate(warm, 8, base_proposer)
 
         done = _load_partial(partial, chash)
+        io.write_jsonl(partial, list(done.values()))  # only whole rows of this config: appending follows a full line
         records = []
         start = time.perf_counter()
         bar = tqdm(samples, desc=f"{method}/{task}", unit="sample", dynamic_ncols=True)

@@ -102,14 +102,14 @@ def _shard_rows(rows: list[dict[str, Any]], shard: int, shards: int) -> list[dic
 
 def capture(backend, ids: list[int], layers: list[int]) -> torch.Tensor:
     """[n, K+1, H] hidden states of one sequence: the layers' inputs, then the final normed state."""
-    from deepspec.models.lean import LeanLlama, _rms_norm
+    from deepspec.models.lean import LeanLlama, rms_norm
 
     n_layers = backend.config.num_hidden_layers
     backend.cache.reset()
     _, caps = backend.forward(torch.tensor(ids), torch.arange(len(ids)), logits_rows=slice(0, 0),
                               capture_layers=(*layers, n_layers))
     if isinstance(backend, LeanLlama):  # HF's last hidden state is already normed; ours is the norm's input
-        caps[-1] = _rms_norm(caps[-1], backend.norm, backend.eps)
+        caps[-1] = rms_norm(caps[-1], backend.norm, backend.eps)
     backend.cache.reset()
     return torch.stack(caps, dim=1)
 

@@ -135,7 +135,7 @@ def _linear(x: Tensor, weight, bias: Tensor | None = None) -> Tensor:
     return out if bias is None else out + bias
 
 
-def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """HF's RMSNorm exactly: statistics in float32 whatever the model dtype (a no-op cast for fp32 models)."""
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
@@ -284,7 +284,7 @@ class LeanLlama:
 
     def logits(self, h: Tensor) -> Tensor:
         """Final norm and head over rows [m, d]."""
-        h = _rms_norm(h, self.norm, self.eps)
+        h = rms_norm(h, self.norm, self.eps)
         if h.shape[0] == 1 and self.lm_head_t is not None:
             return h @ self.lm_head_t
         return _linear(h, self.lm_head)
@@ -304,14 +304,14 @@ class LeanLlama:
         for i, layer in enumerate(self.layers):
             if i in capture_layers:
                 captured.append(h)
-            x = _rms_norm(h, layer.attn_norm, self.eps).reshape(B * n, -1)
+            x = rms_norm(h, layer.attn_norm, self.eps).reshape(B * n, -1)
             qkv = _linear(x, layer.wqkv, layer.bqkv).view(B, n, -1)
             q = qkv[..., :q_size].view(B, n, nh, hd).transpose(1, 2)
             k = qkv[..., q_size : q_size + kv_size].view(B, n, nkv, hd).transpose(1, 2)
             v = qkv[..., q_size + kv_size :].view(B, n, nkv, hd).transpose(1, 2)
             if layer.q_norm is not None:
-                q = _rms_norm(q, layer.q_norm, self.eps)
-                k = _rms_norm(k, layer.k_norm, self.eps)
+                q = rms_norm(q, layer.q_norm, self.eps)
+                k = rms_norm(k, layer.k_norm, self.eps)
             q = self._rope(q, cos, sin)
             k = self._rope(k, cos, sin)
             k_store[i, :, :, start:end] = k
@@ -319,7 +319,7 @@ class LeanLlama:
             attn = F.scaled_dot_product_attention(q, k_store[i, :, :, :end], v_store[i, :, :, :end], attn_mask=mask,
                                                   enable_gqa=nkv != nh)
             h = h + _linear(attn.transpose(1, 2).reshape(B * n, q_size), layer.wo).view(B, n, -1)
-            x = _rms_norm(h, layer.mlp_norm, self.eps).reshape(B * n, -1)
+            x = rms_norm(h, layer.mlp_norm, self.eps).reshape(B * n, -1)
             gate_up = _linear(x, layer.w_gate_up)
             h = h + _linear(F.silu(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate :], layer.w_down).view(B, n, -1)
         if len(self.layers) in capture_layers:

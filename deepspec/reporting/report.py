@@ -59,11 +59,11 @@ def plots(cfg: Config, metrics: dict, out: Path) -> list[Path]:
         ax.legend(fontsize=7, frameon=False)
         ax.margins(y=0.15)
         fig.tight_layout()
-        paths.append(_save(fig, out / fname, cfg))
+        paths.append(save_figure(fig, out / fname, cfg))
     return paths
 
 
-def _save(fig, path: Path, cfg: Config) -> Path:
+def save_figure(fig, path: Path, cfg: Config) -> Path:
     """Stamp the config hash, write under a temp name, rename."""
     import matplotlib.pyplot as plt
 
@@ -95,7 +95,7 @@ def acceptance_plot(cfg: Config, metrics: dict, out: Path) -> Path | None:
     axes[0][0].set_ylabel("P(accepted | parent accepted)", fontsize=8)
     axes[0][-1].legend(fontsize=7, frameon=False)
     fig.tight_layout()
-    return _save(fig, out / "acceptance_by_depth.png", cfg)
+    return save_figure(fig, out / "acceptance_by_depth.png", cfg)
 
 
 def training_plot(cfg: Config, name: str, log: list[dict[str, Any]], out: Path) -> Path:
@@ -123,7 +123,7 @@ def training_plot(cfg: Config, name: str, log: list[dict[str, Any]], out: Path) 
         ax.grid(alpha=0.3)
     fig.suptitle(f"drafter {name}", fontsize=9)
     fig.tight_layout()
-    return _save(fig, out / f"training_{name}.png", cfg)
+    return save_figure(fig, out / f"training_{name}.png", cfg)
 
 
 def calibration_plot(cfg: Config, name: str, calibration: dict[str, Any], out: Path) -> Path:
@@ -150,7 +150,7 @@ def calibration_plot(cfg: Config, name: str, calibration: dict[str, Any], out: P
         ax.legend(fontsize=7, frameon=False)
         ax.set_title(f"{name}: {rule} acceptance (held-out)", fontsize=9)
     fig.tight_layout()
-    return _save(fig, out / f"calibration_{name}.png", cfg)
+    return save_figure(fig, out / f"calibration_{name}.png", cfg)
 
 
 def _maps(cal: dict[str, Any]) -> str:

@@ -183,7 +183,7 @@ def learning_curves(cfg: Config, logs: dict[str, list[dict[str, Any]]], path: Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from deepspec.reporting.report import _save
+    from deepspec.reporting.report import save_figure
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), dpi=120)
     for recipe, log in logs.items():
@@ -202,4 +202,4 @@ def learning_curves(cfg: Config, logs: dict[str, list[dict[str, Any]]], path: Pa
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    return _save(fig, path, cfg)
+    return save_figure(fig, path, cfg)

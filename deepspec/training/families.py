@@ -221,7 +221,7 @@ def families_plot(cfg: Config, logs: dict[str, list[dict[str, Any]]], families: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from deepspec.reporting.report import _save
+    from deepspec.reporting.report import save_figure
 
     colours = dict(zip(families, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     budgets = list(dict.fromkeys(k.split("/")[0] for k in logs))
@@ -244,4 +244,4 @@ def families_plot(cfg: Config, logs: dict[str, list[dict[str, Any]]], families: 
     fig.suptitle(f"{cfg.experiment}: drafter families, one line per seed", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    return _save(fig, path, cfg)
+    return save_figure(fig, path, cfg)

@@ -48,7 +48,7 @@ def bench_drafters(cfg: Config) -> dict[str, Any]:
     from deepspec.models import load_target
     from deepspec.training.targets import soft_targets, training_targets
     from deepspec.training.distributed import Direct
-    from deepspec.training.trainer import _run, drafter_dir
+    from deepspec.training.trainer import run_sequences, drafter_dir
 
     names = [n for n in cfg.drafters_in_use() if (drafter_dir(cfg, n) / "model" / "config.json").is_file()]
     if not names:
@@ -78,7 +78,7 @@ def bench_drafters(cfg: Config) -> dict[str, Any]:
                 lookup[model.draft_to_target] = torch.arange(model.d2t.numel())
                 labels = [training_targets(c, s["loss_mask"], lookup, "assistant") for c, s in zip(cached, mine)]
                 with torch.no_grad():
-                    r = _run(Direct(model), dc, mine, labels, False, None)
+                    r = run_sequences(Direct(model), dc, mine, labels, False, None)
                 decoded = [json.loads((cfg.out_dir / "eval" / m / task / "metrics.json").read_text())["tau"]
                            for m, mc in cfg.methods.items()
                            if getattr(mc, "drafter", None) == name and (cfg.out_dir / "eval" / m / task / "metrics.json").is_file()]

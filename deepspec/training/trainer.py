@@ -221,7 +221,7 @@ def _train(cfg: Config, name: str, world: World, stop_after_steps: int | None) -
                 batch = _batch(train_idx, step * n_micro + m, per, tc.seed)
                 gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + step * n_micro + m)  # anchors
                 with bf16_autocast(world.device, amp), on(world.device):
-                    local.append((m, _run(trainable, dc, [seqs[i] for i in batch], [labels[i] for i in batch], True, gen,
+                    local.append((m, run_sequences(trainable, dc, [seqs[i] for i in batch], [labels[i] for i in batch], True, gen,
                                           last=j == len(mine) - 1)))
             grad_norm = trainable.step(lr)
             stats = [st for _, st in sorted((x for part in world.gather(local) for x in part), key=lambda x: x[0])]
@@ -248,7 +248,7 @@ def _train(cfg: Config, name: str, world: World, stop_after_steps: int | None) -
             if n_val and (step % tc.eval_every == 0 or step == total):
                 trainable.train(False)
                 with bf16_autocast(world.device, amp), on(world.device):  # on every rank: FSDP2 gathers weights in each forward
-                    v = _run(trainable, dc, [seqs[i] for i in val_idx], [labels[i] for i in val_idx], False, None)
+                    v = run_sequences(trainable, dc, [seqs[i] for i in val_idx], [labels[i] for i in val_idx], False, None)
                 trainable.train()
                 row.update({"val_loss": v["loss"], "val_tau_chain": v["tau_chain"],
                             **{f"val_acc_{k}": v["acc_step"][k] for k in range(steps)}})
@@ -363,8 +363,9 @@ def _scale_inputs(model, train_hidden: list[torch.Tensor], name: str, say: Calla
     say(f"[train] {name}: fc input scale 1/RMS per layer, RMS {[round(float(r), 2) for r in rms]}")
 
 
-def _run(runner: Runner, dc, seqs: list[dict], labels: list[dict], train: bool, generator: torch.Generator | None,
-         last: bool = True) -> dict[str, Any]:
+def run_sequences(runner: Runner, dc, seqs: list[dict], labels: list[dict], train: bool,
+                  generator: torch.Generator | None, last: bool = True) -> dict[str, Any]:
+    """Loss and per-draft statistics of drafter config `dc` over sequences (backpropagated when `train`)."""
     if dc.kind == "eagle3":
         return _run_batch(runner, seqs, labels, dc.ttt_length, dc.ttt_decay, train, last)
     from deepspec.drafters.block.loss import run_batch
