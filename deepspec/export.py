@@ -71,6 +71,11 @@ def write_export(drafter: Eagle3Drafter, fmt: str, out: str | Path, dtype: torch
         return drafter.to(dtype).save(out)
     state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().contiguous()
              for k, v in drafter.folded_state_dict().items()}
+    if state["lm_head.weight"].shape[0] == drafter.config["vocab_size"]:
+        # The whole vocabulary drafts: the engines then build no id map and refuse the tensors of one
+        # (vLLM: "no parameter named draft_id_to_target_id"); our importer reads their absence as identity.
+        state.pop("d2t")
+        state.pop("t2d")
     return io.write_model_folder(out, state, serving_config(drafter, fmt, dtype), metadata={"format": "pt"})
 
 

@@ -23,7 +23,7 @@ def real_target():
 
 
 def tiny_llama(vocab: int = 64, layers: int = 2, dtype=torch.float64, seed: int = 0, model_type: str = "llama",
-               heads: int = 4, kv_heads: int = 2):
+               heads: int = 4, kv_heads: int = 2, hidden: int = 32):
     """A randomly initialised Llama-family model: for exact (float64) engine tests only."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -31,8 +31,8 @@ def tiny_llama(vocab: int = 64, layers: int = 2, dtype=torch.float64, seed: int 
     cfg = AutoConfig.for_model(
         model_type,
         vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,

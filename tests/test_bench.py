@@ -48,7 +48,7 @@ def test_bench_decode_reports_both_verify_curves_and_the_memory_bound(tiny_cfg):
     assert m["weight_mb"] == pytest.approx((linears + head) * 4 / 1e6)
     assert m["bound_ms"] == pytest.approx(m["weight_mb"] / 1e3 / m["read_gb_per_s"] * 1e3)
     assert m["one_row_ms"] == ms["chain_1"]
-    text = (tiny_cfg.out_dir / "bench/decode.md").read_text()
+    text = (tiny_cfg.out_dir / "bench/decode_threads1.md").read_text()  # a thread count given: named by it
     assert "plain matmuls" in text and "Memory bound:" in text
     assert f"| ours_ar | {rows['ours_ar']['tokens_per_s']:.1f} | 1.00 |" in text  # the table shows the result
 

@@ -59,6 +59,20 @@ def test_export_import_round_trip_is_bit_exact(tmp_path, target, fmt):
     assert torch.equal(back.draft_to_target, torch.arange(0, 64, 2))
 
 
+def test_a_full_vocabulary_drafter_exports_without_an_id_map(tmp_path, target):
+    """Drafting over the whole vocabulary, engines build no d2t parameter and refuse one in the file."""
+    from deepspec.drafters.eagle3 import Eagle3Drafter
+    from deepspec.export import import_eagle3, write_export
+
+    drafter = Eagle3Drafter.for_target(target, [1, 2, 3], torch.arange(64), init_head=True, seed=0, target="tiny",
+                                       target_fingerprint="fp-tiny", layer_convention="hf_hidden_states_index")
+    out = write_export(drafter, "vllm", tmp_path / "full")
+    assert not {"d2t", "t2d"} & set(load_file(str(out / "model.safetensors")))
+    back = import_eagle3(out, target, "fp-tiny")
+    _same_weights(drafter, back)
+    assert torch.equal(back.draft_to_target, torch.arange(64))
+
+
 @pytest.mark.parametrize("fmt", ["vllm", "hf"])
 def test_fc_input_scale_is_folded_into_fc_on_export(tmp_path, target, fmt):
     """A drafter trained with a per-layer fc input scale exports as plain EAGLE-3 (scale folded into fc's

@@ -44,6 +44,7 @@ class Tally:
     verify: float = 0.0
     forward: float = 0.0
     outputs: list[list[int]] = field(default_factory=list)
+    engine_tau: float | None = None  # another engine's own τ (its spec-decode counters), where it drafts
 
     @property
     def tps(self) -> float:
@@ -116,8 +117,10 @@ def bench_decode(cfg: Config, n_prompts: int = 8, max_new_tokens: int = 128, thr
                     t.draft += gen.draft_time
                     t.verify += gen.verify_time
                     t.forward += gen.forward_time
+        engines = _vllm_tallies(cfg, prompts, max_new_tokens, torch.get_num_threads(), wanted, tallies)
         curve = verify_cost_curve(target.backend)
         result = _summarize(tallies, curve)
+        result["engines"] = engines
         result.update({"prompts": len(prompts), "max_new_tokens": max_new_tokens, "threads": torch.get_num_threads()})
         if isinstance(target.backend, LeanLlama):
             result["memory_bound"] = memory_bound(target.backend, curve["chain_1"])
@@ -127,17 +130,52 @@ def bench_decode(cfg: Config, n_prompts: int = 8, max_new_tokens: int = 128, thr
                 result["verify_ratio_plain"] = {k: v / plain["chain_1"] for k, v in plain.items()}
         text = format_table(result)
         out = cfg.out_dir / "bench"
-        io.write_json(out / "decode.json", result)
-        io.write_text(out / "decode.md", text)
+        stem = "decode" if threads is None else f"decode_threads{threads}"  # a thread sweep keeps each setting
+        io.write_json(out / f"{stem}.json", result)
+        io.write_text(out / f"{stem}.md", text)
         run.params({"prompts": len(prompts), "max_new_tokens": max_new_tokens, "threads": torch.get_num_threads(),
                     "target": cfg.target.model})
         run.metrics({f"{m}.{k}": v for m, row in result["methods"].items() for k, v in row.items()
                      if isinstance(v, (int, float)) and v is not None}
                     | {f"verify_ms.{k}": v for k, v in curve.items()})
-        run.artifact(out / "decode.md")
-        run.artifact(out / "decode.json")
+        run.artifact(out / f"{stem}.md")
+        run.artifact(out / f"{stem}.json")
         print(text)
     return result
+
+
+# vLLM's methods in the benchmark (its own prompt lookup with our default's settings), run after ours.
+VLLM: dict[str, dict | None] = {
+    "vllm_ar": None,
+    "vllm_ngram": {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 2},
+}
+
+
+def _vllm_tallies(cfg: Config, prompts: list[list[int]], max_new_tokens: int, threads: int, wanted,
+                  tallies: dict[str, Tally]) -> dict[str, str]:
+    """vLLM's rows, when its environment exists: the same prompts, greedy, the same thread count, one engine
+    per method and prompts one at a time. They run after ours (their engine cannot interleave with ours), so
+    their ratio to our AR carries the drift of the machine between the two phases."""
+    from deepspec.engines import vllm_runner
+    from deepspec.engines.env import find
+    from deepspec.models.loading import resolve
+
+    env = find("vllm")
+    if env is None:
+        print("[bench] no vLLM rows: its environment is not set up (`deepspec engine setup vllm`)")
+        return {}
+    model = resolve(cfg.target.model)[0]
+    for name, spec in VLLM.items():
+        if not (wanted(name) or name == "vllm_ar"):
+            continue
+        print(f"[bench] {name}: vLLM {env.version}, {threads} threads", flush=True)
+        res = vllm_runner.decode(env, model, prompts, max_new_tokens, threads=threads, speculative_config=spec,
+                          max_model_len=cfg.target.max_len, log=cfg.out_dir / "logs" / "bench" / f"{name}.log")
+        tallies[name] = Tally(new_tokens=sum(len(x["token_ids"]) for x in res["samples"]),
+                              wall=sum(x["wall_time"] for x in res["samples"]),
+                              outputs=[x["token_ids"] for x in res["samples"]],
+                              engine_tau=vllm_runner.tau(res["counters"]) if spec else None)
+    return {"vllm": env.version}
 
 
 def memory_bound(backend: LeanLlama, one_row_ms: float) -> dict[str, float]:
@@ -166,7 +204,7 @@ def _summarize(tallies: dict[str, Tally], curve: dict[str, float]) -> dict[str, 
         ours = t.forwards > 0
         rows[name] = {
             "tokens_per_s": t.tps,
-            "tau": t.new_tokens / t.forwards if ours else None,
+            "tau": t.new_tokens / t.forwards if ours else t.engine_tau,
             "speedup_vs_ours_ar": t.tps / ar.tps if ar.tps else None,
             "speedup_vs_hf_generate": t.tps / hfg.tps if hfg.tps else None,
             "draft_frac": t.draft / t.wall if ours else None,
@@ -197,6 +235,10 @@ def format_table(result: dict[str, Any]) -> str:
             f"{f(r['speedup_vs_hf_generate'], '.2f')}× | {f(r['draft_frac'], '.0%')} | {f(r['target_forward_frac'], '.0%')} | "
             f"{f(r['overhead_frac'], '.0%')} | {r['identical_to_ours_ar']}/{n} | {r['identical_to_hf_generate']}/{n} |"
         )
+    if result.get("engines", {}).get("vllm"):
+        lines += ["", f"vllm_* rows: vLLM {result['engines']['vllm']} (CPU build, eager, its own environment) on the same "
+                  "prompts and thread count, after our methods; their τ is vLLM's own over drafting rounds "
+                  "(1 + accepted / drafts), ours counts every target forward."]
     lines += ["", "Verify cost of one target forward (256-token context):", "",
               "| new tokens | " + " | ".join(k.replace("chain_", "").replace("tree_16", "tree 16") for k in result["verify_ms"]) + " |",
               "|---|" + "---|" * len(result["verify_ms"]),
