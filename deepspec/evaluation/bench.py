@@ -157,7 +157,7 @@ def _vllm_tallies(cfg: Config, prompts: list[list[int]], max_new_tokens: int, th
     per method and prompts one at a time. They run after ours (their engine cannot interleave with ours), so
     their ratio to our AR carries the drift of the machine between the two phases."""
     from deepspec.engines import vllm_runner
-    from deepspec.engines.env import find
+    from deepspec.engines.env import EngineError, find
     from deepspec.models.loading import resolve
 
     env = find("vllm")
@@ -169,8 +169,13 @@ def _vllm_tallies(cfg: Config, prompts: list[list[int]], max_new_tokens: int, th
         if not (wanted(name) or name == "vllm_ar"):
             continue
         print(f"[bench] {name}: vLLM {env.version}, {threads} threads", flush=True)
-        res = vllm_runner.decode(env, model, prompts, max_new_tokens, threads=threads, speculative_config=spec,
-                          max_model_len=cfg.target.max_len, log=cfg.out_dir / "logs" / "bench" / f"{name}.log")
+        log = cfg.out_dir / "logs" / "bench" / f"{name}.log"
+        try:
+            res = vllm_runner.decode(env, model, prompts, max_new_tokens, threads=threads, speculative_config=spec,
+                                     max_model_len=cfg.target.max_len, log=log)
+        except EngineError as err:  # the engine's rows are an anchor, not the benchmark: say why and go on
+            print(f"[bench] {name} skipped: {err} (log: {log})")
+            continue
         tallies[name] = Tally(new_tokens=sum(len(x["token_ids"]) for x in res["samples"]),
                               wall=sum(x["wall_time"] for x in res["samples"]),
                               outputs=[x["token_ids"] for x in res["samples"]],
