@@ -67,6 +67,22 @@ def greedy_distillation_data(target, prompts: list[list[int]], hidden_ids=(1, 2)
     return seqs, [training_targets(c, s["loss_mask"], vocab, "all") for c, s in zip(cached, seqs)]
 
 
+def fit_eagle3(drafter, target, prompts: list[list[int]], layers, steps: int = 120, ttt: int = 3, new_tokens: int = 40):
+    """`drafter` trained on the target's own greedy continuations of `prompts` until it predicts them well:
+    acceptance is then high, so lossless and engine tests exercise long accepted paths."""
+    seqs, tgts = greedy_distillation_data(target, prompts, hidden_ids=layers, new_tokens=new_tokens)
+    opt = torch.optim.Adam([q for q in drafter.parameters() if q.requires_grad], lr=3e-3)
+    torch.manual_seed(0)
+    for _ in range(steps):
+        opt.zero_grad()
+        for s, t in zip(seqs, tgts):
+            losses, _, _ = drafter.ttt_loss(s["hidden"], s["input_ids"], t["target_idx"], t["target_p"],
+                                            t["target_top"], t["weight"], t["trained"], ttt)
+            sum((0.8**k) * x / len(s["input_ids"]) for k, x in enumerate(losses)).backward()
+        opt.step()
+    return drafter.eval()
+
+
 @pytest.fixture
 def tiny_model():
     return tiny_llama()

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import greedy_distillation_data, pipeline_config, tiny_llama
+from tests.conftest import fit_eagle3, pipeline_config, tiny_llama
 
 
 def _drafter(target, vocab_ids=None, layers=(0, 1), dtype=torch.float64, seed=0):
@@ -96,28 +96,11 @@ def test_step_k_of_base_t_is_scored_on_token_t_plus_2_plus_k(monkeypatch):
     assert run[: T - 2 - steps].tolist() == [steps] * (T - 2 - steps)
 
 
-def _overfit_drafter(target, prompts, steps=120):
-    """An EAGLE-3 drafter trained on the target's own greedy continuations of `prompts` until it predicts
-    them well: acceptance is then high, so a lossless test also exercises long accepted paths."""
-    seqs, tgts = greedy_distillation_data(target, prompts)
-    drafter = _drafter(target, layers=(1, 2))
-    opt = torch.optim.Adam([q for q in drafter.parameters() if q.requires_grad], lr=3e-3)
-    torch.manual_seed(0)
-    for _ in range(steps):
-        opt.zero_grad()
-        for s, t in zip(seqs, tgts):
-            losses, _, _ = drafter.ttt_loss(s["hidden"], s["input_ids"], t["target_idx"], t["target_p"],
-                                            t["target_top"], t["weight"], t["trained"], 3)
-            sum((0.8**k) * x / len(s["input_ids"]) for k, x in enumerate(losses)).backward()
-        opt.step()
-    return drafter.eval()
-
-
 @pytest.fixture(scope="module")
 def overfit():
     target = tiny_llama(vocab=64, layers=3)
     prompts = [torch.randint(0, 64, (7,), generator=torch.Generator().manual_seed(s)).tolist() for s in range(3)]
-    return target, prompts, _overfit_drafter(target, prompts)
+    return target, prompts, fit_eagle3(_drafter(target, layers=(1, 2)), target, prompts, layers=(1, 2))
 
 
 @pytest.mark.parametrize("top_k,total", [(1, 4), (3, 10)])

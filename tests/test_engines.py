@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import greedy_distillation_data, tiny_llama
+from tests.conftest import fit_eagle3, tiny_llama
 
 pytestmark = pytest.mark.engine
 
@@ -24,27 +24,6 @@ def vllm_env():
     return env
 
 
-def _overfit_eagle3(target, prompts, layers, steps=150):
-    """An EAGLE-3 drafter fitted to the target's own greedy continuations: its drafts are mostly right, so
-    acceptance (and an engine that reads the drafter wrongly) shows."""
-    from deepspec.drafters.eagle3 import Eagle3Drafter
-
-    seqs, tgts = greedy_distillation_data(target, prompts, hidden_ids=layers, new_tokens=48)
-    drafter = Eagle3Drafter.for_target(target, list(layers), torch.arange(target.config.vocab_size), init_head=True,
-                                       seed=0, target="tiny", target_fingerprint="fp",
-                                       layer_convention="hf_hidden_states_index")
-    opt = torch.optim.Adam([q for q in drafter.parameters() if q.requires_grad], lr=3e-3)
-    torch.manual_seed(0)
-    for _ in range(steps):
-        opt.zero_grad()
-        for s, t in zip(seqs, tgts):
-            losses, _, _ = drafter.ttt_loss(s["hidden"], s["input_ids"], t["target_idx"], t["target_p"],
-                                            t["target_top"], t["weight"], t["trained"], DEPTH)
-            sum((0.8**k) * x / len(s["input_ids"]) for k, x in enumerate(losses)).backward()
-        opt.step()
-    return drafter.eval()
-
-
 def test_exported_eagle3_decodes_in_vllm_losslessly_with_our_tau(tmp_path, vllm_env):
     from deepspec.decoding.engine import Engine
     from deepspec.drafters.eagle3 import Eagle3Proposer
@@ -56,7 +35,12 @@ def test_exported_eagle3_decodes_in_vllm_losslessly_with_our_tau(tmp_path, vllm_
     target = tiny_llama(vocab=256, layers=4, dtype=torch.float32, hidden=256, heads=4, kv_heads=2, seed=1)
     target.save_pretrained(tmp_path / "target")
     prompts = [torch.randint(0, 256, (8,), generator=torch.Generator().manual_seed(s)).tolist() for s in range(3)]
-    drafter = _overfit_eagle3(target, prompts, layers=(1, 2, 3))
+    from deepspec.drafters.eagle3 import Eagle3Drafter
+
+    layers = (1, 2, 3)  # vLLM's EAGLE-3 fuses three target layers
+    drafter = Eagle3Drafter.for_target(target, list(layers), torch.arange(256), init_head=True, seed=0, target="tiny",
+                                       target_fingerprint="fp", layer_convention="hf_hidden_states_index")
+    drafter = fit_eagle3(drafter, target, prompts, layers, steps=150, ttt=DEPTH, new_tokens=48)
     export = write_export(drafter, "vllm", tmp_path / "eagle3-vllm")
 
     engine = Engine(make_backend(target, "lean", 256), stop_ids=[], max_nodes=8)
