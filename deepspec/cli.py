@@ -102,7 +102,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["setup"])
     p.add_argument("name", help="engine (vllm)")
     p.add_argument("--force", action="store_true", help="make the environment afresh")
-    p.add_argument("--record", type=Path, help="also copy the environment's record (versions) here")
 
     p = sub.add_parser("schema", help="write the JSON schema Snakemake validates configs against")
     p.add_argument("--out", default=str(SCHEMA_PATH))
@@ -171,12 +170,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"{args.model}: {resolve(args.model)[0]}")
         return 0
     if args.command == "engine":
-        from deepspec import io
         from deepspec.engines.env import setup
 
-        env = setup(args.name, args.force)
-        if args.record:
-            io.write_json(args.record, env.record)
+        setup(args.name, args.force)
         return 0
     if args.command == "serve":
         from deepspec.serving import serve

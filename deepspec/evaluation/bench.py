@@ -157,12 +157,13 @@ def _vllm_tallies(cfg: Config, prompts: list[list[int]], max_new_tokens: int, th
     per method and prompts one at a time. They run after ours (their engine cannot interleave with ours), so
     their ratio to our AR carries the drift of the machine between the two phases."""
     from deepspec.engines import vllm_runner
-    from deepspec.engines.env import EngineError, find
+    from deepspec.engines.env import EngineError, require
     from deepspec.models.loading import resolve
 
-    env = find("vllm")
-    if env is None:
-        print("[bench] no vLLM rows: its environment is not set up (`deepspec engine setup vllm`)")
+    try:
+        env = require("vllm")
+    except EngineError as err:
+        print(f"[bench] no vLLM rows: {err}")
         return {}
     model = resolve(cfg.target.model)[0]
     for name, spec in VLLM.items():
