@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from deepspec.config import ConfigError, json_schema, load
+from deepspec.drafters.registry import KINDS
 
 SCHEMA_PATH = Path("workflow/schemas/config.schema.json")
 
@@ -53,11 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reference", help="make this experiment's finished run the committed reference (results/reference/<experiment>)")
     _config_args(p)
 
-    p = sub.add_parser("export", help="write a trained drafter in a serving engine's layout: EAGLE-3 for vLLM / SGLang "
-                                      "(or ours, hf); DFlash / DSpark in DeepSpec's or z-lab's (deepspec)")
+    layouts = "; ".join(f"{k.name}: {', '.join(k.formats)}" for k in KINDS.values())
+    p = sub.add_parser("export", help=f"write a trained drafter in a serving engine's layout ({layouts})")
     _config_args(p)
     p.add_argument("--drafter", required=True)
-    p.add_argument("--to", dest="fmt", required=True, choices=["vllm", "sglang", "hf", "deepspec"])
+    p.add_argument("--to", dest="fmt", required=True, choices=sorted({f for k in KINDS.values() for f in k.formats}))
     p.add_argument("--out", help="output folder (default results/<experiment>/export/<drafter>-<format>)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="weight dtype of the export (default: as trained)")

@@ -12,15 +12,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from deepspec.config_base import LAUNCH_KEYS, Strict, TrainedMethod, hash_default, hashed
+from deepspec.drafters.registry import DRAFTER_CONFIGS, TRAINED_METHODS
 
 
 class ConfigError(ValueError):
     """A bad config; its message is one line naming the key and the problem."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 def _needs_source(section):
@@ -30,7 +29,7 @@ def _needs_source(section):
     return section
 
 
-class TargetConfig(_Strict):
+class TargetConfig(Strict):
     model: str = Field("packaged:smollm2-135m-instruct", description="local path, hub id, or packaged:<name>")
     dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
     backend: Literal["auto", "lean", "hf"] = "auto"
@@ -39,7 +38,7 @@ class TargetConfig(_Strict):
         {}, description="passed to the chat template wherever a prompt is built, e.g. {enable_thinking: false} for Qwen3")
 
 
-class TaskConfig(_Strict):
+class TaskConfig(Strict):
     kind: Literal["mt_bench", "humaneval", "jsonl", "hf"]
     source: str | None = Field(None, description="jsonl path or HF dataset id; packaged data when omitted")
     subset: str | None = Field(None, description="hf: the dataset's configuration name (e.g. gsm8k's 'main')")
@@ -54,11 +53,11 @@ class TaskConfig(_Strict):
         return _needs_source(self)
 
 
-class AutoregressiveMethod(_Strict):
+class AutoregressiveMethod(Strict):
     kind: Literal["autoregressive"]
 
 
-class NgramMethod(_Strict):
+class NgramMethod(Strict):
     """Prompt lookup: continuations of earlier occurrences of the context's last n-gram."""
 
     kind: Literal["ngram"]
@@ -74,7 +73,22 @@ class NgramMethod(_Strict):
         return self
 
 
-class DraftLMMethod(_Strict):
+class SuffixMethod(Strict):
+    """Suffix decoding: drafts from suffix tries over the conversation and over the target's earlier outputs in
+    the run (bounded, oldest out first), as long as the matched suffix earns (`spec_factor` x match length +
+    `spec_offset` nodes, at most `max_spec_tokens`), through continuations at least `min_token_prob` likely."""
+
+    kind: Literal["suffix"]
+    max_depth: Annotated[int, Field(ge=2)] = Field(24, description="longest substring a trie counts")
+    max_spec_tokens: Annotated[int, Field(ge=1)] = 16
+    spec_factor: Annotated[float, Field(gt=0)] = 1.0
+    spec_offset: float = 0.0
+    min_token_prob: Annotated[float, Field(ge=0, le=1)] = 0.1
+    global_cache: bool = Field(True, description="also draft from the target's earlier outputs in this run")
+    max_cached_outputs: Annotated[int, Field(ge=1)] = 1000
+
+
+class DraftLMMethod(Strict):
     """An independent causal LM sharing the target's tokenizer, with its own KV cache.
 
     `model` null drafts with the target's own weights, cut to `layers` and/or read as int8."""
@@ -88,52 +102,7 @@ class DraftLMMethod(_Strict):
     total_tokens: Annotated[int, Field(ge=1)] = 8
 
 
-class Eagle3Method(_Strict):
-    """Decoding with an EAGLE-3 drafter: EAGLE-2 dynamic tree, or a chain with top_k 1. The drafter is one
-    trained here (`drafter`, an entry under `drafters`) or a published checkpoint folder (`checkpoint`: ours,
-    vLLM's, SGLang's or the EAGLE authors' layout)."""
-
-    kind: Literal["eagle3"]
-    drafter: str | None = Field(None, description="name of an entry under `drafters`")
-    checkpoint: str | None = Field(None, description="folder of a published EAGLE-3 checkpoint (instead of `drafter`)")
-    depth: Annotated[int, Field(ge=1)] = 5
-    top_k: Annotated[int, Field(ge=1)] = 4
-    total_tokens: Annotated[int, Field(ge=1)] = 12
-
-    @model_validator(mode="after")
-    def _one_source(self) -> "Eagle3Method":
-        if (self.drafter is None) == (self.checkpoint is None):
-            raise ValueError("set exactly one of 'drafter' (trained here) or 'checkpoint' (a published folder)")
-        return self
-
-
-class BlockMethod(_Strict):
-    """Decoding with a block drafter (DFlash / DSpark): one parallel forward proposes a block.
-
-    `length`: fixed (every draft, up to `max_length`), threshold (stop before the first draft whose
-    calibrated confidence is below `threshold`) or cost (the length that maximises expected committed
-    tokens per second, from the confidences and the verify cost measured on this machine). `tree_top_k`
-    > 1 adds the next best tokens as siblings where the confidence is below `tree_threshold` (a drafter
-    without a confidence head, DFlash, branches at its first draft)."""
-
-    kind: Literal["block"]
-    drafter: str | None = Field(None, description="name of a dflash / dspark entry under `drafters`")
-    checkpoint: str | None = Field(None, description="folder of a DeepSpec (Qwen3DSparkModel) or z-lab (DFlashDraftModel) "
-                                                     "checkpoint (instead of `drafter`)")
-    length: Literal["fixed", "threshold", "cost"] = "fixed"
-    max_length: Annotated[int, Field(ge=1)] | None = None
-    threshold: Annotated[float, Field(gt=0, lt=1)] = 0.5
-    tree_top_k: Annotated[int, Field(ge=1)] = 1
-    tree_threshold: Annotated[float, Field(gt=0, lt=1)] = 0.5
-
-    @model_validator(mode="after")
-    def _one_source(self) -> "BlockMethod":
-        if (self.drafter is None) == (self.checkpoint is None):
-            raise ValueError("set exactly one of 'drafter' (trained here) or 'checkpoint' (a published folder)")
-        return self
-
-
-class HybridMethod(_Strict):
+class HybridMethod(Strict):
     """Several methods' proposers as one. `first`: each round the draft of the first of `methods` that has
     one (prompt lookup when it finds a match, else a trained drafter), lossless at any temperature;
     `merge`: every draft under one root, verified as one tree (greedy only)."""
@@ -144,13 +113,13 @@ class HybridMethod(_Strict):
     mode: Literal["first", "merge"] = "first"
 
 
-MethodConfig = Annotated[
-    Union[AutoregressiveMethod, NgramMethod, DraftLMMethod, Eagle3Method, BlockMethod, HybridMethod],
-    Field(discriminator="kind")
-]
+MethodConfig = Annotated[Union[(AutoregressiveMethod, NgramMethod, SuffixMethod, DraftLMMethod, HybridMethod,
+                                *TRAINED_METHODS)],
+                         Field(discriminator="kind")]
+DrafterConfig = Annotated[Union[DRAFTER_CONFIGS], Field(discriminator="kind")]
 
 
-class TrainDataConfig(_Strict):
+class TrainDataConfig(Strict):
     """Training conversations; their answers are regenerated by the target (distillation data), and
     optionally more conversations keep the dataset's own answers (EAGLE-1's fixed data: the target only
     reads them, which costs a forward per token instead of a generation step)."""
@@ -185,7 +154,15 @@ class TrainDataConfig(_Strict):
         return _needs_source(self)
 
 
-class FeaturesConfig(_Strict):
+# Where a run executes does not change what it computes (see config_base.LAUNCH_KEYS); keys added after a
+# reference was made stay out of hashes while unset, so old hashes hold.
+LAUNCH_KEYS[TrainDataConfig] = ("servers", "server_model", "concurrency", "retries", "timeout_s")
+hash_default(TrainDataConfig, server_params={})
+hash_default(TargetConfig, chat_template_kwargs={})
+hash_default(TaskConfig, subset=None, split=None, prompt_field=None)
+
+
+class FeaturesConfig(Strict):
     """The target feature cache: sharded, one Snakemake job per shard."""
 
     shards: Annotated[int, Field(ge=1)] = 2
@@ -193,159 +170,7 @@ class FeaturesConfig(_Strict):
     max_len: Annotated[int, Field(ge=8)] = 1024
 
 
-class TrainConfig(_Strict):
-    epochs: Annotated[float, Field(gt=0)] = 2.0
-    lr: Annotated[float, Field(gt=0)] = 1e-3
-    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.1
-    warmup_steps: Annotated[int, Field(ge=0)] = 20
-    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] | None = Field(None, description="warmup as a share of the steps "
-                                                                                       "(instead of warmup_steps)")
-    weight_decay: Annotated[float, Field(ge=0)] = 0.0
-    grad_clip: Annotated[float, Field(gt=0)] | None = 0.5
-    batch_sequences: Annotated[int, Field(ge=1)] = Field(4, description="sequences per micro-batch per process")
-    grad_accum: Annotated[int, Field(ge=1)] = 1
-    global_batch: Annotated[int, Field(ge=1)] | None = Field(
-        None, description="sequences per optimizer step whatever the number of processes (accumulation adapts); "
-                          "null: batch_sequences x grad_accum")
-    distributed: Literal["none", "ddp", "fsdp2", "deepspeed"] = Field(
-        "none", description="launcher: one process, or torchrun DDP / FSDP2, or DeepSpeed ZeRO (gloo on CPU, NCCL on GPU)")
-    processes: Annotated[int, Field(ge=1)] = Field(1, description="processes the train rule starts (torchrun --nproc-per-node)")
-    zero_stage: Literal[2, 3] = Field(2, description="DeepSpeed ZeRO stage")
-    wall_budget_s: Annotated[float, Field(gt=0)] | None = Field(
-        None, description="size the schedule to end after this much training wall time: the total number of steps "
-                          "is set from the time of the first steps (and kept on resume), so the learning rate anneals "
-                          "by then; null: `epochs` decides")
-    val_sequences: Annotated[int, Field(ge=0)] = 16
-    eval_every: Annotated[int, Field(ge=1)] = 50
-    save_every: Annotated[int, Field(ge=1)] = 100
-    precision: Literal["auto", "float32", "bfloat16"] = "auto"
-    seed: int = 0
-    threads: Annotated[int, Field(ge=0)] = 0
-
-    @model_validator(mode="after")
-    def _launch(self) -> "TrainConfig":
-        if self.distributed == "none" and self.processes > 1:
-            raise ValueError(f"processes: {self.processes} processes need distributed: ddp, fsdp2 or deepspeed")
-        if self.global_batch is not None and self.global_batch % self.batch_sequences:
-            raise ValueError(f"global_batch: {self.global_batch} is not a multiple of batch_sequences "
-                             f"({self.batch_sequences})")
-        return self
-
-    @property
-    def sequences_per_step(self) -> int:
-        return self.global_batch or self.batch_sequences * self.grad_accum
-
-
-# Where a run executes does not change what it computes: these keys stay out of every config hash and rule
-# param, so one reference serves every launcher and every set of servers. Keys added after a reference was
-# made stay out too while unset, so old hashes hold.
-_LAUNCH_KEYS = {TrainConfig: ("distributed", "processes", "zero_stage"),
-                TrainDataConfig: ("servers", "server_model", "concurrency", "retries", "timeout_s")}
-_UNSET_KEYS = {TargetConfig: {"chat_template_kwargs": {}}, TaskConfig: {"subset": None, "split": None, "prompt_field": None},
-               TrainConfig: {"global_batch": None, "warmup_ratio": None, "wall_budget_s": None},
-               TrainDataConfig: {"server_params": {}}}
-
-
-def _hashed(node: Any) -> Any:
-    if isinstance(node, dict):
-        out = {k: _hashed(v) for k, v in node.items()}
-        for model in _UNSET_KEYS:
-            if set(out) == set(model.model_fields):
-                for key in _LAUNCH_KEYS.get(model, ()):
-                    out.pop(key)
-                for key, unset in _UNSET_KEYS[model].items():
-                    if out[key] == unset:
-                        out.pop(key)
-        return out
-    if isinstance(node, list):
-        return [_hashed(v) for v in node]
-    return node
-
-
-class Eagle3Drafter(_Strict):
-    """EAGLE-3: fc fusion of captured target layers, one decoder layer, reduced vocabulary, training-time test."""
-
-    kind: Literal["eagle3"]
-    layers: list[Annotated[int, Field(ge=0)]] | None = Field(
-        None, description="target layers whose *input* hidden state is fused (HF hidden_states index); default [2, L//2, L-3]"
-    )
-    draft_vocab: Annotated[int, Field(ge=2)] | None = Field(
-        8192, description="at most this many of the target's most frequent argmax tokens on the training split "
-                          "(only tokens that occur); null: full vocabulary")
-    vocab_coverage: Annotated[float, Field(gt=0, le=1)] = Field(
-        1.0, description="cut the draft vocabulary once it covers this share of supervised positions")
-    supervise: Literal["all", "assistant"] = Field(
-        "all", description="positions trained on: all (the target's distribution is a label in the prompt too) "
-                           "or only those before a target-written token")
-    soft_top_k: Annotated[int, Field(ge=1)] = Field(64, description="target distribution cached as its top-k")
-    fc_input_scale: bool = Field(False, description="divide each fused layer by its median RMS on the training "
-                                                    "split before fc (folded into fc on export)")
-    ttt_length: Annotated[int, Field(ge=1)] = 7
-    ttt_decay: Annotated[float, Field(gt=0, le=1)] = 0.8
-    init_head_from_target: bool = True
-    freeze_head: bool = Field(True, description="keep the target-initialised norm and lm_head fixed (fewer parameters to learn from little data)")
-    train: TrainConfig = TrainConfig()
-
-
-class _BlockDrafter(_Strict):
-    """A block drafter (DFlash / DSpark): N decoder layers over the fused context of K target layers."""
-
-    layers: list[Annotated[int, Field(ge=-1)]] | None = Field(
-        None, description="target layers fused, in the *output of layer k* convention of DFlash / DSpark checkpoints "
-                          "(-1: the embeddings); default: the ones EAGLE-3 reads ([1, L/2 - 1, L - 4]), so one "
-                          "feature cache serves both")
-    num_layers: Annotated[int, Field(ge=1)] = Field(2, description="draft decoder layers")
-    block_size: Annotated[int, Field(ge=2)] = 7
-    label_convention: Literal["next", "own"] = Field(
-        "next", description="next: every slot predicts the following token (DeepSpec, block_size drafts); "
-                            "own: mask slots predict their own position (z-lab / SpecForge, block_size - 1 drafts)")
-    mask_token_id: Annotated[int, Field(ge=0)] | Literal["auto"] | None = Field(
-        "auto", description="embedding row of the mask token; auto: an unused token of the tokenizer; null: a trained "
-                            "mask embedding")
-    draft_vocab: Annotated[int, Field(ge=2)] | None = 4096
-    vocab_coverage: Annotated[float, Field(gt=0, le=1)] = 1.0
-    supervise: Literal["all", "assistant"] = "all"
-    soft_top_k: Annotated[int, Field(ge=1)] = 64
-    num_anchors: Annotated[int, Field(ge=1)] = Field(16, description="blocks per training sequence, redrawn each epoch")
-    anchors: Literal["supervised", "answer"] = Field(
-        "supervised", description="where training anchors are drawn: any supervised position, or (DeepSpec's) only "
-                                  "positions followed by a target-written token, where the drafter runs at inference")
-    freeze_head: bool = Field(True, description="keep the target's head rows fixed (DFlash / DSpark recipe)")
-    fc_input_scale: bool = Field(False, description="divide each fused layer by its median RMS on the training split "
-                                                    "before fc (folded into fc on export), as EAGLE-3 may")
-    eval_anchors: Annotated[int, Field(ge=1)] | None = Field(256, description="blocks per validation sequence")
-    loss_gamma: Annotated[float, Field(gt=0)] | None = Field(7.0, description="draft j weighted exp(-j / gamma)")
-    ce_weight: Annotated[float, Field(ge=0)] = 1.0
-    l1_weight: Annotated[float, Field(ge=0)] = 0.0
-    confidence_weight: Annotated[float, Field(ge=0)] = 0.0
-    train: TrainConfig = TrainConfig()
-
-
-class DFlashDrafter(_BlockDrafter):
-    kind: Literal["dflash"]
-
-
-class DSparkDrafter(_BlockDrafter):
-    """DFlash plus a Markov head (low-rank bigram bias, sequential at inference) and a confidence head."""
-
-    kind: Literal["dspark"]
-    ce_weight: Annotated[float, Field(ge=0)] = 0.1
-    l1_weight: Annotated[float, Field(ge=0)] = 0.9
-    confidence_weight: Annotated[float, Field(ge=0)] = 1.0
-    markov_rank: Annotated[int, Field(ge=0)] = 64
-    markov_head_type: Literal["vanilla", "gated", "rnn"] = "vanilla"
-    confidence_head: bool = True
-    confidence_with_markov: bool = True
-    calibrate: bool = Field(True, description="fit a temperature and bias per draft to the confidence on held-out data (greedy and sampled acceptance)")
-
-
-_UNSET_KEYS.update({kind: {"anchors": "supervised", "freeze_head": True, "fc_input_scale": False}
-                    for kind in (DFlashDrafter, DSparkDrafter)})
-DrafterConfig = Annotated[Union[Eagle3Drafter, DFlashDrafter, DSparkDrafter], Field(discriminator="kind")]
-BLOCK_DRAFTERS = ("dflash", "dspark")
-
-
-class EvalConfig(_Strict):
+class EvalConfig(Strict):
     max_new_tokens: Annotated[int, Field(ge=1)] = 128
     temperature: Annotated[float, Field(ge=0)] = 0.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
@@ -361,7 +186,7 @@ _RUNTIME_MIN = {"prepare": 30, "prepare_train": 1440, "extract": 240, "feature_m
                 "evaluate": 720, "report": 30}
 
 
-class ResourcesConfig(_Strict):
+class ResourcesConfig(Strict):
     """What each job asks its scheduler for (Snakemake `resources`: memory, run time, GPUs; the SLURM executor
     plugin turns them into its request). Where jobs run, not what they compute: left out of every hash."""
 
@@ -386,11 +211,11 @@ class ResourcesConfig(_Strict):
         return {"mem_mb": self.mem_mb[stage], "runtime": self.runtime_min[stage], "gpu": gpus}
 
 
-class TrackingConfig(_Strict):
+class TrackingConfig(Strict):
     uri: str | None = Field(None, description="MLflow tracking URI; MLFLOW_TRACKING_URI wins, else sqlite under results")
 
 
-class ReproduceConfig(_Strict):
+class ReproduceConfig(Strict):
     """Where the committed reference results live and how closely a fresh run must match them."""
 
     reference: str = Field("results/reference", description="folder holding one committed reference per experiment")
@@ -399,7 +224,7 @@ class ReproduceConfig(_Strict):
                           "(untrained methods match exactly), but drafter training on CPU is not bit-reproducible")
 
 
-class Config(_Strict):
+class Config(Strict):
     experiment: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")] = "default"
     results_dir: str = "results"
     target: TargetConfig = TargetConfig()
@@ -425,25 +250,19 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _baseline_present(self) -> "Config":
-        if not any(m.kind == "autoregressive" for m in self.methods.values()):
+        if not any(isinstance(m, AutoregressiveMethod) for m in self.methods.values()):
             raise ValueError("methods: one method of kind 'autoregressive' is needed as the speedup baseline")
         for name, m in self.methods.items():
-            if m.kind in ("eagle3", "block") and m.drafter is not None:
+            if isinstance(m, TrainedMethod) and m.drafter is not None:
                 if m.drafter not in self.drafters:
                     known = ", ".join(self.drafters) or "none"
                     raise ValueError(f"methods.{name}.drafter: no drafter named {m.drafter!r} (drafters: {known})")
-                kind = self.drafters[m.drafter].kind
-                if (m.kind == "eagle3") != (kind == "eagle3"):
-                    raise ValueError(f"methods.{name}.drafter: {m.drafter!r} is a {kind} drafter, which a method of "
-                                     f"kind {m.kind!r} cannot decode with")
-                if (m.kind == "block" and m.length != "fixed"
-                        and not getattr(self.drafters[m.drafter], "confidence_head", False)):
-                    raise ValueError(f"methods.{name}.length: {m.length!r} needs a drafter with a confidence head (dspark)")
-            if m.kind == "hybrid":
+                m.check_drafter(f"methods.{name}.drafter", self.drafters[m.drafter])
+            if isinstance(m, HybridMethod):
                 for part in m.methods:
-                    if part not in self.methods or self.methods[part].kind in ("autoregressive", "hybrid"):
+                    if part not in self.methods or isinstance(self.methods[part], (AutoregressiveMethod, HybridMethod)):
                         raise ValueError(f"methods.{name}.methods: {part!r} is not a drafting method of this config")
-                readers = [p for p in m.methods if self.methods[p].kind in ("eagle3", "block")]
+                readers = [p for p in m.methods if isinstance(self.methods[p], TrainedMethod)]
                 if len(readers) > 1:
                     raise ValueError(f"methods.{name}.methods: {', '.join(readers)} both read target features; "
                                      f"a hybrid takes at most one")
@@ -464,23 +283,30 @@ class Config(_Strict):
         return Path(self.reproduce.reference) / self.experiment
 
     def baseline_method(self) -> str:
-        return next(name for name, m in self.methods.items() if m.kind == "autoregressive")
+        return next(name for name, m in self.methods.items() if isinstance(m, AutoregressiveMethod))
 
     def method_drafters(self, method: str) -> list[str]:
         """Names of the trained drafters a method decodes with (a hybrid: those of its methods)."""
         m = self.methods[method]
-        if m.kind == "hybrid":
+        if isinstance(m, HybridMethod):
             return sorted({d for part in m.methods for d in self.method_drafters(part)})
-        return [m.drafter] if m.kind in ("eagle3", "block") and m.drafter is not None else []
+        return [m.drafter] if isinstance(m, TrainedMethod) and m.drafter is not None else []
+
+    def method_checkpoints(self, method: str) -> list[str]:
+        """Published checkpoint folders a method decodes with (a hybrid: those of its methods)."""
+        m = self.methods[method]
+        if isinstance(m, HybridMethod):
+            return sorted({c for part in m.methods for c in self.method_checkpoints(part)})
+        return [m.checkpoint] if isinstance(m, TrainedMethod) and m.checkpoint is not None else []
 
     def drafters_in_use(self) -> list[str]:
         """Drafters some method decodes with: only these are trained (and need features)."""
-        return sorted({m.drafter for m in self.methods.values() if m.kind in ("eagle3", "block") and m.drafter is not None})
+        return sorted({d for name in self.methods for d in self.method_drafters(name)})
 
     def section(self, *keys: str) -> Any:
-        """One part of the config as plain data, without the keys that only say where it runs (`_LAUNCH_KEYS`):
+        """One part of the config as plain data, without the keys that only say where it runs (`LAUNCH_KEYS`):
         what a stage's output depends on (its hash; the Snakemake rule params that trigger reruns)."""
-        node: Any = _hashed(self.model_dump(mode="json"))
+        node: Any = hashed(self.model_dump(mode="json"))
         for key in keys:
             node = node[key]
         return node
@@ -496,7 +322,7 @@ class Config(_Strict):
 
         `reproduce` and `resources` are left out: they say what a run is compared with and where it runs, not
         what it computes, so a run and the reference it reproduces share one hash."""
-        blob = json.dumps(_hashed(self.model_dump(mode="json", exclude={"reproduce", "resources"})), sort_keys=True, separators=(",", ":"))
+        blob = json.dumps(hashed(self.model_dump(mode="json", exclude={"reproduce", "resources"})), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -545,7 +371,7 @@ def validate(raw: dict[str, Any]) -> Config:
         if task.kind == "jsonl" and not Path(task.source).is_file():
             raise ConfigError(f"config error: tasks.{name}.source: file not found: {task.source}")
     for name, method in cfg.methods.items():
-        if method.kind in ("eagle3", "block") and method.checkpoint and not (Path(method.checkpoint) / "config.json").is_file():
+        if isinstance(method, TrainedMethod) and method.checkpoint and not (Path(method.checkpoint) / "config.json").is_file():
             raise ConfigError(f"config error: methods.{name}.checkpoint: no config.json in {method.checkpoint}")
     return cfg
 

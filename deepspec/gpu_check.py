@@ -78,12 +78,9 @@ def _data(model, shape: dict[str, Any], device: torch.device) -> list[dict[str, 
 
 
 def _train_rows(model, shape, device, steps: int) -> list[dict[str, Any]]:
-    from deepspec import config as C
-    from deepspec.drafters.block.model import BlockDrafter
-    from deepspec.drafters.eagle3 import Eagle3Drafter
+    from deepspec.drafters.registry import KINDS
     from deepspec.training.distributed import Trainable, World
     from deepspec.training.targets import soft_targets, training_targets
-    from deepspec.training.trainer import run_sequences
 
     amp = device.type == "cuda"
     seqs = _data(model, shape, device)
@@ -91,17 +88,18 @@ def _train_rows(model, shape, device, steps: int) -> list[dict[str, Any]]:
     cached = soft_targets(seqs, head, k=64)
     V = shape["vocab_size"]
     hs_ids = [k + 1 for k in shape["block_ids"]]
-    kinds = {
-        "eagle3": C.Eagle3Drafter(kind="eagle3", layers=hs_ids, ttt_length=7),
-        "dflash": C.DFlashDrafter(kind="dflash", layers=shape["block_ids"], num_layers=5, num_anchors=64, loss_gamma=4.0),
-        "dspark": C.DSparkDrafter(kind="dspark", layers=shape["block_ids"], num_layers=5, num_anchors=64, loss_gamma=4.0,
-                                  markov_rank=256),
+    block = {"layers": shape["block_ids"], "num_layers": 5, "num_anchors": 64, "loss_gamma": 4.0, "mask_token_id": V - 1}
+    recipes = {  # the paper profiles' shapes: (drafter config, draft vocabulary)
+        "eagle3": ({"layers": hs_ids, "ttt_length": 7}, shape["eagle_vocab"]),
+        "dflash": (block, V),
+        "dspark": ({**block, "markov_rank": 256}, V),
     }
     rows = []
-    for name, dc in kinds.items():
+    for name, (fields, vocab) in recipes.items():
         row: dict[str, Any] = {"part": f"train {name}"}
         try:
-            vocab = shape["eagle_vocab"] if name == "eagle3" else V
+            kind = KINDS[name]
+            dc = kind.config(kind=name, **fields)
             draft_ids = torch.arange(vocab)
             lookup = torch.full((V,), -1, dtype=torch.long)
             lookup[draft_ids] = torch.arange(vocab)
@@ -110,21 +108,15 @@ def _train_rows(model, shape, device, steps: int) -> list[dict[str, Any]]:
             labels = [{k: v.to(device) for k, v in t.items()} for t in labels]
             batch = [{k: v for k, v in s.items() if k != "final"} for s in seqs]
             with on(device):
-                if name == "eagle3":
-                    drafter = Eagle3Drafter.for_target(model, hs_ids, draft_ids, True, 0, layer_convention="hf")
-                else:
-                    drafter = BlockDrafter.for_target(
-                        model, name, shape["block_ids"], draft_ids, layers=5, block_size=7, label_convention="next",
-                        mask_token_id=V - 1, markov_rank=dc.markov_rank if name == "dspark" else 0,
-                        confidence_head=name == "dspark")
-                    drafter.lm_head.weight.requires_grad_(False)
+                drafter = kind.new_drafter(dc, model, None, kind.feature_layers(dc, model.config.num_hidden_layers, name),
+                                           draft_ids, [], {}, name)
             trainable = Trainable(drafter.float(), "none", World(device=device), dc.train, 1, amp)
             _reset_peak(device)
             losses, times = [], []
             for step in range(steps):
                 t0 = time.perf_counter()
                 with bf16_autocast(device, amp), on(device):
-                    stats = run_sequences(trainable, dc, batch, labels, True, torch.Generator().manual_seed(step))
+                    stats = kind.run_batch(trainable, dc, batch, labels, True, torch.Generator().manual_seed(step))
                 trainable.step(dc.train.lr)
                 _sync(device)
                 times.append(time.perf_counter() - t0)

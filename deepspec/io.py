@@ -36,12 +36,12 @@ def write_safetensors(path: str | Path, tensors: dict[str, Any], metadata: dict[
 
 
 def write_model_folder(directory: str | Path, tensors: dict[str, Any], config: dict[str, Any],
-                       metadata: dict[str, str] | None = None) -> Path:
-    """An HF-style folder (model.safetensors + config.json, no pickle), built aside then swapped in."""
+                       metadata: dict[str, str] | None = None, weights_file: str = "model.safetensors") -> Path:
+    """An HF-style folder (`weights_file` + config.json, no pickle), built aside then swapped in."""
     directory = Path(directory)
     tmp = temp_sibling(directory)
     tmp.mkdir(parents=True, exist_ok=True)
-    write_safetensors(tmp / "model.safetensors", tensors, metadata)
+    write_safetensors(tmp / weights_file, tensors, metadata)
     write_json(tmp / "config.json", config)
     replace_dir(tmp, directory)
     return directory

@@ -136,7 +136,7 @@ def _overfit(target, algorithm, convention, prompts, steps=150):
     """A block drafter trained on the target's own greedy continuations of `prompts` until it predicts them
     well: acceptance is then high, so the lossless tests exercise long accepted blocks."""
     from deepspec.drafters.block.loss import run_batch
-    from deepspec.training.distributed import Direct
+    from deepspec.drafters.kind import Direct
 
     seqs, labels = greedy_distillation_data(target, prompts, hidden_ids=[k + 1 for k in LAYERS])
     d = _drafter(target, algorithm, convention, block=4)
@@ -563,7 +563,7 @@ def test_block_recipe_knobs_through_training_under_a_wall_budget(tmp_path, tiny_
     from deepspec.training import trainer
     from deepspec.config import validate
     from deepspec.data.training import regenerate
-    from deepspec.drafters import build_proposer
+    from deepspec.drafters.build import build_proposer
     from deepspec.decoding.engine import Engine
     from deepspec.features.extract import extract_all
     from deepspec.models import load_target

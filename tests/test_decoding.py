@@ -160,7 +160,7 @@ def test_draft_tokenizer_mismatch_is_refused(real_target, tmp_path):
     import copy
 
     from deepspec.config import DraftLMMethod
-    from deepspec.drafters import build_proposer
+    from deepspec.drafters.build import build_proposer
 
     tok = copy.deepcopy(real_target.tokenizer)
     tok.add_tokens(["<not-in-target>"])
@@ -182,7 +182,7 @@ def test_dynamic_tree_refuses_bad_shapes():
 def test_every_method_is_lossless_on_long_outputs(real_target):
     """256 new tokens on real prompts: prompt lookup (chain, tree) and the int8 draft LM (chain, tree)."""
     from deepspec.config import DraftLMMethod, NgramMethod
-    from deepspec.drafters import build_proposer
+    from deepspec.drafters.build import build_proposer
 
     engine = Engine(real_target.backend, stop_ids=[])  # no early stop: exactly 256 tokens each
     methods = [

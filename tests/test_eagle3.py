@@ -12,7 +12,7 @@ from tests.conftest import fit_eagle3, pipeline_config, tiny_llama
 
 
 def _drafter(target, vocab_ids=None, layers=(0, 1), dtype=torch.float64, seed=0):
-    from deepspec.drafters.eagle3 import Eagle3Drafter
+    from deepspec.drafters.eagle3.model import Eagle3Drafter
 
     ids = torch.arange(target.config.vocab_size) if vocab_ids is None else vocab_ids
     return Eagle3Drafter.for_target(target, list(layers), ids, init_head=True, seed=seed).to(dtype)
@@ -20,7 +20,7 @@ def _drafter(target, vocab_ids=None, layers=(0, 1), dtype=torch.float64, seed=0)
 
 def test_training_time_test_equals_cached_tree_steps():
     """Step k of base t in training sees exactly what a depth-k node sees at inference."""
-    from deepspec.drafters.eagle3 import DraftCache
+    from deepspec.drafters.eagle3.model import DraftCache
 
     target = tiny_llama(vocab=64, layers=3)
     drafter = _drafter(target, torch.arange(0, 64, 2))  # a reduced vocabulary: every other token
@@ -52,7 +52,7 @@ def test_training_time_test_equals_cached_tree_steps():
 @pytest.mark.parametrize("top_k,total", [(1, 4), (3, 10)])
 def test_eagle3_proposer_is_lossless(backend, top_k, total):
     from deepspec.decoding.engine import Engine
-    from deepspec.drafters.eagle3 import Eagle3Proposer
+    from deepspec.drafters.eagle3.proposer import Eagle3Proposer
     from deepspec.models import make_backend
 
     target = tiny_llama(vocab=64, layers=3)
@@ -108,7 +108,7 @@ def test_overfit_eagle3_drafter_is_lossless_with_long_accepted_paths(overfit, to
     """Losslessness with a drafter that is mostly right: the real proposer's tree masks and positions are
     exercised on long accepted paths, and a wrong mask or position would break equality or acceptance."""
     from deepspec.decoding.engine import Engine
-    from deepspec.drafters.eagle3 import Eagle3Proposer
+    from deepspec.drafters.eagle3.proposer import Eagle3Proposer
     from deepspec.models import make_backend
 
     target, prompts, drafter = overfit
@@ -204,7 +204,7 @@ def test_fixed_data_keeps_dataset_answers_next_to_regenerated_ones(tmp_path, tin
 def test_feature_cache_training_and_exact_resume(tmp_path, tiny_target_dir):
     from deepspec import io
     from deepspec.data.training import regenerate
-    from deepspec.drafters import build_proposer
+    from deepspec.drafters.build import build_proposer
     from deepspec.features.extract import FeatureCacheError, extract_all, features_dir, load_manifest, shard_path
     from deepspec.models import load_target
     from deepspec.training.trainer import drafter_dir, train

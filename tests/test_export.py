@@ -28,7 +28,7 @@ def target():
 
 
 def _drafter(target, layers=(1, 2, 3), seed=0):
-    from deepspec.drafters.eagle3 import Eagle3Drafter
+    from deepspec.drafters.eagle3.model import Eagle3Drafter
 
     ids = torch.arange(0, 64, 2)  # a reduced vocabulary, so d2t holds real offsets
     d = Eagle3Drafter.for_target(target, list(layers), ids, init_head=True, seed=seed, target="tiny",
@@ -49,7 +49,7 @@ def _same_weights(a, b):
 
 @pytest.mark.parametrize("fmt", ["vllm", "sglang", "hf"])
 def test_export_import_round_trip_is_bit_exact(tmp_path, target, fmt):
-    from deepspec.export import import_eagle3, write_export
+    from deepspec.drafters.eagle3.checkpoint import import_eagle3, write_export
 
     drafter = _drafter(target)
     out = write_export(drafter, fmt, tmp_path / fmt)
@@ -61,8 +61,8 @@ def test_export_import_round_trip_is_bit_exact(tmp_path, target, fmt):
 
 def test_a_full_vocabulary_drafter_exports_without_an_id_map(tmp_path, target):
     """Drafting over the whole vocabulary, engines build no d2t parameter and refuse one in the file."""
-    from deepspec.drafters.eagle3 import Eagle3Drafter
-    from deepspec.export import import_eagle3, write_export
+    from deepspec.drafters.eagle3.model import Eagle3Drafter
+    from deepspec.drafters.eagle3.checkpoint import import_eagle3, write_export
 
     drafter = Eagle3Drafter.for_target(target, [1, 2, 3], torch.arange(64), init_head=True, seed=0, target="tiny",
                                        target_fingerprint="fp-tiny", layer_convention="hf_hidden_states_index")
@@ -77,8 +77,8 @@ def test_a_full_vocabulary_drafter_exports_without_an_id_map(tmp_path, target):
 def test_fc_input_scale_is_folded_into_fc_on_export(tmp_path, target, fmt):
     """A drafter trained with a per-layer fc input scale exports as plain EAGLE-3 (scale folded into fc's
     columns; no extra key for vLLM/SGLang) and computes the same fused features after the round trip."""
-    from deepspec.drafters.eagle3 import Eagle3Drafter
-    from deepspec.export import import_eagle3, write_export
+    from deepspec.drafters.eagle3.model import Eagle3Drafter
+    from deepspec.drafters.eagle3.checkpoint import import_eagle3, write_export
     from safetensors.torch import load_file
 
     ids = torch.arange(0, 64, 2)
@@ -93,7 +93,7 @@ def test_fc_input_scale_is_folded_into_fc_on_export(tmp_path, target, fmt):
 
 
 def test_serving_layouts_follow_the_engines_conventions(tmp_path, target):
-    from deepspec.export import write_export
+    from deepspec.drafters.eagle3.checkpoint import write_export
 
     drafter = _drafter(target)
     vllm = write_export(drafter, "vllm", tmp_path / "v", torch.bfloat16)
@@ -119,8 +119,8 @@ def test_serving_layouts_follow_the_engines_conventions(tmp_path, target):
 
 def test_imported_drafter_decodes_losslessly_with_acceptance(tmp_path, target):
     from deepspec.decoding.engine import Engine
-    from deepspec.drafters.eagle3 import Eagle3Proposer
-    from deepspec.export import import_eagle3, write_export
+    from deepspec.drafters.eagle3.proposer import Eagle3Proposer
+    from deepspec.drafters.eagle3.checkpoint import import_eagle3, write_export
     from deepspec.models import make_backend
 
     drafter = import_eagle3(write_export(_drafter(target, layers=(1, 2, 3)), "vllm", tmp_path / "v"), target, None)
@@ -139,7 +139,7 @@ def test_imported_drafter_decodes_losslessly_with_acceptance(tmp_path, target):
 def _published(tmp_path, target, style):
     """A tiny random checkpoint written as the EAGLE authors (pytorch_model.bin, midlayer.*, embed_tokens,
     no layer ids) or SGLang / SpecForge (safetensors, layers.0.*, nested output-of-layer ids, full vocab) do."""
-    from deepspec.drafters.eagle3 import Eagle3Drafter
+    from deepspec.drafters.eagle3.model import Eagle3Drafter
 
     torch.manual_seed(3)
     full = style == "sglang"
@@ -167,7 +167,7 @@ def _published(tmp_path, target, style):
 
 @pytest.mark.parametrize("style", ["eagle", "sglang"])
 def test_published_layouts_load(tmp_path, target, style):
-    from deepspec.export import import_eagle3
+    from deepspec.drafters.eagle3.checkpoint import import_eagle3
 
     folder, ref = _published(tmp_path, target, style)
     drafter = import_eagle3(folder, target, "any-fingerprint")
@@ -178,7 +178,8 @@ def test_published_layouts_load(tmp_path, target, style):
 
 
 def test_checkpoints_that_do_not_fit_fail_in_one_line(tmp_path, target):
-    from deepspec.export import CheckpointError, import_eagle3, write_export
+    from deepspec.drafters.checkpoint import CheckpointError
+    from deepspec.drafters.eagle3.checkpoint import import_eagle3, write_export
 
     out = write_export(_drafter(target), "sglang", tmp_path / "s")
     with pytest.raises(CheckpointError, match=r"config.json: drafter was trained for target weights fp-tiny, these are other$"):
@@ -219,7 +220,7 @@ def test_llama3_rope_scaling_is_imported(tmp_path, target):
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from deepspec.export import import_eagle3
+    from deepspec.drafters.eagle3.checkpoint import import_eagle3
 
     folder, _ = _published(tmp_path, target, "eagle")
     cfg = json.loads((folder / "config.json").read_text())
@@ -239,11 +240,12 @@ def test_llama3_rope_scaling_is_imported(tmp_path, target):
 
 def test_a_published_checkpoint_decodes_through_the_method_config(tmp_path, tiny_target_dir):
     """`checkpoint:` in an eagle3 method: the folder is fit-checked against the target and decodes losslessly."""
-    from deepspec.config import Eagle3Method
+    from deepspec.drafters.eagle3.config import Eagle3Method
     from deepspec.decoding.engine import Engine
-    from deepspec.drafters import build_proposer
-    from deepspec.drafters.eagle3 import Eagle3Drafter
-    from deepspec.export import CheckpointError, write_export
+    from deepspec.drafters.build import build_proposer
+    from deepspec.drafters.eagle3.model import Eagle3Drafter
+    from deepspec.drafters.checkpoint import CheckpointError
+    from deepspec.drafters.eagle3.checkpoint import write_export
     from deepspec.models import load_target
 
     target = load_target(str(tiny_target_dir), max_len=256)

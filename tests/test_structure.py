@@ -2,6 +2,7 @@
 which only defer one), and no module reaches into another's private names."""
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +73,7 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
 
 def test_no_import_cycle():
     edges, _ = import_graph()
-    assert len(edges) > 40 and "deepspec.decoding.cost" in edges["deepspec.drafters"]  # the graph was read
+    assert len(edges) > 40 and "deepspec.decoding.cost" in edges["deepspec.drafters.block"]  # the graph was read
     assert cycles(edges) == []
 
 
@@ -80,10 +81,43 @@ def test_the_cycle_finder_finds_one():
     """Negative control: a proposer importing the benchmark layer, which imports the runner, which builds
     proposers, is reported."""
     edges, _ = import_graph()
-    edges["deepspec.drafters"] = edges["deepspec.drafters"] | {"deepspec.evaluation.bench"}
-    assert ["deepspec.drafters", "deepspec.evaluation.bench", "deepspec.evaluation.runner"] in cycles(edges)
+    edges["deepspec.drafters.build"] = edges["deepspec.drafters.build"] | {"deepspec.evaluation.bench"}
+    assert ["deepspec.drafters.build", "deepspec.evaluation.bench", "deepspec.evaluation.runner"] in cycles(edges)
 
 
 def test_no_private_imports_across_modules():
     _, private = import_graph()
     assert private == []
+
+
+def kind_switches(source: str, kinds: set[str]) -> list[int]:
+    """Lines comparing something with a drafter or method kind's name (`x == "eagle3"`, `k in ("dflash", …)`)."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Compare):
+            for side in [node.left, *node.comparators]:
+                names = side.elts if isinstance(side, (ast.Tuple, ast.List, ast.Set)) else [side]
+                if any(isinstance(n, ast.Constant) and n.value in kinds for n in names):
+                    lines.append(node.lineno)
+                    break
+    return lines
+
+
+def test_no_kind_switch_outside_drafters():
+    """Every trained kind is asked through its registry entry: no module outside deepspec/drafters/ compares
+    against a kind's name (negative control: the switch the trainer once held is found)."""
+    from deepspec.drafters.registry import KINDS
+
+    kinds = set(KINDS) | {kind.method.model_fields["kind"].annotation.__args__[0] for kind in KINDS.values()}
+    assert {"eagle3", "dflash", "dspark", "block"} <= kinds
+    assert kind_switches('steps = dc.ttt_length if dc.kind == "eagle3" else model.drafts', kinds) == [1]
+    assert kind_switches('if m.kind in ("eagle3", "block"):\n    pass', kinds) == [1]
+    found = {str(f.relative_to(ROOT)): kind_switches(f.read_text(), kinds) for f in (ROOT / "deepspec").rglob("*.py")
+             if "drafters" not in f.relative_to(ROOT).parts}
+    assert {f: lines for f, lines in found.items() if lines} == {}
+    # The workflow's rules (Snakemake's Python dialect, which ast cannot read): no `.kind` compared either.
+    switch = re.compile(r"\.kind\s*(==|!=|in\b|not in\b)")
+    assert switch.search('    if m.kind not in ("eagle3", "block"):')
+    rules = [ROOT / "Snakefile", *(ROOT / "workflow" / "rules").glob("*.smk")]
+    assert [f"{f.name}:{i + 1}" for f in rules for i, line in enumerate(f.read_text().splitlines())
+            if switch.search(line)] == []

@@ -98,6 +98,8 @@ class Engine:
                     break
         gen.stopped = out[-1] in self.stop_ids
         gen.wall_time = time.perf_counter() - start
+        if proposer is not None and hasattr(proposer, "remember"):
+            proposer.remember(out)
         return gen
 
     def _verify(self, root: int, tree: DraftTree | None, generator: torch.Generator | None,

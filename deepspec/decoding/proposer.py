@@ -27,6 +27,14 @@ class Proposer(Protocol):
         """Draft continuations of `tokens` with at most `max_nodes` nodes."""
 
 
+class LearningProposer(Proposer, Protocol):
+    """A proposer that drafts from the target's earlier outputs too (suffix decoding): the engine hands it each
+    finished output, in order, and a resumed run replays the kept ones."""
+
+    def remember(self, output: list[int]) -> None:
+        """The target's output of a finished generation."""
+
+
 class FeatureProposer(Proposer, Protocol):
     """A proposer that drafts from target hidden states (EAGLE): the engine captures the inputs of
     `capture_layers` in its own forwards and hands over those of every committed position, in order."""

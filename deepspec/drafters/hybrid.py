@@ -40,6 +40,11 @@ class HybridProposer:
     def observe(self, captured) -> None:
         self._reader.observe(captured)
 
+    def remember(self, output: list[int]) -> None:
+        for p in self.proposers:
+            if hasattr(p, "remember"):
+                p.remember(output)
+
     def propose(self, tokens: list[int], max_nodes: int) -> DraftTree | None:
         if self.mode == "first":
             for p in self.proposers:

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from deepspec import io
 from deepspec.models.lean import rms_norm
 
 
@@ -95,29 +91,22 @@ def init_normal(module: nn.Module, std: float = 0.02) -> None:
             nn.init.normal_(p, std=std)
 
 
-class FolderCheckpoint:
-    """Save / load a drafter as an HF-style folder: config.json + model.safetensors (no pickle), written
-    under a temp name then renamed into place. `ALGORITHMS` are the config `algorithm` values a class loads."""
+def default_layers(n_layers: int) -> list[int]:
+    """EAGLE-3's choice of fused target states: the inputs of layers 2, L/2 and L-3 (low, middle, high)."""
+    return sorted({min(2, n_layers - 1), n_layers // 2, max(n_layers - 3, 0)})
 
-    ALGORITHMS: tuple[str, ...] = ()
 
-    def save(self, directory: str | Path) -> Path:
-        return io.write_model_folder(directory, {k: v.detach().contiguous() for k, v in self.state_dict().items()},
-                                     self.config)
+def layer_rms(hidden: list[Tensor]) -> Tensor:
+    """Median RMS of each fused layer over positions (the first of each sequence, an attention sink with
+    activations ~100x larger, left out)."""
+    rms = torch.cat([h[1:].float().pow(2).mean(-1).sqrt() for h in hidden if h.shape[0] > 1])  # [N, K]
+    return rms.median(dim=0).values.clamp(min=1e-6)
 
-    @classmethod
-    def load(cls, directory: str | Path, embed: Tensor):
-        """The drafter in `directory`, over the target's (frozen, not stored) embedding `embed`."""
-        directory = Path(directory)
-        cfg_path = directory / "config.json"
-        if not cfg_path.is_file():
-            raise FileNotFoundError(f"{cfg_path}: no drafter checkpoint; run `deepspec train` first")
-        config = json.loads(cfg_path.read_text())
-        if config.get("algorithm") not in cls.ALGORITHMS:
-            raise ValueError(f"{cfg_path}: algorithm is {config.get('algorithm')!r}, not {' or '.join(cls.ALGORITHMS)}")
-        if embed.shape != (config["vocab_size"], config["hidden_size"]):
-            raise ValueError(f"{cfg_path}: drafter is for a {config['vocab_size']}x{config['hidden_size']} embedding, "
-                             f"the target has {tuple(embed.shape)}")
-        model = cls(config, embed)
-        model.load_state_dict(load_file(str(directory / "model.safetensors")))
-        return model
+
+def scale_fc_inputs(model: nn.Module, train_hidden: list[Tensor], where: str, say=print) -> None:
+    """Set a drafter's fixed fc input scale (when it has one) to 1 / median RMS of each fused layer."""
+    if not hasattr(model, "fc_in_scale"):
+        return
+    rms = layer_rms(train_hidden)
+    model.fc_in_scale.copy_((1.0 / rms).repeat_interleave(train_hidden[0].shape[-1]))
+    say(f"[train] {where}: fc input scale 1/RMS per layer, RMS {[round(float(r), 2) for r in rms]}")

@@ -20,7 +20,7 @@ from deepspec.config import Config, DraftLMMethod, NgramMethod, TaskConfig
 from deepspec.data.tasks import chat_ids, load_task
 from deepspec.decoding.cost import verify_cost_curve
 from deepspec.decoding.engine import Engine
-from deepspec.drafters import build_proposer
+from deepspec.drafters.build import build_proposer
 from deepspec.evaluation.runner import drafter_folders
 from deepspec.models import load_target
 from deepspec.models.lean import LeanLlama

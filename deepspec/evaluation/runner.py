@@ -18,12 +18,13 @@ import torch
 from tqdm import tqdm
 
 from deepspec import io, tracking
-from deepspec.config import Config
+from deepspec.config import Config, HybridMethod
+from deepspec.config_base import TrainedMethod
 from deepspec.data.prepare import task_file
 from deepspec.data.tasks import chat_ids
 from deepspec.decoding.engine import Engine
 from deepspec.decoding.verify import Sampling
-from deepspec.drafters import build_proposer
+from deepspec.drafters.build import build_proposer
 from deepspec.evaluation.metrics import summarize, turn_record
 from deepspec.models import Target, load_target
 
@@ -57,9 +58,9 @@ def drafter_folders(cfg: Config, method: str) -> dict[str, Path]:
     """The drafter checkpoint folders a method decodes with, by the method that reads each (a hybrid's are
     its parts'; none for methods without a drafter)."""
     m = cfg.methods[method]
-    if m.kind == "hybrid":
+    if isinstance(m, HybridMethod):
         return {k: v for part in m.methods for k, v in drafter_folders(cfg, part).items()}
-    if m.kind not in ("eagle3", "block"):
+    if not isinstance(m, TrainedMethod):
         return {}
     return {method: Path(m.checkpoint) if m.checkpoint else cfg.out_dir / "drafters" / m.drafter / "model"}
 
@@ -118,6 +119,9 @@ def evaluate(cfg: Config, method: str, task: str, threads: int | None = None) ->
                 qid = sample["question_id"]
                 if qid in done:
                     records.append(done[qid])
+                    if hasattr(proposer, "remember"):  # its earlier outputs, as the interrupted run saw them
+                        for turn in done[qid]["outputs"]:
+                            proposer.remember(turn["token_ids"])
                     continue
                 rec = {"question_id": qid, "task": task, "category": sample.get("category"), "method": method,
                        "config_hash": chash, "turns": sample["turns"]}

@@ -32,6 +32,7 @@ from deepspec.assets import sha256_file
 from deepspec.config import Config
 from deepspec.data.training import train_data_file
 from deepspec.devices import job_device, on
+from deepspec.drafters.registry import KINDS
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 LAYER_CONVENTION = "hf_hidden_states: id i = input of decoder layer i (0 = embeddings); 'final' = normed output of the last layer"
@@ -41,42 +42,25 @@ class FeatureCacheError(RuntimeError):
     pass
 
 
-def default_layers(n_layers: int) -> list[int]:
-    """EAGLE-3's choice: the inputs of layers 2, L/2 and L-3 (low, middle, high)."""
-    return sorted({min(2, n_layers - 1), n_layers // 2, max(n_layers - 3, 0)})
-
-
 def drafter_layers(cfg: Config, name: str, n_layers: int) -> list[int]:
-    """The HF hidden_states indices drafter `name` fuses (the cache's convention). Block drafters name
-    layers by *output* (id k = hidden_states[k + 1]); by default they read the same states as EAGLE-3."""
+    """The HF hidden_states indices drafter `name` fuses (the cache's convention), as its kind reads them."""
     dc = cfg.drafters[name]
-    if dc.kind == "eagle3":
-        layers = dc.layers or default_layers(n_layers)
-        bad = [i for i in layers if i >= n_layers]
-        if bad:
-            raise FeatureCacheError(f"drafters.{name}.layers: {bad} out of range for a {n_layers}-layer target "
-                                    f"(ids 0..{n_layers - 1})")
-        return sorted(set(layers))
-    ids = block_layer_ids(cfg, name, n_layers)
-    return [k + 1 for k in ids]
-
-
-def block_layer_ids(cfg: Config, name: str, n_layers: int) -> list[int]:
-    """A block drafter's layer ids in its own "output of layer k" convention (what its checkpoint records)."""
-    dc = cfg.drafters[name]
-    ids = dc.layers if dc.layers is not None else [i - 1 for i in default_layers(n_layers)]
-    bad = [i for i in ids if not -1 <= i <= n_layers - 2]
-    if bad:
-        raise FeatureCacheError(f"drafters.{name}.layers: {bad} out of range for a {n_layers}-layer target (output-of-layer "
-                                f"ids -1..{n_layers - 2}; the last layer's output is stored as the final state)")
-    if sorted(set(ids)) != list(ids):
-        raise FeatureCacheError(f"drafters.{name}.layers: {ids} must be strictly increasing")
-    return list(ids)
+    try:
+        return KINDS[dc.kind].feature_layers(dc, n_layers, f"drafters.{name}.layers")
+    except ValueError as err:
+        raise FeatureCacheError(str(err)) from None
 
 
 def feature_layers(cfg: Config, n_layers: int) -> list[int]:
-    """Every layer some drafter in use needs: one cache serves them all."""
-    return sorted({i for d in cfg.drafters_in_use() for i in drafter_layers(cfg, d, n_layers)})
+    """Every layer some drafter in use needs: one cache serves them all (the final state, id `n_layers`, is
+    always stored)."""
+    return sorted({i for d in cfg.drafters_in_use() for i in drafter_layers(cfg, d, n_layers) if i < n_layers})
+
+
+def layer_columns(stored: list[int], wanted: list[int], n_layers: int) -> list[int]:
+    """Columns of a [n, len(stored) + 1, H] feature block that hold the `wanted` ids: the stored layers in
+    order, then the final normed state (id `n_layers`) in the last column."""
+    return [len(stored) if i == n_layers else stored.index(i) for i in wanted]
 
 
 def bytes_per_token(n_layers: int, hidden_size: int, dtype: str) -> int:
@@ -102,14 +86,13 @@ def _shard_rows(rows: list[dict[str, Any]], shard: int, shards: int) -> list[dic
 
 def capture(backend, ids: list[int], layers: list[int]) -> torch.Tensor:
     """[n, K+1, H] hidden states of one sequence: the layers' inputs, then the final normed state."""
-    from deepspec.models.lean import LeanLlama, rms_norm
+    from deepspec.models.lean import normed_final
 
     n_layers = backend.config.num_hidden_layers
     backend.cache.reset()
     _, caps = backend.forward(torch.tensor(ids), torch.arange(len(ids)), logits_rows=slice(0, 0),
                               capture_layers=(*layers, n_layers))
-    if isinstance(backend, LeanLlama):  # HF's last hidden state is already normed; ours is the norm's input
-        caps[-1] = rms_norm(caps[-1], backend.norm, backend.eps)
+    caps[-1] = normed_final(backend, caps[-1])
     backend.cache.reset()
     return torch.stack(caps, dim=1)
 
@@ -254,10 +237,10 @@ def load_manifest(directory: Path, verify: bool = True) -> dict[str, Any]:
 
 def load_sequences(directory: Path, manifest: dict[str, Any], layers: list[int]) -> list[dict[str, torch.Tensor]]:
     """All sequences of the cache, each {input_ids, loss_mask, hidden [n, len(layers), H], final [n, H]}."""
-    missing = [i for i in layers if i not in manifest["layers"]]
+    missing = [i for i in layers if i not in manifest["layers"] and i != manifest["n_layers"]]
     if missing:
         raise FeatureCacheError(f"feature cache {directory} lacks layers {missing} (has {manifest['layers']})")
-    cols = [manifest["layers"].index(i) for i in layers]
+    cols = layer_columns(manifest["layers"], layers, manifest["n_layers"])
     seqs = []
     for s in manifest["shards"]:
         t = load_file(str(directory / s["file"]))

@@ -135,6 +135,12 @@ def _linear(x: Tensor, weight, bias: Tensor | None = None) -> Tensor:
     return out if bias is None else out + bias
 
 
+def normed_final(backend, h: Tensor) -> Tensor:
+    """The target's final *normed* hidden state from a capture of layer id L: HF's hidden_states[L] is already
+    normed, ours is the norm's input."""
+    return rms_norm(h, backend.norm, backend.eps) if isinstance(backend, LeanLlama) else h
+
+
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """HF's RMSNorm exactly: statistics in float32 whatever the model dtype (a no-op cast for fp32 models)."""
     x32 = x.float()

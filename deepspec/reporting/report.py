@@ -8,6 +8,7 @@ from typing import Any
 
 from deepspec import io, tracking
 from deepspec.config import Config
+from deepspec.drafters.registry import KINDS
 from deepspec.evaluation.runner import eval_dir
 from deepspec.reporting.reproduce import compare
 from deepspec.reporting.tables import long_frame, tables
@@ -209,13 +210,12 @@ def _training_section(cfg: Config, out: Path) -> tuple[list[str], list[Path]]:
         log, summary = io.read_jsonl(log_path), json.loads(summary_path.read_text())
         paths.append(training_plot(cfg, name, log, out / "plots"))
         acc = ", ".join(f"{a:.2f}" for a in summary["val_acc"] if a is not None)
-        block = summary.get("algorithm", "eagle3") != "eagle3"
         lines += [f"### Drafter `{name}` ({summary.get('algorithm', 'eagle3')})", "", _data_line(cfg, summary), "",
                   f"{summary['steps']} steps over {summary['train_tokens']} training tokens; fused target layers "
                   f"{summary['layers']} (HF hidden_states indices); draft vocabulary {summary['draft_vocab']} tokens "
                   f"covering {100 * summary['vocab_coverage']:.1f}% of supervised argmaxes. Validation: chain τ "
                   f"{summary['val_tau_chain']:.2f} (teacher-forced, depth {len(summary['val_acc'])}), top-1 accuracy "
-                  f"by {'block draft' if block else 'TTT step'} [{acc}].", "",
+                  f"by {KINDS[summary['algorithm']].step_label} [{acc}].", "",
                   f"![training {name}](plots/training_{name}.png)", ""]
         cal_path = folder / "calibration.json"
         if cal_path.is_file():

@@ -22,6 +22,7 @@ import yaml
 
 from deepspec import io, tracking
 from deepspec.config import Config, ConfigError, merge, validate
+from deepspec.config_base import TrainedMethod
 
 
 def load_recipes(path: str | Path) -> dict[str, dict[str, Any]]:
@@ -62,7 +63,7 @@ def decode_tau(drafter_cfg: Config, name: str, method, target, prompts: list[lis
     prompt-lookup method tried first each round (a hybrid, the drafter where it finds no match)."""
     from deepspec.decoding.engine import Engine
     from deepspec.decoding.verify import Sampling
-    from deepspec.drafters import build_proposer
+    from deepspec.drafters.build import build_proposer
     from deepspec.drafters.hybrid import HybridProposer
 
     engine = Engine(target.backend, target.loaded.eos_ids, Sampling(temperature))
@@ -112,7 +113,7 @@ def bench_train(cfg: Config, recipes_path: str, drafter: str | None = None, epoc
     base = drafter or (cfg.drafters_in_use() or list(cfg.drafters) or [None])[0]
     if base not in cfg.drafters:
         raise ValueError(f"--drafter: no drafter named {base!r} (drafters: {', '.join(cfg.drafters) or 'none'})")
-    method = next((m for m in cfg.methods.values() if m.kind in ("eagle3", "block") and m.drafter == base), None)
+    method = next((m for m in cfg.methods.values() if isinstance(m, TrainedMethod) and m.drafter == base), None)
     if method is None:
         raise ValueError(f"bench train: no method decodes with drafter {base!r}, so decode τ has no settings")
     configs = {r: recipe_config(cfg, base, r, over, epochs) for r, over in recipes.items()}  # all validated up front

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from deepspec import io
+from deepspec.drafters.kind import Direct
 
 @dataclass(frozen=True)
 class World:
@@ -106,22 +107,6 @@ class LossModule(nn.Module):
 
     def forward(self, fn: Callable[..., Any], *args: Any) -> Any:
         return fn(self.drafter, *args)
-
-
-class Direct:
-    """The plain drafter behind the runner interface: evaluation outside a launcher, calibration, unit tests."""
-
-    def __init__(self, drafter: nn.Module):
-        self.drafter = drafter
-
-    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return fn(self.drafter, *args)
-
-    def sync(self, last: bool) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()
-
-    def backward(self, loss: Tensor) -> None:
-        loss.backward()
 
 
 def micro_plan(n_micro: int, world: World) -> list[int]:

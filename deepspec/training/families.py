@@ -27,7 +27,7 @@ import torch
 import yaml
 
 from deepspec import io, tracking
-from deepspec.config import Config, ConfigError, merge, validate
+from deepspec.config import Config, ConfigError, NgramMethod, merge, validate
 from deepspec.training.bench import autoregressive_runs, decode_tau, recipe_config
 
 SHAPES = ("chain_t0", "chain_t1", "tree_t0")
@@ -62,7 +62,7 @@ def load_bench(path: str | Path, cfg: Config) -> dict[str, Any]:
     if not raw["seeds"]:
         raise ConfigError(f"config error: {path}: seeds: at least one seed")
     lookup = raw.get("lookup")
-    if lookup is not None and (lookup not in cfg.methods or cfg.methods[lookup].kind != "ngram"):
+    if lookup is not None and (lookup not in cfg.methods or not isinstance(cfg.methods[lookup], NgramMethod)):
         raise ConfigError(f"config error: {path}: lookup: {lookup!r} is not a prompt-lookup (ngram) method of the experiment")
     return raw
 

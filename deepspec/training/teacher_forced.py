@@ -36,19 +36,18 @@ def _sequences(cfg: Config, target, task: str, layers: list[int]) -> list[dict[s
         caps = capture(target.backend, ids, layers)
         mask = torch.zeros(len(ids), dtype=torch.bool)
         mask[len(prompt):] = True
-        seqs.append({"input_ids": torch.tensor(ids), "hidden_all": caps[:, :-1].float(), "final": caps[:, -1].float(),
+        seqs.append({"input_ids": torch.tensor(ids), "hidden_all": caps.float(), "final": caps[:, -1].float(),
                      "loss_mask": mask})
     return seqs
 
 
 def bench_drafters(cfg: Config) -> dict[str, Any]:
-    from deepspec.drafters.block.checkpoint import import_block
-    from deepspec.drafters.eagle3 import Eagle3Drafter
-    from deepspec.features.extract import drafter_layers, feature_layers
+    from deepspec.drafters.kind import Direct
+    from deepspec.drafters.registry import KINDS
+    from deepspec.features.extract import drafter_layers, feature_layers, layer_columns
     from deepspec.models import load_target
     from deepspec.training.targets import soft_targets, training_targets
-    from deepspec.training.distributed import Direct
-    from deepspec.training.trainer import run_sequences, drafter_dir
+    from deepspec.training.trainer import drafter_dir
 
     names = [n for n in cfg.drafters_in_use() if (drafter_dir(cfg, n) / "model" / "config.json").is_file()]
     if not names:
@@ -66,19 +65,16 @@ def bench_drafters(cfg: Config) -> dict[str, Any]:
             rows = {}
             for name in names:
                 dc = cfg.drafters[name]
-                folder = drafter_dir(cfg, name) / "model"
-                if dc.kind == "eagle3":
-                    model = Eagle3Drafter.load(folder, model_hf.get_input_embeddings().weight)
-                else:
-                    model = import_block(folder, model_hf)
+                kind = KINDS[dc.kind]
+                model = kind.load(drafter_dir(cfg, name) / "model", model_hf)
                 model.eval()
-                cols = [layers.index(i) for i in drafter_layers(cfg, name, n_layers)]
+                cols = layer_columns(layers, drafter_layers(cfg, name, n_layers), n_layers)
                 mine = [{**s, "hidden": s["hidden_all"][:, cols]} for s in seqs]
                 lookup = torch.full((head.shape[0],), -1, dtype=torch.long)
                 lookup[model.draft_to_target] = torch.arange(model.d2t.numel())
                 labels = [training_targets(c, s["loss_mask"], lookup, "assistant") for c, s in zip(cached, mine)]
                 with torch.no_grad():
-                    r = run_sequences(Direct(model), dc, mine, labels, False, None)
+                    r = kind.run_batch(Direct(model), dc, mine, labels, False, None)
                 decoded = [json.loads((cfg.out_dir / "eval" / m / task / "metrics.json").read_text())["tau"]
                            for m, mc in cfg.methods.items()
                            if getattr(mc, "drafter", None) == name and (cfg.out_dir / "eval" / m / task / "metrics.json").is_file()]

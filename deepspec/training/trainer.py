@@ -15,7 +15,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -23,9 +23,9 @@ from tqdm import tqdm
 from deepspec import io, tracking
 from deepspec.config import Config
 from deepspec.devices import bf16_autocast, on
-from deepspec.drafters.eagle3 import Eagle3Drafter
-from deepspec.features.extract import block_layer_ids, drafter_layers, features_dir, load_manifest, load_sequences
-from deepspec.training.distributed import Direct, Runner, Trainable, World, join, leave, micro_plan, save_checkpoint
+from deepspec.drafters.registry import KINDS
+from deepspec.features.extract import drafter_layers, features_dir, load_manifest, load_sequences
+from deepspec.training.distributed import Trainable, World, join, leave, micro_plan, save_checkpoint
 from deepspec.training.targets import cached_soft_targets, draft_vocab, supervised, topk_mass, training_targets
 
 
@@ -42,13 +42,6 @@ def lr_at(step: int, total: int, dc) -> float:
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def layer_rms(hidden: list[torch.Tensor]) -> torch.Tensor:
-    """Median RMS of each fused layer over positions (the first of each sequence, an attention sink with
-    activations ~100x larger, left out)."""
-    rms = torch.cat([h[1:].float().pow(2).mean(-1).sqrt() for h in hidden if h.shape[0] > 1])  # [N, K]
-    return rms.median(dim=0).values.clamp(min=1e-6)
-
-
 def _order(n: int, seed: int, epoch: int) -> list[int]:
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n, generator=g).tolist()
@@ -60,39 +53,6 @@ def _batch(train_idx: list[int], micro: int, per: int, seed: int) -> list[int]:
     epoch, i = divmod(micro, per_epoch)
     order = _order(len(train_idx), seed, epoch)
     return [train_idx[j] for j in order[i * per : (i + 1) * per]]
-
-
-def _run_batch(runner: Runner, seqs: list[dict], labels: list[dict], steps: int, decay: float, train: bool,
-               last: bool = True) -> dict[str, Any]:
-    """Loss (backpropagated, one sequence at a time, when `train`), per-step sums and hits over a list of
-    sequences. `last`: this list ends the optimizer step (its final backward reduces across ranks)."""
-    counts = [sum(float(t["weight"][1 + k :].sum()) for t in labels) for k in range(steps)]
-    trained = [sum(float(t["trained"][1 + k :].sum()) for t in labels) for k in range(steps)]
-    loss_sum = [0.0] * steps
-    hit_sum = [0.0] * steps
-    depth_sum, depth_n = 0.0, 0
-    pairs = [(s, t) for s, t in zip(seqs, labels) if s["input_ids"].numel() >= 2]
-    for i, (s, t) in enumerate(pairs):
-        with torch.set_grad_enabled(train), runner.sync(last and i == len(pairs) - 1):
-            losses, hits, first_miss = runner.call(
-                Eagle3Drafter.ttt_loss, s["hidden"].flatten(1).float(), s["input_ids"], t["target_idx"], t["target_p"],
-                t["target_top"], t["weight"], t["trained"], steps)
-            total = sum((decay**k) * losses[k] / max(counts[k], 1.0) for k in range(steps))
-            if train:
-                runner.backward(total)
-        for k in range(steps):
-            loss_sum[k] += float(losses[k].detach())
-            hit_sum[k] += float(hits[k])
-        first_scored = t["trained"][1:]
-        depth_sum += float(first_miss[first_scored].sum())
-        depth_n += int(first_scored.sum())
-    return {
-        "loss": sum((decay**k) * loss_sum[k] / max(counts[k], 1.0) for k in range(steps)),
-        "loss_step": [loss_sum[k] / max(counts[k], 1.0) for k in range(steps)],
-        "acc_step": [hit_sum[k] / max(trained[k], 1.0) for k in range(steps)],
-        "tokens": sum(int(s["input_ids"].numel()) for s in seqs),
-        "tau_chain": 1.0 + depth_sum / max(depth_n, 1),
-    }
 
 
 def train(cfg: Config, name: str, stop_after_steps: int | None = None) -> Path:
@@ -152,8 +112,12 @@ def _train(cfg: Config, name: str, world: World, stop_after_steps: int | None) -
         n_micro = tc.sequences_per_step // tc.batch_sequences  # micro-batches of `per` sequences per step
         mine = micro_plan(n_micro, world)
         total = max(1, math.ceil(tc.epochs * micro_per_epoch / n_micro))
-        model = _new_drafter(cfg, name, loaded, layers, draft_ids, manifest, [seqs[i]["hidden"] for i in train_idx], say)
-        steps = dc.ttt_length if dc.kind == "eagle3" else model.drafts
+        kind = KINDS[dc.kind]
+        meta = {"target": cfg.target.model, "target_fingerprint": loaded.fingerprint,
+                "layer_convention": manifest["layer_convention"]}
+        model = kind.new_drafter(dc, loaded.model, loaded.tokenizer, layers, draft_ids,
+                                 [seqs[i]["hidden"] for i in train_idx], meta, f"drafters.{name}", say)
+        steps = kind.steps(dc, model)
         lookup = torch.full((vocab_size,), -1, dtype=torch.long)
         lookup[draft_ids] = torch.arange(draft_ids.numel())
         # Training follows `supervise`; validation always scores the assistant positions, where the target
@@ -221,8 +185,8 @@ def _train(cfg: Config, name: str, world: World, stop_after_steps: int | None) -
                 batch = _batch(train_idx, step * n_micro + m, per, tc.seed)
                 gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + step * n_micro + m)  # anchors
                 with bf16_autocast(world.device, amp), on(world.device):
-                    local.append((m, run_sequences(trainable, dc, [seqs[i] for i in batch], [labels[i] for i in batch], True, gen,
-                                          last=j == len(mine) - 1)))
+                    local.append((m, kind.run_batch(trainable, dc, [seqs[i] for i in batch], [labels[i] for i in batch], True, gen,
+                                                   last=j == len(mine) - 1)))
             grad_norm = trainable.step(lr)
             stats = [st for _, st in sorted((x for part in world.gather(local) for x in part), key=lambda x: x[0])]
             step += 1
@@ -248,7 +212,7 @@ def _train(cfg: Config, name: str, world: World, stop_after_steps: int | None) -
             if n_val and (step % tc.eval_every == 0 or step == total):
                 trainable.train(False)
                 with bf16_autocast(world.device, amp), on(world.device):  # on every rank: FSDP2 gathers weights in each forward
-                    v = run_sequences(trainable, dc, [seqs[i] for i in val_idx], [labels[i] for i in val_idx], False, None)
+                    v = kind.run_batch(trainable, dc, [seqs[i] for i in val_idx], [labels[i] for i in val_idx], False, None)
                 trainable.train()
                 row.update({"val_loss": v["loss"], "val_tau_chain": v["tau_chain"],
                             **{f"val_acc_{k}": v["acc_step"][k] for k in range(steps)}})
@@ -270,15 +234,13 @@ def _train(cfg: Config, name: str, world: World, stop_after_steps: int | None) -
             return out
         final = final.cpu()
         io.write_jsonl(log_path, history)
-        calibration = _calibrate(final, dc, [_to(seqs[i], "cpu") for i in val_idx], [_to(labels[i], "cpu") for i in val_idx])
-        if calibration is not None:
-            io.write_json(out / "calibration.json", calibration)
-            run.artifact(out / "calibration.json")
-            for rule, cal in calibration.items():
-                pooled = cal["pooled"]
-                say(f"[train] {name}: confidence calibrated for {rule} acceptance on half the validation split; "
-                    f"held-out ECE {pooled['before']['ece']:.3f} -> {pooled['temperature_only']['ece']:.3f} "
-                    f"(temperature) -> {pooled['after']['ece']:.3f} (kept: {', '.join(cal['map'])})")
+        fitted = kind.after_training(final, dc, [_to(seqs[i], "cpu") for i in val_idx],
+                                     [_to(labels[i], "cpu") for i in val_idx])
+        if fitted is not None:
+            io.write_json(out / fitted.file, fitted.data)
+            run.artifact(out / fitted.file)
+            for line in fitted.lines:
+                say(f"[train] {name}: {line}")
         final.save(out / "model")
         last_val = next((r for r in reversed(history) if "val_tau_chain" in r), {})
         summary = {"drafter": name, "steps": total, "train_tokens": tokens_total, "supervise": dc.supervise,
@@ -286,9 +248,7 @@ def _train(cfg: Config, name: str, world: World, stop_after_steps: int | None) -
                    "draft_vocab": int(draft_ids.numel()), "vocab_coverage": coverage, "final_loss": history[-1]["loss"],
                    "val_loss": last_val.get("val_loss"), "val_tau_chain": last_val.get("val_tau_chain"),
                    "val_acc": [last_val.get(f"val_acc_{k}") for k in range(steps)], "algorithm": dc.kind,
-                   **({"calibration": {rule: {k: {m: r[m] for m in ("ece", "brier", "auroc")}
-                                              for k, r in cal["pooled"].items()} for rule, cal in calibration.items()}}
-                      if calibration else {}),
+                   **(fitted.summary if fitted is not None else {}),
                    "config_hash": _train_hash(cfg, name)}
         io.write_json(out / "metrics.json", summary)
         run.artifact(out / "metrics.json")
@@ -317,91 +277,6 @@ def _state_kind(launcher: str) -> str:
 
 def _to(d: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in d.items()}
-
-
-def _new_drafter(cfg: Config, name: str, loaded, layers: list[int], draft_ids: torch.Tensor, manifest: dict,
-                 train_hidden: list[torch.Tensor], say: Callable[..., None] = print):
-    """A fresh drafter of `name`'s kind for this target (head rows and final norm from the target)."""
-    dc = cfg.drafters[name]
-    tc = dc.train
-    meta = {"target": cfg.target.model, "target_fingerprint": loaded.fingerprint}
-    scaled = {"fc_input_scale": True} if dc.fc_input_scale else {}
-    if dc.kind == "eagle3":
-        model = Eagle3Drafter.for_target(loaded.model, layers, draft_ids, dc.init_head_from_target, tc.seed,
-                                         layer_convention=manifest["layer_convention"], **meta, **scaled)
-        _scale_inputs(model, train_hidden, name, say)
-        if dc.freeze_head:
-            if not dc.init_head_from_target:
-                raise ValueError(f"drafters.{name}.freeze_head: a frozen head must be initialised from the target")
-            model.lm_head.weight.requires_grad_(False)
-            model.norm.weight.requires_grad_(False)
-        return model
-    from deepspec.drafters.block.model import BlockDrafter, unused_token_id
-
-    vocab = loaded.model.config.vocab_size
-    mask = unused_token_id(loaded.tokenizer, vocab) if dc.mask_token_id == "auto" else dc.mask_token_id
-    if mask is not None and mask >= vocab:
-        raise ValueError(f"drafters.{name}.mask_token_id: {mask} is outside the target's {vocab}-row embedding")
-    dspark = dc.kind == "dspark"
-    model = BlockDrafter.for_target(
-        loaded.model, dc.kind, block_layer_ids(cfg, name, loaded.model.config.num_hidden_layers), draft_ids,
-        layers=dc.num_layers, block_size=dc.block_size, label_convention=dc.label_convention, mask_token_id=mask,
-        markov_rank=dc.markov_rank if dspark else 0, markov_head_type=dc.markov_head_type if dspark else "vanilla",
-        confidence_head=dspark and dc.confidence_head, confidence_with_markov=dspark and dc.confidence_with_markov,
-        seed=tc.seed, **meta, **scaled)
-    _scale_inputs(model, train_hidden, name, say)
-    model.lm_head.weight.requires_grad_(not dc.freeze_head)  # the target's head rows (DFlash / DSpark freeze them)
-    return model
-
-
-def _scale_inputs(model, train_hidden: list[torch.Tensor], name: str, say: Callable[..., None]) -> None:
-    """Set a drafter's fixed fc input scale (when it has one) to 1 / median RMS of each fused layer."""
-    if not hasattr(model, "fc_in_scale"):
-        return
-    rms = layer_rms(train_hidden)
-    model.fc_in_scale.copy_((1.0 / rms).repeat_interleave(train_hidden[0].shape[-1]))
-    say(f"[train] {name}: fc input scale 1/RMS per layer, RMS {[round(float(r), 2) for r in rms]}")
-
-
-def run_sequences(runner: Runner, dc, seqs: list[dict], labels: list[dict], train: bool,
-                  generator: torch.Generator | None, last: bool = True) -> dict[str, Any]:
-    """Loss and per-draft statistics of drafter config `dc` over sequences (backpropagated when `train`)."""
-    if dc.kind == "eagle3":
-        return _run_batch(runner, seqs, labels, dc.ttt_length, dc.ttt_decay, train, last)
-    from deepspec.drafters.block.loss import run_batch
-
-    return run_batch(runner, seqs, labels, dc, train, generator, last=last)
-
-
-def _calibrate(model, dc, seqs: list[dict], labels: list[dict]) -> dict[str, Any] | None:
-    """DSpark: per-draft confidence calibration (greedy and sampled acceptance) fitted on one half of the
-    validation split and judged on the other (halves of its sequences; alternate blocks when it holds a
-    single sequence)."""
-    if dc.kind != "dspark" or not dc.calibrate or model.confidence_head is None or not seqs:
-        return None
-    from deepspec.drafters.block.calibration import RULES, calibrate
-    from deepspec.drafters.block.loss import run_batch
-
-    model.eval()
-    with torch.no_grad():
-        if len(seqs) >= 2:
-            half = len(seqs) // 2
-            fit = run_batch(Direct(model), seqs[:half], labels[:half], dc, False, None, keep=True).get("kept")
-            held = run_batch(Direct(model), seqs[half:], labels[half:], dc, False, None, keep=True).get("kept")
-        else:
-            kept = run_batch(Direct(model), seqs, labels, dc, False, None, keep=True).get("kept")
-            fit = held = None
-            if kept is not None and kept["hit"].shape[0] >= 2:
-                fit = {k: v[0::2] for k, v in kept.items()}
-                held = {k: v[1::2] for k, v in kept.items()}
-    if fit is None or held is None:
-        return None
-    result = calibrate(fit, held)
-    for r, rule in enumerate(RULES):
-        if rule in result:
-            model.confidence_temperature[r] = torch.tensor(result[rule]["temperature"])
-            model.confidence_bias[r] = torch.tensor(result[rule]["bias"])
-    return result
 
 
 def _train_hash(cfg: Config, name: str) -> str:

@@ -12,13 +12,9 @@ def drafter_model(name):
 
 
 def method_drafter(method):
-    """The trained drafters a method decodes with (evaluate inputs), if any."""
-    m = CFG.methods[method]
-    if m.kind == "hybrid":
-        return sorted({f for part in m.methods for f in method_drafter(part)})
-    if m.kind not in ("eagle3", "block"):
-        return []
-    return [f"{m.checkpoint}/config.json"] if m.checkpoint else [drafter_model(m.drafter)]
+    """The drafters a method decodes with (evaluate inputs): trained here, or published checkpoints."""
+    return [drafter_model(d) for d in CFG.method_drafters(method)] + \
+        [f"{folder}/config.json" for folder in CFG.method_checkpoints(method)]
 
 
 wildcard_constraints:

@@ -1,1 +1,119 @@
-"""Block drafters: DFlash and DSpark (model, loss, proposer, calibration, checkpoint formats)."""
+"""Block drafters (DFlash, DSpark): decoder layers over the fused context propose a whole block in one
+forward; DSpark adds a Markov head and a calibrated confidence head. Exported in DeepSpec's layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from deepspec.drafters.block.config import BlockMethod, DFlashConfig, DSparkConfig
+from deepspec.drafters.kind import DrafterKind
+
+
+class BlockKind(DrafterKind):
+    method = BlockMethod
+    formats = ("deepspec",)
+    step_label = "block draft"
+
+    def layer_ids(self, dc, n_layers: int, where: str) -> list[int]:
+        """Its layer ids in its own "output of layer k" convention (what its checkpoint records)."""
+        from deepspec.drafters.layers import default_layers
+
+        ids = dc.layers if dc.layers is not None else [i - 1 for i in default_layers(n_layers)]
+        bad = [i for i in ids if not -1 <= i <= n_layers - 2]
+        if bad:
+            raise ValueError(f"{where}: {bad} out of range for a {n_layers}-layer target (output-of-layer ids "
+                             f"-1..{n_layers - 2}; the last layer's output is stored as the final state)")
+        if sorted(set(ids)) != list(ids):
+            raise ValueError(f"{where}: {ids} must be strictly increasing")
+        return list(ids)
+
+    def feature_layers(self, dc, n_layers, where):
+        return [k + 1 for k in self.layer_ids(dc, n_layers, where)]
+
+    def new_drafter(self, dc, target_model, tokenizer, layers, draft_ids, train_hidden, meta, where, say=print):
+        from deepspec.drafters.block.model import BlockDrafter, unused_token_id
+        from deepspec.drafters.layers import scale_fc_inputs
+
+        vocab = target_model.config.vocab_size
+        mask = unused_token_id(tokenizer, vocab) if dc.mask_token_id == "auto" else dc.mask_token_id
+        if mask is not None and mask >= vocab:
+            raise ValueError(f"{where}.mask_token_id: {mask} is outside the target's {vocab}-row embedding")
+        dspark = dc.kind == "dspark"
+        meta = {k: v for k, v in meta.items() if k != "layer_convention"}  # it records its own ("output of layer k")
+        scaled = {"fc_input_scale": True} if dc.fc_input_scale else {}
+        model = BlockDrafter.for_target(
+            target_model, dc.kind, [k - 1 for k in layers], draft_ids, layers=dc.num_layers,
+            block_size=dc.block_size, label_convention=dc.label_convention, mask_token_id=mask,
+            markov_rank=dc.markov_rank if dspark else 0, markov_head_type=dc.markov_head_type if dspark else "vanilla",
+            confidence_head=dspark and dc.confidence_head, confidence_with_markov=dspark and dc.confidence_with_markov,
+            seed=dc.train.seed, **meta, **scaled)
+        scale_fc_inputs(model, train_hidden, where, say)
+        model.lm_head.weight.requires_grad_(not dc.freeze_head)  # the target's head rows (DFlash / DSpark freeze them)
+        return model
+
+    def steps(self, dc, model):
+        return model.drafts
+
+    def run_batch(self, runner, dc, seqs, labels, train, generator, last=True):
+        from deepspec.drafters.block.loss import run_batch
+
+        return run_batch(runner, seqs, labels, dc, train, generator, last=last)
+
+    def load(self, folder, target_model, fingerprint=None):
+        from deepspec.drafters.block.checkpoint import import_block
+
+        return import_block(folder, target_model)
+
+    def export(self, drafter, fmt, out: Path, target_model, dtype):
+        import torch
+
+        from deepspec.drafters.block.checkpoint import export_block
+
+        return export_block(drafter, out, target_model.get_output_embeddings().weight, dtype or torch.float32)
+
+    def proposer(self, method, drafter, target: Any, temperature, seed):
+        from deepspec.drafters.block.proposer import BlockProposer
+
+        verify_ms = None
+        if method.length == "cost":  # this machine's verify cost of 1 .. drafts + 1 rows
+            from deepspec.decoding.cost import verify_cost_curve
+
+            sizes = tuple(range(1, drafter.drafts + 2))
+            curve = verify_cost_curve(target.backend, context=128, sizes=sizes, reps=5)
+            verify_ms = [curve[f"chain_{n}"] for n in sizes]
+        return BlockProposer(drafter.to(target.backend.dtype), target.backend.cache.max_len, length=method.length,
+                             max_length=method.max_length, threshold=method.threshold, temperature=temperature,
+                             verify_ms=verify_ms, tree_top_k=method.tree_top_k, tree_threshold=method.tree_threshold,
+                             seed=seed)
+
+
+class DFlashKind(BlockKind):
+    name = "dflash"
+    config = DFlashConfig
+
+
+class DSparkKind(BlockKind):
+    name = "dspark"
+    config = DSparkConfig
+
+    def after_training(self, model, dc, val_seqs, val_labels):
+        """Per-draft confidence calibration (greedy and sampled acceptance) fitted on one half of the validation
+        split and judged on the other (halves of its sequences; alternate blocks when it holds one sequence)."""
+        if not dc.calibrate or model.confidence_head is None or not val_seqs:
+            return None
+        from deepspec.drafters.block.calibration import fit_drafter
+        from deepspec.drafters.kind import Fitted
+
+        calibration = fit_drafter(model, dc, val_seqs, val_labels)
+        if calibration is None:
+            return None
+        lines = [f"confidence calibrated for {rule} acceptance on half the validation split; held-out ECE "
+                 f"{cal['pooled']['before']['ece']:.3f} -> {cal['pooled']['temperature_only']['ece']:.3f} (temperature) "
+                 f"-> {cal['pooled']['after']['ece']:.3f} (kept: {', '.join(cal['map'])})" for rule, cal in calibration.items()]
+        summary = {rule: {k: {m: r[m] for m in ("ece", "brier", "auroc")} for k, r in cal["pooled"].items()}
+                   for rule, cal in calibration.items()}
+        return Fitted("calibration.json", calibration, {"calibration": summary}, lines)
+
+
+KINDS = (DFlashKind(), DSparkKind())

@@ -165,3 +165,32 @@ def calibrate(fit: dict[str, Tensor], held_out: dict[str, Tensor]) -> dict[str, 
     """Both acceptance rules (sampled only when the blocks carry their 1 - TV)."""
     rules = [r for r in RULES if r == "greedy" or ("accept" in fit and "accept" in held_out)]
     return {rule: calibrate_rule(fit, held_out, rule) for rule in rules}
+
+
+def fit_drafter(model, dc: Any, seqs: list[dict], labels: list[dict]) -> dict[str, Any] | None:
+    """Calibrate a trained drafter's confidence head on validation sequences: fitted on one half and judged on
+    the other (halves of the sequences; alternate blocks when there is one sequence). The fitted temperature
+    and bias go into the model's buffers; returns `calibrate`'s record, or None when there is too little data."""
+    from deepspec.drafters.block.loss import run_batch
+    from deepspec.drafters.kind import Direct
+
+    model.eval()
+    with torch.no_grad():
+        if len(seqs) >= 2:
+            half = len(seqs) // 2
+            fit = run_batch(Direct(model), seqs[:half], labels[:half], dc, False, None, keep=True).get("kept")
+            held = run_batch(Direct(model), seqs[half:], labels[half:], dc, False, None, keep=True).get("kept")
+        else:
+            kept = run_batch(Direct(model), seqs, labels, dc, False, None, keep=True).get("kept")
+            fit = held = None
+            if kept is not None and kept["hit"].shape[0] >= 2:
+                fit = {k: v[0::2] for k, v in kept.items()}
+                held = {k: v[1::2] for k, v in kept.items()}
+    if fit is None or held is None:
+        return None
+    result = calibrate(fit, held)
+    for r, rule in enumerate(RULES):
+        if rule in result:
+            model.confidence_temperature[r] = torch.tensor(result[rule]["temperature"])
+            model.confidence_bias[r] = torch.tensor(result[rule]["bias"])
+    return result

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from deepspec.drafters.block.model import BlockDrafter, block_positions, loss_weights
 from deepspec.kernels import reference_losses, soft_target_losses
-from deepspec.training.distributed import Runner
+from deepspec.drafters.kind import Runner
 
 
 def anchor_candidates(trained: Tensor) -> Tensor:

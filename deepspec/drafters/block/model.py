@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deepspec.drafters.layers import MLP, FolderCheckpoint, RMSNorm, init_normal, inv_freq, rope, rotate, target_shape
+from deepspec.drafters.checkpoint import FolderCheckpoint
+from deepspec.drafters.layers import MLP, RMSNorm, init_normal, inv_freq, rope, rotate, target_shape
 
 ALGORITHMS = ("dflash", "dspark")
 LAYER_CONVENTION = "output: id k = output of decoder layer k (HF hidden_states[k + 1]; -1 = the embeddings)"

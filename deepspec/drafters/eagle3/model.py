@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deepspec.decoding.tree import DraftTree, dynamic_tree, scratch_mask
-from deepspec.drafters.layers import MLP, FolderCheckpoint, RMSNorm, init_normal, inv_freq, rope, rotate, target_shape
+from deepspec.drafters.checkpoint import FolderCheckpoint
+from deepspec.drafters.layers import MLP, RMSNorm, init_normal, inv_freq, rope, rotate, target_shape
 
 ALGORITHM = "eagle3"
 
@@ -224,78 +224,3 @@ class DraftCache:
         self.v = torch.zeros(shape, dtype=dtype)
         self.max_len = max_len
         self.length = 0
-
-
-class Eagle3Proposer:
-    """Drafts an EAGLE-2 dynamic tree (or a chain with top_k 1) from target features of committed tokens.
-
-    The engine hands over the features of every committed position (`observe`); each round the drafter
-    first runs its committed-row steps for the new positions (keeping their K/V across rounds), then
-    grows the tree in scratch rows of its own cache."""
-
-    name = "eagle3"
-
-    def __init__(self, drafter: Eagle3Drafter, max_len: int, depth: int = 5, top_k: int = 4, total_tokens: int = 12):
-        from deepspec.models.lean import pack_linears
-
-        self.drafter = pack_linears(drafter.eval())  # inference only from here: weights prepacked for oneDNN
-        self.capture_layers = tuple(drafter.config["aux_layers"])
-        self.depth, self.top_k, self.total_tokens = depth, top_k, total_tokens
-        self.cache = DraftCache(drafter, max_len)
-        self._d2t = drafter.draft_to_target
-        self._features: list[Tensor] = []  # fused features of committed positions not yet in the draft cache
-        self._covered = 0  # committed positions whose draft step is in the cache
-
-    def reset(self) -> None:
-        self.cache.length = 0
-        self._features = []
-        self._covered = 0
-
-    @torch.inference_mode()
-    def observe(self, captured: list[Tensor]) -> None:
-        """Target hidden states (one tensor per aux layer, rows = newly committed positions, in order)."""
-        self._features.append(self.drafter.fuse(torch.cat(captured, dim=-1).to(self.drafter.norm.weight.dtype)))
-
-    @torch.inference_mode()
-    def propose(self, tokens: list[int], max_nodes: int) -> DraftTree | None:
-        if max_nodes < 1 or not self._features:
-            return None
-        d, cache = self.drafter, self.cache
-        start = self._covered  # draft row t reads (token t+1, feature t); the last token has no feature yet
-        n = sum(f.shape[0] for f in self._features)
-        if start + n + 1 != len(tokens):
-            raise RuntimeError(f"eagle3: features for {start + n} positions, but {len(tokens)} committed tokens")
-        if start + n + self.depth * self.top_k + 1 > cache.max_len:
-            return None  # no room for a tree: the engine falls back to a plain step
-        feats = torch.cat(self._features)
-        self._features = []
-        h, logp = d.step(torch.tensor(tokens[start + 1 : start + n + 1]), feats, torch.arange(start, start + n),
-                         cache, start, None if n == 1 else _causal(n, start, feats.dtype))
-        self._covered = cache.length = start + n
-        base = cache.length
-        root_h = h[-1:]
-        row_of: dict[int, int] = {}
-        hidden_of: dict[int, Tensor] = {}
-        used = 0
-
-        def expand(nodes: list[int], toks: list[int], parents: list[int]) -> Tensor:
-            nonlocal used
-            m = len(nodes)
-            mask, depth_of = scratch_mask(nodes, parents, row_of, base, used, feats.dtype)
-            parent_h = [hidden_of[parents[node]] if parents[node] >= 0 else root_h[0] for node in nodes]
-            ids = self._d2t[torch.tensor([toks[x] for x in nodes])]
-            hs, lp = d.step(ids, torch.stack(parent_h), torch.tensor([base - 1 + dd for dd in depth_of]), cache,
-                            base + used, mask)
-            for r, node in enumerate(nodes):
-                row_of[node] = used + r
-                hidden_of[node] = hs[r]
-            used += m
-            return lp
-
-        tree = dynamic_tree(logp[-1], expand, self.depth, self.top_k, min(self.total_tokens, max_nodes))
-        return DraftTree(self._d2t[torch.tensor(tree.tokens)].tolist(), tree.parents)
-
-
-def _causal(n: int, start: int, dtype: torch.dtype) -> Tensor:
-    causal = torch.full((n, n), float("-inf"), dtype=dtype).triu_(1)
-    return torch.cat([torch.zeros((n, start), dtype=dtype), causal], dim=1)

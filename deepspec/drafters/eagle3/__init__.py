@@ -1,0 +1,70 @@
+"""EAGLE-3: one decoder layer over fused target features, trained with training-time test, decoded as an
+EAGLE-2 dynamic tree; exported in vLLM's and SGLang's layouts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from deepspec.drafters.eagle3.config import Eagle3Config, Eagle3Method
+from deepspec.drafters.kind import DrafterKind
+
+
+class Eagle3Kind(DrafterKind):
+    name = "eagle3"
+    config = Eagle3Config
+    method = Eagle3Method
+    formats = ("vllm", "sglang", "hf")
+    step_label = "TTT step"
+
+    def feature_layers(self, dc, n_layers, where):
+        from deepspec.drafters.layers import default_layers
+
+        layers = dc.layers or default_layers(n_layers)
+        bad = [i for i in layers if i >= n_layers]
+        if bad:
+            raise ValueError(f"{where}: {bad} out of range for a {n_layers}-layer target (ids 0..{n_layers - 1})")
+        return sorted(set(layers))
+
+    def new_drafter(self, dc, target_model, tokenizer, layers, draft_ids, train_hidden, meta, where, say=print):
+        from deepspec.drafters.eagle3.model import Eagle3Drafter
+        from deepspec.drafters.layers import scale_fc_inputs
+
+        if dc.freeze_head and not dc.init_head_from_target:
+            raise ValueError(f"{where}.freeze_head: a frozen head must be initialised from the target")
+        scaled = {"fc_input_scale": True} if dc.fc_input_scale else {}
+        model = Eagle3Drafter.for_target(target_model, layers, draft_ids, dc.init_head_from_target, dc.train.seed,
+                                         **meta, **scaled)
+        scale_fc_inputs(model, train_hidden, where, say)
+        if dc.freeze_head:
+            model.lm_head.weight.requires_grad_(False)
+            model.norm.weight.requires_grad_(False)
+        return model
+
+    def steps(self, dc, model):
+        return dc.ttt_length
+
+    def run_batch(self, runner, dc, seqs, labels, train, generator, last=True):
+        from deepspec.drafters.eagle3.model import Eagle3Drafter
+        from deepspec.drafters.step_loss import run_batch
+
+        return run_batch(runner, Eagle3Drafter.ttt_loss, seqs, labels, dc.ttt_length, dc.ttt_decay, train, last)
+
+    def load(self, folder, target_model, fingerprint=None):
+        from deepspec.drafters.eagle3.checkpoint import import_eagle3
+
+        return import_eagle3(folder, target_model, fingerprint)
+
+    def export(self, drafter, fmt, out: Path, target_model, dtype):
+        from deepspec.drafters.eagle3.checkpoint import write_export
+
+        return write_export(drafter, fmt, out, dtype)
+
+    def proposer(self, method, drafter, target: Any, temperature, seed):
+        from deepspec.drafters.eagle3.proposer import Eagle3Proposer
+
+        return Eagle3Proposer(drafter.to(target.backend.dtype), target.backend.cache.max_len, method.depth,
+                              method.top_k, method.total_tokens)
+
+
+KINDS = (Eagle3Kind(),)

@@ -1,0 +1,35 @@
+"""EAGLE-3's config sections: the drafter trained here (`drafters.<name>`) and the method that decodes with it."""
+
+from __future__ import annotations
+
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import Field
+
+from deepspec.config_base import DrafterBase, TrainedMethod
+
+
+class Eagle3Config(DrafterBase):
+    """EAGLE-3: fc fusion of captured target layers, one decoder layer, reduced vocabulary, training-time test."""
+
+    kind: Literal["eagle3"]
+    layers: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, description="target layers whose *input* hidden state is fused (HF hidden_states index); default [2, L//2, L-3]"
+    )
+    fc_input_scale: bool = Field(False, description="divide each fused layer by its median RMS on the training "
+                                                    "split before fc (folded into fc on export)")
+    ttt_length: Annotated[int, Field(ge=1)] = 7
+    ttt_decay: Annotated[float, Field(gt=0, le=1)] = 0.8
+    init_head_from_target: bool = True
+    freeze_head: bool = Field(True, description="keep the target-initialised norm and lm_head fixed (fewer parameters to learn from little data)")
+
+
+class Eagle3Method(TrainedMethod):
+    """Decoding with an EAGLE-3 drafter: EAGLE-2 dynamic tree, or a chain with top_k 1. A published checkpoint
+    may be in our, vLLM's, SGLang's or the EAGLE authors' layout."""
+
+    decodes: ClassVar[tuple[str, ...]] = ("eagle3",)
+    kind: Literal["eagle3"]
+    depth: Annotated[int, Field(ge=1)] = 5
+    top_k: Annotated[int, Field(ge=1)] = 4
+    total_tokens: Annotated[int, Field(ge=1)] = 12
