@@ -112,6 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def crash_after(n: int, what: str):
+    """A hook that stops a long stage after `n` of its units, as a crash would (resume tests use it)."""
+    def hook(done: int) -> None:
+        if done >= n:
+            raise KeyboardInterrupt(f"stopped after {n} {what}")
+
+    return hook
+
+
 def main(argv: list[str] | None = None) -> int:
     """Bad input ends in one line naming the field or file; `--debug` shows the whole traceback instead.
     Running out of memory is never shortened: where it happened is the point."""
@@ -212,7 +221,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"[train] {args.drafter}: starting {cfg.drafters[args.drafter].train.processes} processes: "
                   f"{' '.join(cmd[1:6])} ...", flush=True)
             return subprocess.call(cmd)
-        train(cfg, args.drafter, args.stop_after_steps)
+        train(cfg, args.drafter, None if args.stop_after_steps is None else crash_after(args.stop_after_steps, "steps"))
     elif args.command == "evaluate":
         from deepspec.evaluation.runner import evaluate
 

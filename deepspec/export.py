@@ -13,6 +13,7 @@ import torch
 
 from deepspec.config import Config
 from deepspec.drafters.registry import KINDS
+from deepspec.layout import drafter_model, export_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FORMATS = tuple(dict.fromkeys(fmt for kind in KINDS.values() for fmt in kind.formats))
@@ -28,9 +29,9 @@ def export_drafter(cfg: Config, name: str, fmt: str, out: str | None = None, dty
     kind = KINDS[cfg.drafters[name].kind]
     if fmt not in kind.formats:
         raise ValueError(f"--to {fmt}: drafter {name!r} is {kind.name}, which exports to {', '.join(kind.formats)}")
-    folder = cfg.out_dir / "drafters" / name / "model"
+    folder = drafter_model(cfg, name)
     target = load_model(cfg.target.model, cfg.target.dtype)
-    dest = Path(out) if out else cfg.out_dir / "export" / f"{name}-{fmt}"
+    dest = Path(out) if out else export_dir(cfg, name, fmt)
     drafter = kind.load(folder, target.model, target.fingerprint)
     with tracking.stage_run(cfg, "export", f"export {name} {fmt}", drafter=name, format=fmt) as run:
         run.tags(tracking.lineage({"drafter": folder}))

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from deepspec.cli import crash_after
 from tests.conftest import fit_eagle3, pipeline_config, tiny_llama
 
 
@@ -147,7 +148,8 @@ def test_sharegpt_reader_recovers_truncated_file(tmp_path):
 
 def test_regeneration_resumes_without_duplicates_or_gaps(tmp_path, tiny_target_dir):
     from deepspec import io
-    from deepspec.data.training import regenerate, train_data_file
+    from deepspec.data.training import regenerate
+    from deepspec.layout import train_data_file
 
     whole = pipeline_config(tmp_path / "a", tiny_target_dir)
     reference = io.read_jsonl(regenerate(whole))
@@ -156,7 +158,7 @@ def test_regeneration_resumes_without_duplicates_or_gaps(tmp_path, tiny_target_d
 
     cfg = pipeline_config(tmp_path / "b", tiny_target_dir)
     with pytest.raises(KeyboardInterrupt):
-        regenerate(cfg, stop_after_batches=1)
+        regenerate(cfg, on_batch=crash_after(1, "batches"))
     partial = train_data_file(cfg).with_name("regenerated.jsonl.partial")
     lines = partial.read_text().splitlines()
     assert len(lines) == 3  # one whole batch
@@ -205,9 +207,11 @@ def test_feature_cache_training_and_exact_resume(tmp_path, tiny_target_dir):
     from deepspec import io
     from deepspec.data.training import regenerate
     from deepspec.drafters.build import build_proposer
-    from deepspec.features.extract import FeatureCacheError, extract_all, features_dir, load_manifest, shard_path
+    from deepspec.features.extract import FeatureCacheError, extract_all, load_manifest
+    from deepspec.layout import features_dir, shard_path
     from deepspec.models import load_target
-    from deepspec.training.trainer import drafter_dir, train
+    from deepspec.layout import drafter_dir
+    from deepspec.training.trainer import train
 
     cfg = pipeline_config(tmp_path, tiny_target_dir)
     regenerate(cfg)
@@ -235,7 +239,7 @@ def test_feature_cache_training_and_exact_resume(tmp_path, tiny_target_dir):
 
     shutil.rmtree(drafter_dir(cfg, "d"))
     with pytest.raises(KeyboardInterrupt):
-        train(cfg, "d", stop_after_steps=4)
+        train(cfg, "d", on_step=crash_after(4, "steps"))
     train(cfg, "d")
     resumed = io.read_jsonl(out / "train_log.jsonl")
     assert [r["loss"] for r in resumed] == [r["loss"] for r in reference]

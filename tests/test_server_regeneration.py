@@ -86,13 +86,14 @@ def _wait_for_batches(partial, n: int, proc: subprocess.Popen) -> None:
 
 def _records(cfg) -> list[dict]:
     from deepspec import io
-    from deepspec.data.training import train_data_file
+    from deepspec.layout import train_data_file
 
     return io.read_jsonl(train_data_file(cfg))
 
 
 def test_server_and_client_killed_mid_run_lose_and_repeat_nothing(tmp_path, tiny_target_dir, servers):
-    from deepspec.data.training import regenerate, train_data_file
+    from deepspec.data.training import regenerate
+    from deepspec.layout import train_data_file
 
     urls = [url for _, url in servers]
     _, whole_cfg = _config(tmp_path, tiny_target_dir, "whole", urls)

@@ -6,11 +6,8 @@ from pathlib import Path
 
 from deepspec import io, tracking
 from deepspec.config import Config
+from deepspec.layout import task_file
 from deepspec.data.tasks import load_task
-
-
-def task_file(cfg: Config, task: str) -> Path:
-    return cfg.out_dir / "data" / "tasks" / f"{task}.jsonl"
 
 
 def prepare_tasks(cfg: Config, tasks: list[str] | None = None) -> list[Path]:

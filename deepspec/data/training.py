@@ -17,7 +17,7 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from tqdm import tqdm
@@ -25,6 +25,7 @@ from tqdm import tqdm
 from deepspec import io, tracking
 from deepspec.assets import asset_path, sha256_file
 from deepspec.config import Config, TrainDataConfig
+from deepspec.layout import train_data_file
 from deepspec.data.tasks import TaskError, chat_ids
 
 
@@ -235,10 +236,6 @@ class Generate:
         return self.lean.generate_batch(prompts, new, self.loaded.eos_ids, temp, torch.Generator().manual_seed(seed))
 
 
-def train_data_file(cfg: Config) -> Path:
-    return cfg.out_dir / "data" / "train" / "regenerated.jsonl"
-
-
 def _whole_batches(partial: Path, plan: list[list[dict[str, Any]]], data_hash: str) -> dict[int, list[dict]]:
     """Batches fully present in the partial file (a torn tail or a half-written batch is dropped)."""
     found: dict[int, list[dict]] = {}
@@ -248,11 +245,12 @@ def _whole_batches(partial: Path, plan: list[list[dict[str, Any]]], data_hash: s
     return {b: recs for b, recs in found.items() if b < len(plan) and len(recs) == len(plan[b])}
 
 
-def regenerate(cfg: Config, stop_after_batches: int | None = None) -> Path:
+def regenerate(cfg: Config, on_batch: Callable[[int], None] | None = None) -> Path:
     """`deepspec prepare --train`: regenerate the selected conversations' answers with the target, and
     add the `dataset_samples` conversations that keep their dataset answers.
 
-    `stop_after_batches` ends the run early as a crash would (tests use it to check the resume)."""
+    `on_batch(batches)` runs after each batch is written (a test stops the run there as a crash would, to
+    check the resume)."""
     from deepspec.models import load_model
     from deepspec.models.loading import load_tokenizer
 
@@ -292,9 +290,6 @@ def regenerate(cfg: Config, stop_after_batches: int | None = None) -> Path:
             for b, batch in enumerate(plan):
                 if b in done:
                     continue
-                if stop_after_batches is not None and ran >= stop_after_batches:
-                    bar.close()
-                    raise KeyboardInterrupt(f"stopped after {ran} batches (test hook)")
                 t0 = time.perf_counter()
                 prompts = [[] for _ in batch]
                 answers = [[] for _ in batch]
@@ -318,6 +313,8 @@ def regenerate(cfg: Config, stop_after_batches: int | None = None) -> Path:
                 os.fsync(fh.fileno())
                 gen_time += time.perf_counter() - t0
                 ran += 1
+                if on_batch is not None:
+                    on_batch(ran)
                 bar.update(len(batch))
                 bar.set_postfix(tok_s=f"{generated / gen_time:.0f}")
         bar.close()

@@ -274,7 +274,7 @@ def bench_extract(cfg: Config, sequences: int = 16, threads: int | None = None) 
 
     from safetensors.torch import save_file
 
-    from deepspec.data.training import train_data_file
+    from deepspec.layout import train_data_file
     from deepspec.features.extract import DTYPES, capture, feature_layers
 
     src = train_data_file(cfg)

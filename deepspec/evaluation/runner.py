@@ -20,17 +20,13 @@ from tqdm import tqdm
 from deepspec import io, tracking
 from deepspec.config import Config, HybridMethod
 from deepspec.config_base import TrainedMethod
-from deepspec.data.prepare import task_file
 from deepspec.data.tasks import chat_ids
 from deepspec.decoding.engine import Engine
 from deepspec.decoding.verify import Sampling
 from deepspec.drafters.build import build_proposer
 from deepspec.evaluation.metrics import summarize, turn_record
+from deepspec.layout import drafter_model, drafters_root, eval_dir, task_file
 from deepspec.models import Target, load_target
-
-
-def eval_dir(cfg: Config, method: str, task: str) -> Path:
-    return cfg.out_dir / "eval" / method / task
 
 
 def sampling_of(cfg: Config) -> Sampling:
@@ -62,7 +58,7 @@ def drafter_folders(cfg: Config, method: str) -> dict[str, Path]:
         return {k: v for part in m.methods for k, v in drafter_folders(cfg, part).items()}
     if not isinstance(m, TrainedMethod):
         return {}
-    return {method: Path(m.checkpoint) if m.checkpoint else cfg.out_dir / "drafters" / m.drafter / "model"}
+    return {method: Path(m.checkpoint) if m.checkpoint else drafter_model(cfg, m.drafter)}
 
 
 def _load_partial(path: Path, config_hash: str) -> dict[Any, dict]:
@@ -90,7 +86,7 @@ def evaluate(cfg: Config, method: str, task: str, threads: int | None = None) ->
     with tracking.stage_run(cfg, "evaluate", f"evaluate {method} {task}", method=method, task=task) as run:
         target = load_target(cfg.target.model, cfg.target.dtype, cfg.target.backend, cfg.target.max_len)
         engine = Engine(target.backend, target.loaded.eos_ids, sampling_of(cfg))
-        proposer = build_proposer(cfg.methods[method], target, method, cfg.out_dir / "drafters", cfg.eval.temperature,
+        proposer = build_proposer(cfg.methods[method], target, method, drafters_root(cfg), cfg.eval.temperature,
                                   cfg.eval.seed, cfg.methods)
         base_proposer = build_proposer(cfg.methods[baseline], target)
         folders = drafter_folders(cfg, method)

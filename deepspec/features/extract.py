@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -30,9 +29,9 @@ from tqdm import tqdm
 from deepspec import io, tracking
 from deepspec.assets import sha256_file
 from deepspec.config import Config
-from deepspec.data.training import train_data_file
 from deepspec.devices import job_device, on
 from deepspec.drafters.registry import KINDS
+from deepspec.layout import features_dir, shard_path, train_data_file
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 LAYER_CONVENTION = "hf_hidden_states: id i = input of decoder layer i (0 = embeddings); 'final' = normed output of the last layer"
@@ -66,18 +65,6 @@ def layer_columns(stored: list[int], wanted: list[int], n_layers: int) -> list[i
 def bytes_per_token(n_layers: int, hidden_size: int, dtype: str) -> int:
     """Feature-cache bytes per token: the stored layers and the final state, plus token id and loss mask."""
     return (n_layers + 1) * hidden_size * DTYPES[dtype].itemsize + 5
-
-
-def target_slug(spec: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", spec).strip("_")
-
-
-def features_dir(cfg: Config) -> Path:
-    return cfg.out_dir / "features" / target_slug(cfg.target.model)
-
-
-def shard_path(cfg: Config, shard: int) -> Path:
-    return features_dir(cfg) / f"shard-{shard:05d}.safetensors"
 
 
 def _shard_rows(rows: list[dict[str, Any]], shard: int, shards: int) -> list[dict[str, Any]]:

@@ -9,7 +9,7 @@ from typing import Any
 from deepspec import io, tracking
 from deepspec.config import Config
 from deepspec.drafters.registry import KINDS
-from deepspec.evaluation.runner import eval_dir
+from deepspec.layout import drafter_dir, eval_dir, train_data_file
 from deepspec.reporting.reproduce import compare
 from deepspec.reporting.tables import long_frame, tables
 
@@ -181,8 +181,6 @@ def _calibration_lines(cfg: Config, name: str, cal: dict[str, Any]) -> list[str]
 
 def _data_line(cfg: Config, summary: dict) -> str:
     """What the drafter learned from, counted honestly: who wrote the tokens and which positions were scored."""
-    from deepspec.data.training import train_data_file
-
     meta_path = train_data_file(cfg).with_suffix(".meta.json")
     if not meta_path.is_file() or "supervised_positions" not in summary:
         return ""
@@ -199,8 +197,6 @@ def _data_line(cfg: Config, summary: dict) -> str:
 
 
 def _training_section(cfg: Config, out: Path) -> tuple[list[str], list[Path]]:
-    from deepspec.training.trainer import drafter_dir
-
     lines, paths = [], []
     for name in cfg.drafters_in_use():
         folder = drafter_dir(cfg, name)

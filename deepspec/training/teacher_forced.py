@@ -22,7 +22,7 @@ from deepspec.config import Config
 
 def _sequences(cfg: Config, target, task: str, layers: list[int]) -> list[dict[str, torch.Tensor]]:
     from deepspec.data.tasks import chat_ids
-    from deepspec.evaluation.runner import eval_dir
+    from deepspec.layout import eval_dir
     from deepspec.features.extract import capture
 
     path = next((eval_dir(cfg, m, task) / "records.jsonl" for m in cfg.methods
@@ -47,7 +47,7 @@ def bench_drafters(cfg: Config) -> dict[str, Any]:
     from deepspec.features.extract import drafter_layers, feature_layers, layer_columns
     from deepspec.models import load_target
     from deepspec.training.targets import soft_targets, training_targets
-    from deepspec.training.trainer import drafter_dir
+    from deepspec.layout import drafter_dir
 
     names = [n for n in cfg.drafters_in_use() if (drafter_dir(cfg, n) / "model" / "config.json").is_file()]
     if not names:

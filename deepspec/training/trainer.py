@@ -15,7 +15,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from tqdm import tqdm
@@ -24,13 +24,10 @@ from deepspec import io, tracking
 from deepspec.config import Config
 from deepspec.devices import bf16_autocast, on
 from deepspec.drafters.registry import KINDS
-from deepspec.features.extract import drafter_layers, features_dir, load_manifest, load_sequences
+from deepspec.features.extract import drafter_layers, load_manifest, load_sequences
+from deepspec.layout import drafter_dir, features_dir
 from deepspec.training.distributed import Trainable, World, join, leave, micro_plan, save_checkpoint
 from deepspec.training.targets import cached_soft_targets, draft_vocab, supervised, topk_mass, training_targets
-
-
-def drafter_dir(cfg: Config, name: str) -> Path:
-    return cfg.out_dir / "drafters" / name
 
 
 def lr_at(step: int, total: int, dc) -> float:
@@ -55,31 +52,51 @@ def _batch(train_idx: list[int], micro: int, per: int, seed: int) -> list[int]:
     return [train_idx[j] for j in order[i * per : (i + 1) * per]]
 
 
-def train(cfg: Config, name: str, stop_after_steps: int | None = None) -> Path:
+def train(cfg: Config, name: str, on_step: Callable[[int], None] | None = None) -> Path:
     """Train drafter `name` under its launcher (`train.distributed`); resumes from its checkpoint, at any
-    world size for none / ddp / fsdp2. `stop_after_steps` ends the run early as a crash would (tests use
-    it to check the exact resume)."""
+    world size for none / ddp / fsdp2. `on_step(step)` runs after each optimizer step and its checkpoint
+    (a test stops the run there as a crash would, to check the exact resume)."""
     if name not in cfg.drafters:
         raise ValueError(f"drafter {name!r} is not in the config (drafters: {', '.join(cfg.drafters) or 'none'})")
     world = join(cfg.drafters[name].train.distributed)
     try:
-        return _train(cfg, name, world, stop_after_steps)
+        with tracking.stage_run(cfg, "train", f"train {name}", enabled=world.main, drafter=name) as run:
+            t = _Training(cfg, name, world, run)
+            t.resume()
+            t.announce()
+            bar = tqdm(total=t.total, initial=t.step, desc=f"train {name}", unit="step", dynamic_ncols=True,
+                       disable=not world.main)
+            while t.step < t.total:
+                row = t.optimize()
+                if t.val_idx and (t.step % t.tc.eval_every == 0 or t.step == t.total):
+                    row.update(t.validate())
+                t.log(row, bar)
+                if t.step % t.tc.save_every == 0 or t.step == t.total:
+                    t.checkpoint()
+                if on_step is not None:
+                    on_step(t.step)
+            bar.close()
+            return t.finish()
     finally:
         leave()
 
 
-def _train(cfg: Config, name: str, world: World, stop_after_steps: int | None) -> Path:
-    from deepspec.models import load_model
+class _Training:
+    """One training run's state, and the steps the loop in `train` takes over it."""
 
-    dc = cfg.drafters[name]
-    tc = dc.train
-    out = drafter_dir(cfg, name)
-    ckpt = out / "checkpoint"
-    log_path = out / "train_log.jsonl"
-    say = print if world.main else (lambda *a, **k: None)
-    torch.set_num_threads(tc.threads or max(1, (os.cpu_count() or 1) // world.size))
-    fdir = features_dir(cfg)
-    with tracking.stage_run(cfg, "train", f"train {name}", enabled=world.main, drafter=name) as run:
+    def __init__(self, cfg: Config, name: str, world: World, run):
+        """Features and labels (train / validation split, draft vocabulary, soft targets), a fresh drafter
+        of the config's kind, its launcher wrapper, and the step plan."""
+        from deepspec.models import load_model
+
+        self.cfg, self.name, self.world, self.run = cfg, name, world, run
+        self.dc = dc = cfg.drafters[name]
+        self.tc = tc = dc.train
+        self.kind = KINDS[dc.kind]
+        self.out = drafter_dir(cfg, name)
+        self.say = print if world.main else (lambda *a, **k: None)
+        torch.set_num_threads(tc.threads or max(1, (os.cpu_count() or 1) // world.size))
+        fdir = features_dir(cfg)
         manifest = load_manifest(fdir)
         run.tags(tracking.lineage({"feature_manifest": fdir / "manifest.json"},
                                   {"drafter": cfg.section_hash("drafters", name), "train_data": cfg.section_hash("train_data"),
@@ -87,177 +104,205 @@ def _train(cfg: Config, name: str, world: World, stop_after_steps: int | None) -
         loaded = load_model(cfg.target.model, cfg.target.dtype)
         if manifest["target_fingerprint"] != loaded.fingerprint:
             raise ValueError(f"{fdir}: features were extracted from another target ({manifest['target_fingerprint']})")
-        n_layers = loaded.model.config.num_hidden_layers
-        layers = drafter_layers(cfg, name, n_layers)
-        seqs = load_sequences(fdir, manifest, layers)
+        self.layers = drafter_layers(cfg, name, loaded.model.config.num_hidden_layers)
+        seqs = load_sequences(fdir, manifest, self.layers)
         perm = _order(len(seqs), tc.seed, -1)
         n_val = min(tc.val_sequences, len(seqs) // 5)
-        val_idx, train_idx = perm[:n_val], perm[n_val:]
+        self.val_idx, self.train_idx = perm[:n_val], perm[n_val:]
         lm_head = loaded.model.get_output_embeddings().weight.detach().float()
         t_soft = time.perf_counter()
         if not world.main:
             world.barrier()  # rank 0 computes and stores the soft targets; the others read them
-        cached, reused = cached_soft_targets(fdir, manifest, seqs, lm_head, dc.soft_top_k)
+        cached, self.soft_reused = cached_soft_targets(fdir, manifest, seqs, lm_head, dc.soft_top_k)
         if world.main:
             world.barrier()
         for s in seqs:
             del s["final"]  # only the cached top-k is needed from here on
-        soft_s = time.perf_counter() - t_soft
-        train_masks = [supervised(seqs[i]["loss_mask"], dc.supervise) for i in train_idx]
+        self.soft_s = time.perf_counter() - t_soft
+        train_masks = [supervised(seqs[i]["loss_mask"], dc.supervise) for i in self.train_idx]
         vocab_size = loaded.model.config.vocab_size
-        draft_ids, coverage = draft_vocab([cached[i] for i in train_idx], train_masks, vocab_size, dc.draft_vocab,
-                                          dc.vocab_coverage)
-        per = min(tc.batch_sequences, len(train_idx))
-        micro_per_epoch = max(1, len(train_idx) // per)
-        n_micro = tc.sequences_per_step // tc.batch_sequences  # micro-batches of `per` sequences per step
-        mine = micro_plan(n_micro, world)
-        total = max(1, math.ceil(tc.epochs * micro_per_epoch / n_micro))
-        kind = KINDS[dc.kind]
+        self.draft_ids, self.coverage = draft_vocab([cached[i] for i in self.train_idx], train_masks, vocab_size,
+                                                    dc.draft_vocab, dc.vocab_coverage)
         meta = {"target": cfg.target.model, "target_fingerprint": loaded.fingerprint,
                 "layer_convention": manifest["layer_convention"]}
-        model = kind.new_drafter(dc, loaded.model, loaded.tokenizer, layers, draft_ids,
-                                 [seqs[i]["hidden"] for i in train_idx], meta, f"drafters.{name}", say)
-        steps = kind.steps(dc, model)
+        model = self.kind.new_drafter(dc, loaded.model, loaded.tokenizer, self.layers, self.draft_ids,
+                                      [seqs[i]["hidden"] for i in self.train_idx], meta, f"drafters.{name}", self.say)
+        self.steps = self.kind.steps(dc, model)
         lookup = torch.full((vocab_size,), -1, dtype=torch.long)
-        lookup[draft_ids] = torch.arange(draft_ids.numel())
+        lookup[self.draft_ids] = torch.arange(self.draft_ids.numel())
         # Training follows `supervise`; validation always scores the assistant positions, where the target
         # writes at inference, so recipes are compared on the same examples.
-        val_set = set(val_idx)
+        val_set = set(self.val_idx)
         labels = [training_targets(cached[i], s["loss_mask"], lookup, "assistant" if i in val_set else dc.supervise)
                   for i, s in enumerate(seqs)]
-        mass = topk_mass(cached)
-        del cached
-        amp = tc.precision == "bfloat16" or (tc.precision == "auto" and world.device.type == "cuda")
-        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        trainable = Trainable(model, tc.distributed, world, tc, n_micro // world.size, amp)
+        self.mass = topk_mass(cached)
+        self.counts = {"train_tokens": sum(int(seqs[i]["input_ids"].numel()) for i in self.train_idx),
+                       "supervised_positions": sum(int(m.sum()) for m in train_masks),
+                       "assistant_positions": sum(int(supervised(seqs[i]["loss_mask"], "assistant").sum())
+                                                  for i in self.train_idx)}
+        self.per = min(tc.batch_sequences, len(self.train_idx))
+        self.n_micro = tc.sequences_per_step // tc.batch_sequences  # micro-batches of `per` sequences per step
+        self.mine = micro_plan(self.n_micro, world)
+        self.total = max(1, math.ceil(tc.epochs * max(1, len(self.train_idx) // self.per) / self.n_micro))
+        self.sized = tc.wall_budget_s is None  # a wall budget fixes `total` once the first steps are timed
+        if not self.sized:
+            self.total = max(self.total, _PROBE_STEPS + 1)
+        self.amp = tc.precision == "bfloat16" or (tc.precision == "auto" and world.device.type == "cuda")
+        self.n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.trainable = Trainable(model, tc.distributed, world, tc, self.n_micro // world.size, self.amp)
         if world.device.type != "cpu":
             seqs, labels = [_to(s, world.device) for s in seqs], [_to(t, world.device) for t in labels]
-        step = 0
-        history: list[dict[str, Any]] = []
+        self.seqs, self.labels = seqs, labels
+        self.step, self.history, self.wall = 0, [], 0.0  # wall: training time so far (validation excluded)
+
+    @property
+    def log_path(self) -> Path:
+        return self.out / "train_log.jsonl"
+
+    def resume(self) -> None:
+        """Continue from the checkpoint when one was written for this very config."""
+        ckpt = self.out / "checkpoint"
         state_file = ckpt / "train_state" / "state.json"
-        sized = tc.wall_budget_s is None  # a wall budget fixes `total` once the first steps are timed
-        if not sized:
-            total = max(total, _PROBE_STEPS + 1)
-        if state_file.is_file():
-            state = json.loads(state_file.read_text())
-            if state["config_hash"] == _train_hash(cfg, name):
-                written = state.get("launcher_state", "dcp")
-                if written != _state_kind(tc.distributed):
-                    raise ValueError(f"{ckpt}: train state written by the {written} launcher family; resume with it, "
-                                     f"or delete the folder to start over")
-                trainable.load_state(ckpt / "train_state")
-                step = state["step"]
-                if not sized and state.get("sized", True):
-                    total, sized = state["total"], True  # sized from the first steps' time by the run that wrote it
-                history = [r for r in io.read_jsonl(log_path)] if log_path.is_file() else []
-                history = [r for r in history if r["step"] <= step]
-                say(f"[train] {name}: resuming at step {step}/{total} on {world.size} process(es) "
-                    f"(written by {state.get('world_size', 1)})")
-        tokens_total = sum(int(seqs[i]["input_ids"].numel()) for i in train_idx)
-        supervised_total = sum(int(m.sum()) for m in train_masks)
-        assistant_total = sum(int(supervised(seqs[i]["loss_mask"], "assistant").sum()) for i in train_idx)
-        run.params({"drafter": name, "algorithm": dc.kind, "layers": layers, "draft_vocab": int(draft_ids.numel()),
-                    "vocab_coverage": round(coverage, 4), "train_sequences": len(train_idx), "val_sequences": n_val,
-                    "train_tokens": tokens_total, "supervised_positions": supervised_total,
-                    "assistant_positions": assistant_total, "soft_topk_mass": round(mass, 4),
-                    "soft_targets_s": round(soft_s, 1), "total_steps": total, "parameters": n_params,
-                    "bf16_autocast": amp, "world_size": world.size, "micro_batches_per_step": n_micro,
-                    **{f"train.{k}": v for k, v in tc.model_dump().items()},
-                    **{k: v for k, v in dc.model_dump().items() if k not in ("train", "kind", "layers", "draft_vocab", "vocab_coverage")}})
-        say(f"[train] {name}: {len(train_idx)} train / {n_val} val sequences ({tokens_total} tokens; supervised "
-            f"{supervised_total} positions, {assistant_total} of them before a target-written token), layers {layers}, "
-            f"draft vocab {draft_ids.numel()} covering {100 * coverage:.1f}% of supervised argmaxes, "
-            f"top-{dc.soft_top_k} soft targets keep {100 * mass:.1f}% of the mass ({soft_s:.0f} s"
-            f"{', stored by an earlier run' if reused else ''}), {n_params / 1e6:.2f}M parameters, {total} steps of "
-            f"{n_micro} x {per} sequences on {world.size} {world.device.type} process(es) ({tc.distributed})")
-        trainable.train()
-        bar = tqdm(total=total, initial=step, desc=f"train {name}", unit="step", dynamic_ncols=True, disable=not world.main)
-        ran = 0
-        wall = history[-1].get("wall_s", 0.0) if history else 0.0  # training time so far (validation excluded)
-        while step < total:
-            if stop_after_steps is not None and ran >= stop_after_steps:
-                bar.close()
-                raise KeyboardInterrupt(f"stopped after {ran} steps (test hook)")
-            t0 = time.perf_counter()
-            lr = lr_at(step, total, dc)
-            local = []
-            for j, m in enumerate(mine):
-                batch = _batch(train_idx, step * n_micro + m, per, tc.seed)
-                gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + step * n_micro + m)  # anchors
-                with bf16_autocast(world.device, amp), on(world.device):
-                    local.append((m, kind.run_batch(trainable, dc, [seqs[i] for i in batch], [labels[i] for i in batch], True, gen,
-                                                   last=j == len(mine) - 1)))
-            grad_norm = trainable.step(lr)
-            stats = [st for _, st in sorted((x for part in world.gather(local) for x in part), key=lambda x: x[0])]
-            step += 1
-            ran += 1
-            elapsed = time.perf_counter() - t0
-            wall += elapsed
-            if not sized and step == _PROBE_STEPS:
-                total = _sized_total(tc.wall_budget_s, history, step, wall)
-                sized = True
-                bar.total = total
-                say(f"[train] {name}: {total} steps fit the {tc.wall_budget_s:.0f} s budget")
-            tokens = sum(s["tokens"] for s in stats)
-            row: dict[str, Any] = {"step": step, "lr": lr, "loss": sum(s["loss"] for s in stats) / len(stats),
-                                   "grad_norm": grad_norm, "tokens_per_s": tokens / elapsed, "wall_s": wall,
-                                   "epoch": step * n_micro * per / max(len(train_idx), 1),
-                                   "train_tokens_seen": step * n_micro * per * tokens_total / max(len(train_idx), 1)}
-            for k in range(steps):
-                row[f"loss_{k}"] = sum(s["loss_step"][k] for s in stats) / len(stats)
-                row[f"acc_{k}"] = sum(s["acc_step"][k] for s in stats) / len(stats)
-            for k in ("l1", "bce"):
-                if k in stats[0]:
-                    row[k] = sum(s[k] for s in stats) / len(stats)
-            if n_val and (step % tc.eval_every == 0 or step == total):
-                trainable.train(False)
-                with bf16_autocast(world.device, amp), on(world.device):  # on every rank: FSDP2 gathers weights in each forward
-                    v = kind.run_batch(trainable, dc, [seqs[i] for i in val_idx], [labels[i] for i in val_idx], False, None)
-                trainable.train()
-                row.update({"val_loss": v["loss"], "val_tau_chain": v["tau_chain"],
-                            **{f"val_acc_{k}": v["acc_step"][k] for k in range(steps)}})
-            history.append(row)
-            run.metrics({k: v for k, v in row.items() if k != "step"}, step=step)
-            bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", acc0=f"{row['acc_0']:.2f}", tok_s=f"{row['tokens_per_s']:.0f}",
-                            **({"val_tau": f"{row['val_tau_chain']:.2f}"} if "val_tau_chain" in row else {}))
-            if step % tc.save_every == 0 or step == total:
-                if world.main:
-                    io.write_jsonl(log_path, history)
-                save_checkpoint(world, trainable, ckpt, {"step": step, "config_hash": _train_hash(cfg, name), "total": total, "sized": sized,
-                                                         "world_size": world.size,
-                                                         "launcher_state": _state_kind(tc.distributed)})
-        bar.close()
-        final = trainable.full_drafter()  # collective; the full weights land on rank 0
-        if not world.main:
-            world.barrier()
+        if not state_file.is_file():
+            return
+        state = json.loads(state_file.read_text())
+        if state["config_hash"] != _train_hash(self.cfg, self.name):
+            return
+        written = state.get("launcher_state", "dcp")
+        if written != _state_kind(self.tc.distributed):
+            raise ValueError(f"{ckpt}: train state written by the {written} launcher family; resume with it, "
+                             f"or delete the folder to start over")
+        self.trainable.load_state(ckpt / "train_state")
+        self.step = state["step"]
+        if not self.sized and state.get("sized", True):
+            self.total, self.sized = state["total"], True  # sized from the first steps' time by the run that wrote it
+        history = io.read_jsonl(self.log_path) if self.log_path.is_file() else []
+        self.history = [r for r in history if r["step"] <= self.step]
+        self.wall = self.history[-1].get("wall_s", 0.0) if self.history else 0.0
+        self.say(f"[train] {self.name}: resuming at step {self.step}/{self.total} on {self.world.size} process(es) "
+                 f"(written by {state.get('world_size', 1)})")
+
+    def announce(self) -> None:
+        """The run's parameters to MLflow and one summary line to the console."""
+        dc, tc, c = self.dc, self.tc, self.counts
+        self.run.params({"drafter": self.name, "algorithm": dc.kind, "layers": self.layers,
+                         "draft_vocab": int(self.draft_ids.numel()), "vocab_coverage": round(self.coverage, 4),
+                         "train_sequences": len(self.train_idx), "val_sequences": len(self.val_idx), **c,
+                         "soft_topk_mass": round(self.mass, 4), "soft_targets_s": round(self.soft_s, 1),
+                         "total_steps": self.total, "parameters": self.n_params, "bf16_autocast": self.amp,
+                         "world_size": self.world.size, "micro_batches_per_step": self.n_micro,
+                         **{f"train.{k}": v for k, v in tc.model_dump().items()},
+                         **{k: v for k, v in dc.model_dump().items()
+                            if k not in ("train", "kind", "layers", "draft_vocab", "vocab_coverage")}})
+        self.say(f"[train] {self.name}: {len(self.train_idx)} train / {len(self.val_idx)} val sequences "
+                 f"({c['train_tokens']} tokens; supervised {c['supervised_positions']} positions, "
+                 f"{c['assistant_positions']} of them before a target-written token), layers {self.layers}, draft vocab "
+                 f"{self.draft_ids.numel()} covering {100 * self.coverage:.1f}% of supervised argmaxes, top-{dc.soft_top_k} "
+                 f"soft targets keep {100 * self.mass:.1f}% of the mass ({self.soft_s:.0f} s"
+                 f"{', stored by an earlier run' if self.soft_reused else ''}), {self.n_params / 1e6:.2f}M parameters, "
+                 f"{self.total} steps of {self.n_micro} x {self.per} sequences on {self.world.size} "
+                 f"{self.world.device.type} process(es) ({tc.distributed})")
+        self.trainable.train()
+
+    def optimize(self) -> dict[str, Any]:
+        """One optimizer step over this step's micro-batches; its log row."""
+        tc, world = self.tc, self.world
+        t0 = time.perf_counter()
+        lr = lr_at(self.step, self.total, self.dc)
+        local = []
+        for j, m in enumerate(self.mine):
+            micro = self.step * self.n_micro + m
+            batch = _batch(self.train_idx, micro, self.per, tc.seed)
+            gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + micro)  # anchors
+            with bf16_autocast(world.device, self.amp), on(world.device):
+                local.append((m, self.kind.run_batch(self.trainable, self.dc, [self.seqs[i] for i in batch],
+                                                     [self.labels[i] for i in batch], True, gen,
+                                                     last=j == len(self.mine) - 1)))
+        grad_norm = self.trainable.step(lr)
+        stats = [st for _, st in sorted((x for part in world.gather(local) for x in part), key=lambda x: x[0])]
+        self.step += 1
+        elapsed = time.perf_counter() - t0
+        self.wall += elapsed
+        n = len(stats)
+        seen = self.step * self.n_micro * self.per
+        row: dict[str, Any] = {"step": self.step, "lr": lr, "loss": sum(s["loss"] for s in stats) / n,
+                               "grad_norm": grad_norm, "tokens_per_s": sum(s["tokens"] for s in stats) / elapsed,
+                               "wall_s": self.wall, "epoch": seen / max(len(self.train_idx), 1),
+                               "train_tokens_seen": seen * self.counts["train_tokens"] / max(len(self.train_idx), 1)}
+        for k in range(self.steps):
+            row[f"loss_{k}"] = sum(s["loss_step"][k] for s in stats) / n
+            row[f"acc_{k}"] = sum(s["acc_step"][k] for s in stats) / n
+        for k in ("l1", "bce"):
+            if k in stats[0]:
+                row[k] = sum(s[k] for s in stats) / n
+        if not self.sized and self.step == _PROBE_STEPS:
+            self.total = _sized_total(tc.wall_budget_s, self.history, self.step, self.wall)
+            self.sized = True
+            self.say(f"[train] {self.name}: {self.total} steps fit the {tc.wall_budget_s:.0f} s budget")
+        return row
+
+    def validate(self) -> dict[str, Any]:
+        """Validation loss, teacher-forced chain τ and accuracy by step (on every rank: FSDP2 gathers weights
+        in each forward)."""
+        self.trainable.train(False)
+        with bf16_autocast(self.world.device, self.amp), on(self.world.device):
+            v = self.kind.run_batch(self.trainable, self.dc, [self.seqs[i] for i in self.val_idx],
+                                    [self.labels[i] for i in self.val_idx], False, None)
+        self.trainable.train()
+        return {"val_loss": v["loss"], "val_tau_chain": v["tau_chain"],
+                **{f"val_acc_{k}": v["acc_step"][k] for k in range(self.steps)}}
+
+    def log(self, row: dict[str, Any], bar) -> None:
+        self.history.append(row)
+        self.run.metrics({k: v for k, v in row.items() if k != "step"}, step=self.step)
+        bar.total = self.total
+        bar.update(1)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", acc0=f"{row['acc_0']:.2f}", tok_s=f"{row['tokens_per_s']:.0f}",
+                        **({"val_tau": f"{row['val_tau_chain']:.2f}"} if "val_tau_chain" in row else {}))
+
+    def checkpoint(self) -> None:
+        if self.world.main:
+            io.write_jsonl(self.log_path, self.history)
+        save_checkpoint(self.world, self.trainable, self.out / "checkpoint",
+                        {"step": self.step, "config_hash": _train_hash(self.cfg, self.name), "total": self.total,
+                         "sized": self.sized, "world_size": self.world.size,
+                         "launcher_state": _state_kind(self.tc.distributed)})
+
+    def finish(self) -> Path:
+        """The full drafter (gathered on rank 0), what its kind fits on held-out data, the saved model and
+        the summary metrics."""
+        out, name, dc = self.out, self.name, self.dc
+        final = self.trainable.full_drafter()  # collective; the full weights land on rank 0
+        if not self.world.main:
+            self.world.barrier()
             return out
         final = final.cpu()
-        io.write_jsonl(log_path, history)
-        fitted = kind.after_training(final, dc, [_to(seqs[i], "cpu") for i in val_idx],
-                                     [_to(labels[i], "cpu") for i in val_idx])
+        io.write_jsonl(self.log_path, self.history)
+        fitted = self.kind.after_training(final, dc, [_to(self.seqs[i], "cpu") for i in self.val_idx],
+                                          [_to(self.labels[i], "cpu") for i in self.val_idx])
         if fitted is not None:
             io.write_json(out / fitted.file, fitted.data)
-            run.artifact(out / fitted.file)
+            self.run.artifact(out / fitted.file)
             for line in fitted.lines:
-                say(f"[train] {name}: {line}")
+                self.say(f"[train] {name}: {line}")
         final.save(out / "model")
-        last_val = next((r for r in reversed(history) if "val_tau_chain" in r), {})
-        summary = {"drafter": name, "steps": total, "train_tokens": tokens_total, "supervise": dc.supervise,
-                   "supervised_positions": supervised_total, "assistant_positions": assistant_total, "layers": layers,
-                   "draft_vocab": int(draft_ids.numel()), "vocab_coverage": coverage, "final_loss": history[-1]["loss"],
-                   "val_loss": last_val.get("val_loss"), "val_tau_chain": last_val.get("val_tau_chain"),
-                   "val_acc": [last_val.get(f"val_acc_{k}") for k in range(steps)], "algorithm": dc.kind,
-                   **(fitted.summary if fitted is not None else {}),
-                   "config_hash": _train_hash(cfg, name)}
+        last_val = next((r for r in reversed(self.history) if "val_tau_chain" in r), {})
+        summary = {"drafter": name, "steps": self.total, "train_tokens": self.counts["train_tokens"],
+                   "supervise": dc.supervise, "supervised_positions": self.counts["supervised_positions"],
+                   "assistant_positions": self.counts["assistant_positions"], "layers": self.layers,
+                   "draft_vocab": int(self.draft_ids.numel()), "vocab_coverage": self.coverage,
+                   "final_loss": self.history[-1]["loss"], "val_loss": last_val.get("val_loss"),
+                   "val_tau_chain": last_val.get("val_tau_chain"),
+                   "val_acc": [last_val.get(f"val_acc_{k}") for k in range(self.steps)], "algorithm": dc.kind,
+                   **(fitted.summary if fitted is not None else {}), "config_hash": _train_hash(self.cfg, name)}
         io.write_json(out / "metrics.json", summary)
-        run.artifact(out / "metrics.json")
-        run.artifact(out / "model", "drafter")  # the whole HF-style folder: config.json + model.safetensors
+        self.run.artifact(out / "metrics.json")
+        self.run.artifact(out / "model", "drafter")  # the whole HF-style folder: config.json + model.safetensors
         acc = ", ".join(f"{a:.2f}" for a in summary["val_acc"] if a is not None)
-        say(f"[train] {name}: {total} steps, final loss {summary['final_loss']:.3f}; validation: "
-            f"chain tau {summary['val_tau_chain'] or float('nan'):.2f}, top-1 accuracy by step [{acc}]")
-        world.barrier()
-    return out
+        self.say(f"[train] {name}: {self.total} steps, final loss {summary['final_loss']:.3f}; validation: "
+                 f"chain tau {summary['val_tau_chain'] or float('nan'):.2f}, top-1 accuracy by step [{acc}]")
+        self.world.barrier()
+        return out
 
 
 _PROBE_STEPS = 10  # steps timed before a wall-time budget fixes the schedule (the first two are left out)

@@ -5,7 +5,7 @@ import sys
 import yaml
 from snakemake.utils import validate
 
-from deepspec import tracking
+from deepspec import layout, tracking
 from deepspec.config import ConfigError
 from deepspec.config import validate as validate_config
 from deepspec.io import write_text
@@ -20,7 +20,7 @@ validate(config, "../schemas/config.schema.json", set_default=False)  # the same
 OUT = str(CFG.out_dir)
 METHODS = list(CFG.methods)
 TASKS = list(CFG.tasks)
-EFFECTIVE = f"{OUT}/config.yaml"
+EFFECTIVE = str(layout.effective_config(CFG))
 
 _text = yaml.safe_dump(CFG.model_dump(mode="json"), sort_keys=False)
 if not os.path.exists(EFFECTIVE) or open(EFFECTIVE).read() != _text:

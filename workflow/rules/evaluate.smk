@@ -2,10 +2,10 @@
 # that no other job disturbs the timing.
 rule evaluate:
     input:
-        data=f"{OUT}/data/tasks/{{task}}.jsonl",
+        data=str(layout.task_file(CFG, "{task}")),
         drafter=lambda wc: method_drafter(wc.method),
     output:
-        f"{OUT}/eval/{{method}}/{{task}}/metrics.json",
+        str(layout.eval_dir(CFG, "{method}", "{task}") / "metrics.json"),
     params:
         method=lambda wc: section("methods", wc.method),
         target=section("target"),
@@ -14,7 +14,7 @@ rule evaluate:
     resources:
         **resources_of("evaluate"),
     log:
-        f"{OUT}/logs/evaluate/{{method}}-{{task}}.log",
+        str(layout.log_file(CFG, "evaluate", "{method}-{task}")),
     shell:
         "deepspec evaluate --config {EFFECTIVE} --method {wildcards.method} --task {wildcards.task}"
         " --threads {threads} 2>&1 | tee {log}; exit ${{PIPESTATUS[0]}}"

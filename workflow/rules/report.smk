@@ -3,8 +3,8 @@
 # HTML report: `snakemake --report results/<experiment>/report.html`.
 rule report:
     input:
-        expand(f"{OUT}/eval/{{method}}/{{task}}/metrics.json", method=METHODS, task=TASKS),
-        [f"{OUT}/drafters/{name}/metrics.json" for name in DRAFTERS],
+        expand(str(layout.eval_dir(CFG, "{method}", "{task}") / "metrics.json"), method=METHODS, task=TASKS),
+        [str(layout.drafter_dir(CFG, name) / "metrics.json") for name in DRAFTERS],
     output:
         report=f"{OUT}/report.md",
         table_md=f"{OUT}/tables/summary.md",

@@ -1,14 +1,14 @@
 # Drafter training: target-regenerated conversations -> feature cache (one job per shard) -> train.
 # Only drafters some method decodes with are built; every job takes all cores (they are compute bound).
-from deepspec.features.extract import features_dir
+from deepspec import layout
 
-FEATURES = str(features_dir(CFG))
+FEATURES = layout.features_dir(CFG)
 SHARDS = [f"{s:05d}" for s in range(CFG.features.shards)]
 DRAFTERS = CFG.drafters_in_use()
 
 
 def drafter_model(name):
-    return f"{OUT}/drafters/{name}/model/model.safetensors"
+    return str(layout.drafter_model(CFG, name) / "model.safetensors")
 
 
 def method_drafter(method):
@@ -23,7 +23,7 @@ wildcard_constraints:
 
 rule prepare_train:
     output:
-        f"{OUT}/data/train/regenerated.jsonl",
+        str(layout.train_data_file(CFG)),
     params:
         train_data=section("train_data"),
         target=section("target"),
@@ -31,7 +31,7 @@ rule prepare_train:
     resources:
         **resources_of("prepare_train"),
     log:
-        f"{OUT}/logs/prepare/train_data.log",
+        str(layout.log_file(CFG, "prepare", "train_data")),
     shell:
         "deepspec prepare --train --config {EFFECTIVE} 2>&1 | tee {log}; exit ${{PIPESTATUS[0]}}"
 
@@ -40,8 +40,8 @@ rule extract:
     input:
         rules.prepare_train.output,
     output:
-        shard=f"{FEATURES}/shard-{{shard}}.safetensors",
-        meta=f"{FEATURES}/shard-{{shard}}.json",
+        shard=str(layout.shard_path(CFG, "{shard}")),
+        meta=str(layout.shard_path(CFG, "{shard}").with_suffix(".json")),
     params:
         features=section("features"),
         target=section("target"),
@@ -49,20 +49,20 @@ rule extract:
     resources:
         **resources_of("extract", CFG.resources.gpus),  # each job claims a free GPU of its node
     log:
-        f"{OUT}/logs/extract/shard-{{shard}}.log",
+        str(layout.log_file(CFG, "extract", "shard-{shard}")),
     shell:
         "deepspec extract --config {EFFECTIVE} --shard {wildcards.shard} 2>&1 | tee {log}; exit ${{PIPESTATUS[0]}}"
 
 
 rule feature_manifest:
     input:
-        expand(f"{FEATURES}/shard-{{shard}}.json", shard=SHARDS),
+        expand(str(layout.shard_path(CFG, "{shard}").with_suffix(".json")), shard=SHARDS),
     output:
-        f"{FEATURES}/manifest.json",
+        str(FEATURES / "manifest.json"),
     resources:
         **resources_of("feature_manifest"),
     log:
-        f"{OUT}/logs/extract/manifest.log",
+        str(layout.log_file(CFG, "extract", "manifest")),
     shell:
         "deepspec extract --manifest --config {EFFECTIVE} 2>&1 | tee {log}; exit ${{PIPESTATUS[0]}}"
 
@@ -73,8 +73,8 @@ rule train:
     input:
         rules.feature_manifest.output,
     output:
-        model=f"{OUT}/drafters/{{drafter}}/model/model.safetensors",
-        metrics=f"{OUT}/drafters/{{drafter}}/metrics.json",
+        model=drafter_model("{drafter}"),
+        metrics=str(layout.drafter_dir(CFG, "{drafter}") / "metrics.json"),
     params:
         drafter=lambda wc: section("drafters", wc.drafter),
     threads: workflow.cores
@@ -83,6 +83,6 @@ rule train:
         runtime=resources_of("train")["runtime"],
         gpu=lambda wc: CFG.drafters[wc.drafter].train.processes if CFG.resources.gpus else 0,
     log:
-        f"{OUT}/logs/train/{{drafter}}.log",
+        str(layout.log_file(CFG, "train", "{drafter}")),
     shell:
         "deepspec train --config {EFFECTIVE} --drafter {wildcards.drafter} 2>&1 | tee {log}; exit ${{PIPESTATUS[0]}}"
