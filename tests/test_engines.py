@@ -1,5 +1,5 @@
-"""Real vLLM (its CPU build, in its own environment): an EAGLE-3 drafter we trained and exported loads and
-decodes there, losslessly, with the τ our engine measures. Needs `deepspec engine setup vllm` first
+"""Real vLLM (its CPU build, in its own environment): an EAGLE-3 drafter and Medusa heads we trained and
+exported load and decode there, losslessly, with the τ our engine measures. Needs `deepspec engine setup vllm` first
 (`.ci/run` does it); the tests are skipped, and say so, where the environment is missing."""
 
 from __future__ import annotations
@@ -87,3 +87,39 @@ def test_exported_eagle3_decodes_in_vllm_losslessly_with_our_tau(target_run, vll
     assert ours_tau > 2.0  # the drafter is mostly right: a test that passes with every draft rejected proves little
     check_in_vllm(vllm_env, folder, prompts, vllm_ar, ours_ar, ours_tau,
                   {"method": "eagle3", "model": str(export), "num_speculative_tokens": DEPTH}, "eagle3")
+
+
+def test_exported_medusa_decodes_in_vllm_losslessly_with_our_tau(target_run, vllm_env):
+    """Heads with a reduced draft vocabulary (vLLM's token_map) and one shared read-out (original_lm_head)."""
+    from deepspec.drafters.medusa.checkpoint import export_medusa
+    from deepspec.drafters.medusa.model import MedusaHeads
+    from deepspec.drafters.medusa.proposer import MedusaProposer
+    from deepspec.models import make_backend
+    from deepspec.models.lean import normed_final
+    from deepspec.training.targets import soft_targets, training_targets
+    from tests.conftest import greedy_distillation_data
+
+    target, folder, prompts, vllm_ar = target_run
+    seqs, _ = greedy_distillation_data(target, prompts, new_tokens=48)
+    used = torch.tensor(sorted({int(t) for s in seqs for t in s["input_ids"]} | set(range(200))))
+    heads = MedusaHeads.for_target(target, used, DEPTH, 1, share_head=True)
+    lookup = torch.full((256,), -1, dtype=torch.long)
+    lookup[used] = torch.arange(used.numel())
+    cached = soft_targets(seqs, target.lm_head.weight.detach().float(), k=16)
+    labels = [training_targets(c, s["loss_mask"], lookup, "all") for c, s in zip(cached, seqs)]
+    opt = torch.optim.Adam([p for p in heads.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(150):
+        opt.zero_grad()
+        for s, t in zip(seqs, labels):
+            losses, _, _ = heads.medusa_loss(s["final"].float(), s["input_ids"], t["target_idx"], t["target_p"],
+                                             t["target_top"], t["weight"], t["trained"], DEPTH)
+            sum(0.8**k * x / len(s["input_ids"]) for k, x in enumerate(losses)).backward()
+        opt.step()
+    export = export_medusa(heads.eval(), "vllm", folder / "medusa-vllm", target.lm_head.weight)
+    backend = make_backend(target, "lean", 256)
+    proposer = MedusaProposer(heads, 4, lambda h: normed_final(backend, h), top_k=1, total_tokens=DEPTH)
+    ours_ar, ours_spec, ours_tau = ours(target, proposer, prompts)
+    assert ours_spec == ours_ar
+    assert ours_tau > 2.0
+    check_in_vllm(vllm_env, folder, prompts, vllm_ar, ours_ar, ours_tau,
+                  {"method": "medusa", "model": str(export), "num_speculative_tokens": DEPTH}, "medusa")

@@ -11,7 +11,7 @@ from importlib import import_module
 
 from deepspec.drafters.kind import DrafterKind
 
-PACKAGES = ("eagle3", "block")
+PACKAGES = ("eagle3", "block", "medusa")
 
 KINDS: dict[str, DrafterKind] = {kind.name: kind for package in PACKAGES
                                  for kind in import_module(f"deepspec.drafters.{package}").KINDS}
