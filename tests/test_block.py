@@ -562,7 +562,7 @@ def test_block_recipe_knobs_through_training_under_a_wall_budget(tmp_path, tiny_
     from deepspec import io
     from deepspec.training import trainer
     from deepspec.config import validate
-    from deepspec.data.training import regenerate
+    from deepspec.data.regenerate import regenerate
     from deepspec.drafters.build import build_proposer
     from deepspec.decoding.engine import Engine
     from deepspec.features.extract import extract_all

@@ -18,7 +18,7 @@ STEPS = 21  # 7 training sequences x 6 epochs in steps of 2
 
 def _prepared(tmp_path, target_dir, drafter: dict | None = None, **train):
     """A feature cache of the tiny target and a config training drafter `d` for STEPS steps of 2 sequences."""
-    from deepspec.data.training import regenerate
+    from deepspec.data.regenerate import regenerate
     from deepspec.features.extract import extract_all
 
     cfg = pipeline_config(tmp_path, target_dir, epochs=6, batch_sequences=1, global_batch=2, save_every=4,

@@ -126,7 +126,7 @@ def test_overfit_eagle3_drafter_is_lossless_with_long_accepted_paths(overfit, to
 
 
 def test_sharegpt_reader_recovers_truncated_file(tmp_path):
-    from deepspec.data.training import load_conversations, read_sharegpt
+    from deepspec.data.regenerate import load_conversations, read_sharegpt
     from deepspec.config import TrainDataConfig
 
     rows = [{"id": f"c{i}", "conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": "a"},
@@ -148,7 +148,7 @@ def test_sharegpt_reader_recovers_truncated_file(tmp_path):
 
 def test_regeneration_resumes_without_duplicates_or_gaps(tmp_path, tiny_target_dir):
     from deepspec import io
-    from deepspec.data.training import regenerate
+    from deepspec.data.regenerate import regenerate
     from deepspec.layout import train_data_file
 
     whole = pipeline_config(tmp_path / "a", tiny_target_dir)
@@ -176,7 +176,7 @@ def test_fixed_data_keeps_dataset_answers_next_to_regenerated_ones(tmp_path, tin
     same greedy answers as our batched lean forward."""
     from deepspec import io
     from deepspec.config import validate
-    from deepspec.data.training import regenerate
+    from deepspec.data.regenerate import regenerate
     from deepspec.models import load_model
 
     cfg = pipeline_config(tmp_path, tiny_target_dir)
@@ -205,7 +205,7 @@ def test_fixed_data_keeps_dataset_answers_next_to_regenerated_ones(tmp_path, tin
 
 def test_feature_cache_training_and_exact_resume(tmp_path, tiny_target_dir):
     from deepspec import io
-    from deepspec.data.training import regenerate
+    from deepspec.data.regenerate import regenerate
     from deepspec.drafters.build import build_proposer
     from deepspec.features.extract import FeatureCacheError, extract_all, load_manifest
     from deepspec.layout import features_dir, shard_path
@@ -266,7 +266,7 @@ def test_feature_cache_training_and_exact_resume(tmp_path, tiny_target_dir):
 def test_bench_train_compares_recipes_on_one_feature_cache(tmp_path, tiny_target_dir):
     """Two recipes from the same cache: both trained, read at equal wall time, decoded losslessly."""
     from deepspec.config import ConfigError
-    from deepspec.data.training import regenerate
+    from deepspec.data.regenerate import regenerate
     from deepspec.features.extract import extract_all
     from deepspec.training.bench import bench_train, load_recipes
 

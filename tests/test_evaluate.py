@@ -103,3 +103,37 @@ def test_sampled_evaluate_is_seeded_and_exact_where_sampling_is_deterministic(tm
         outs[name] = [[t["token_ids"] for t in r["outputs"]] for r in _records(cfg, "pld")]
     assert outs["s0"] == outs["s0_again"] and outs["s0"] != outs["s1"]
     assert [o[0] for o in outs["s0"]] != reference  # sampled, not greedy
+
+
+def test_a_resumed_suffix_run_drafts_from_the_outputs_it_kept(tmp_path, tiny_target_dir):
+    """Suffix decoding learns from earlier outputs: a run resumed after two samples replays their outputs into
+    its cache and drafts the rest as the uninterrupted run did (without the replay it does not)."""
+    from deepspec.drafters.suffix import SuffixProposer
+
+    cfg, args = _config(tmp_path, tiny_target_dir)
+    raw = json.loads(open(args[1]).read())
+    raw["methods"]["sfx"] = {"kind": "suffix", "min_token_prob": 0.0}
+    open(args[1], "w").write(json.dumps(raw))
+    cfg = validate(raw)
+    assert main(["evaluate", *args, "--method", "sfx", "--task", "t"]) == 0
+    full = _records(cfg, "sfx")
+    assert sum(sum(t["proposed"]) for r in full for t in r["outputs"]) > 0
+    out = runner.eval_dir(cfg, "sfx", "t")
+
+    def resumed() -> list[dict]:
+        (out / "metrics.json").unlink()
+        (out / "records.jsonl").unlink()
+        (out / "records.jsonl.partial").write_text("".join(json.dumps(r) + "\n" for r in full[:2]))
+        assert main(["evaluate", *args, "--method", "sfx", "--task", "t"]) == 0
+        return _records(cfg, "sfx")
+
+    def rounds(records: list[dict]) -> list:
+        return [(t["accepted"], t["proposed"]) for r in records[2:] for t in r["outputs"]]
+
+    assert rounds(resumed()) == rounds(full)
+    remember = SuffixProposer.remember
+    try:
+        SuffixProposer.remember = lambda self, output: None  # no earlier outputs at all: drafting differs
+        assert rounds(resumed()) != rounds(full)
+    finally:
+        SuffixProposer.remember = remember

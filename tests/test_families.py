@@ -29,7 +29,7 @@ def _bench_file(path, **over):
 @pytest.fixture(scope="module")
 def tiny_cfg(tmp_path_factory, tiny_target_dir):
     from deepspec.config import validate
-    from deepspec.data.training import regenerate
+    from deepspec.data.regenerate import regenerate
     from deepspec.features.extract import extract_all
 
     tmp_path = tmp_path_factory.mktemp("families")

@@ -163,7 +163,7 @@ def test_medusa_trains_through_the_pipeline_and_exports(tmp_path, tiny_target_di
     """Heads trained from the feature cache's final state: the tree is built from their measured accuracies, the
     trained heads decode losslessly, and `deepspec export` writes vLLM's layout."""
     from deepspec.config import validate
-    from deepspec.data.training import regenerate
+    from deepspec.data.regenerate import regenerate
     from deepspec.decoding.engine import Engine
     from deepspec.drafters.build import build_proposer
     from deepspec.export import export_drafter

@@ -92,7 +92,7 @@ def _records(cfg) -> list[dict]:
 
 
 def test_server_and_client_killed_mid_run_lose_and_repeat_nothing(tmp_path, tiny_target_dir, servers):
-    from deepspec.data.training import regenerate
+    from deepspec.data.regenerate import regenerate
     from deepspec.layout import train_data_file
 
     urls = [url for _, url in servers]

@@ -337,7 +337,7 @@ def bench_regenerate(cfg: Config, prompts: int = 32, max_new_tokens: int | None 
     tokens/s of each and how many answers are token-identical (batched fp32 matmuls may round differently,
     so a few answers can part ways late; both are the target's own greedy text)."""
     from deepspec.data.tasks import chat_ids
-    from deepspec.data.training import hf_generate_batch, load_conversations, plan_batches
+    from deepspec.data.regenerate import hf_generate_batch, load_conversations, plan_batches
 
     td = cfg.train_data.model_copy(update={"max_samples": prompts, "dataset_samples": 0, "batch_size": prompts})
     new = max_new_tokens or td.max_new_tokens
