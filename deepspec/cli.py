@@ -153,11 +153,12 @@ def _bench_table(cfg, name: str, params: dict, rows) -> None:
     import pandas as pd
 
     from deepspec import io, tracking
+    from deepspec.layout import bench_dir
 
     with tracking.stage_run(cfg, "bench", f"bench {name}", bench=name) as run:
         run.params(params)
         frame = pd.DataFrame(rows()).astype(object).fillna("")
-        path = io.write_text(cfg.out_dir / "bench" / f"{name}.md", frame.to_markdown(index=False) + "\n")
+        path = io.write_text(bench_dir(cfg) / f"{name}.md", frame.to_markdown(index=False) + "\n")
         run.table(frame.astype(str), f"bench_{name}.json")
         run.artifact(path, "bench")
     print(frame.to_markdown(index=False))

@@ -72,5 +72,20 @@ def bench_dir(cfg: Config) -> Path:
     return cfg.out_dir / "bench"
 
 
-def log_file(cfg: Config, stage: str, name: str) -> Path:
+def report_file(cfg: Config) -> Path:
+    return cfg.out_dir / "report.md"
+
+
+def tables_dir(cfg: Config) -> Path:
+    return cfg.out_dir / "tables"
+
+
+def plots_dir(cfg: Config) -> Path:
+    return cfg.out_dir / "plots"
+
+
+def log_file(cfg: Config, stage: str, name: str | None = None) -> Path:
+    """A job's log: logs/<stage>/<name>.log, or logs/<stage>.log for a stage that runs once."""
+    if name is None:
+        return cfg.out_dir / "logs" / f"{stage}.log"
     return cfg.out_dir / "logs" / stage / f"{name}.log"

@@ -83,6 +83,23 @@ def fit_eagle3(drafter, target, prompts: list[list[int]], layers, steps: int = 1
     return drafter.eval()
 
 
+def lossless_tau(engine, proposer, prompts: list[list[int]], unscored: list[list[int]] = (), new_tokens: int = 40):
+    """Decode every prompt with and without `proposer`, asserting token-identical outputs; returns τ (committed
+    tokens per target forward) and the accepted depth of every round over `prompts` (`unscored` prompts are
+    checked for identity only)."""
+    committed = forwards = 0
+    depths: list[int] = []
+    for prompt in [*prompts, *unscored]:
+        ar = engine.generate(prompt, new_tokens)
+        spec = engine.generate(prompt, new_tokens, proposer)
+        assert spec.tokens == ar.tokens
+        if prompt in prompts:
+            committed += len(spec.tokens)
+            forwards += spec.forwards
+            depths += spec.accepted_depth[1:]
+    return committed / forwards, depths
+
+
 @pytest.fixture
 def tiny_model():
     return tiny_llama()

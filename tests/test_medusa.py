@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import greedy_distillation_data, pipeline_config, tiny_llama
+from tests.conftest import greedy_distillation_data, lossless_tau, pipeline_config, tiny_llama
 
 
 def test_sparse_tree_keeps_the_most_valuable_paths():
@@ -86,17 +86,8 @@ def test_overfit_medusa_decodes_losslessly_with_accepted_trees(prompts):
     engine = Engine(backend, stop_ids=[], max_nodes=16)
     for top_k, total in ((1, 3), (3, 10)):  # a chain, then a sparse tree
         proposer = MedusaProposer(heads, 2, lambda h: normed_final(backend, h), top_k, total)
-        committed = forwards = 0
-        depths = []
-        for prompt in prompts + [[5, 6, 7]]:
-            ar = engine.generate(prompt, 40)
-            spec = engine.generate(prompt, 40, proposer)
-            assert spec.tokens == ar.tokens
-            if prompt in prompts:
-                committed += len(spec.tokens)
-                forwards += spec.forwards
-                depths += spec.accepted_depth[1:]
-        assert committed / forwards > 2.0, f"top_k {top_k}: tau {committed / forwards:.2f}"
+        tau, depths = lossless_tau(engine, proposer, prompts, [[5, 6, 7]])
+        assert tau > 2.0, f"top_k {top_k}: tau {tau:.2f}"
         assert max(depths) == 3  # whole paths of three heads were accepted
 
 
@@ -153,9 +144,9 @@ def test_medusa_layouts_round_trip(tmp_path, share_head, draft_vocab):
     authors = set(load_file(str(tmp_path / "medusa" / "medusa_lm_head.safetensors")))
     assert authors == {f"{k}.{j}.linear.{p}" for k in range(3) for j in range(2) for p in ("weight", "bias")} | \
         {f"{k}.2.weight" for k in range(3)}
-    with pytest.raises(CheckpointError, match=r"heads were trained for target weights fp, these are other$"):
+    with pytest.raises(CheckpointError, match=r"drafter was trained for target weights fp, these are other$"):
         import_medusa(tmp_path / "vllm", target, "other")
-    with pytest.raises(CheckpointError, match=r"heads are for hidden size 32 and vocabulary 64, the target has 48 and 64"):
+    with pytest.raises(CheckpointError, match=r"drafter is for hidden size 32 and vocabulary 64, the target has 48 and 64"):
         import_medusa(tmp_path / "vllm", tiny_llama(vocab=64, layers=2, hidden=48))
 
 

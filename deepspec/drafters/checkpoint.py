@@ -16,6 +16,16 @@ class CheckpointError(ValueError):
     """A checkpoint that does not fit the target or is not in a layout we read; one line, naming the file."""
 
 
+def check_target_fit(cfg_path: Path, config: dict, drafter_fp: str | None, target_model, fingerprint: str | None) -> None:
+    """Refuse a drafter whose hidden size or vocabulary is not the target's, or that names other target weights."""
+    tc = target_model.config
+    if config["hidden_size"] != tc.hidden_size or config["vocab_size"] != tc.vocab_size:
+        raise CheckpointError(f"{cfg_path}: drafter is for hidden size {config['hidden_size']} and vocabulary "
+                              f"{config['vocab_size']}, the target has {tc.hidden_size} and {tc.vocab_size}")
+    if drafter_fp and fingerprint and drafter_fp != fingerprint:
+        raise CheckpointError(f"{cfg_path}: drafter was trained for target weights {drafter_fp}, these are {fingerprint}")
+
+
 def read_weights(folder: Path) -> dict[str, Tensor]:
     """The tensors of a checkpoint folder: one safetensors file, a sharded index, or a torch binary (tensors
     only, nothing executed)."""

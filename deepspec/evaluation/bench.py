@@ -22,6 +22,7 @@ from deepspec.decoding.cost import verify_cost_curve
 from deepspec.decoding.engine import Engine
 from deepspec.drafters.build import build_proposer
 from deepspec.evaluation.runner import drafter_folders
+from deepspec.layout import bench_dir, drafters_root, log_file
 from deepspec.models import load_target
 from deepspec.models.lean import LeanLlama
 
@@ -96,7 +97,7 @@ def bench_decode(cfg: Config, n_prompts: int = 8, max_new_tokens: int = 128, thr
         for name, method in cfg.methods.items():  # this experiment's trained drafters (once they exist)
             folders = drafter_folders(cfg, name).values()
             if folders and all((f / "config.json").is_file() for f in folders) and wanted(f"ours_{name}"):
-                runners[f"ours_{name}"] = ours_runner(build_proposer(method, target, name, cfg.out_dir / "drafters",
+                runners[f"ours_{name}"] = ours_runner(build_proposer(method, target, name, drafters_root(cfg),
                                                                      methods=cfg.methods))
         names = list(runners)
         for name in names:  # warm-up
@@ -129,7 +130,7 @@ def bench_decode(cfg: Config, n_prompts: int = 8, max_new_tokens: int = 128, thr
                 result["verify_ms_plain"] = plain
                 result["verify_ratio_plain"] = {k: v / plain["chain_1"] for k, v in plain.items()}
         text = format_table(result)
-        out = cfg.out_dir / "bench"
+        out = bench_dir(cfg)
         stem = "decode" if threads is None else f"decode_threads{threads}"  # a thread sweep keeps each setting
         io.write_json(out / f"{stem}.json", result)
         io.write_text(out / f"{stem}.md", text)
@@ -170,7 +171,7 @@ def _vllm_tallies(cfg: Config, prompts: list[list[int]], max_new_tokens: int, th
         if not (wanted(name) or name == "vllm_ar"):
             continue
         print(f"[bench] {name}: vLLM {env.version}, {threads} threads", flush=True)
-        log = cfg.out_dir / "logs" / "bench" / f"{name}.log"
+        log = log_file(cfg, "bench", name)
         try:
             res = vllm_runner.decode(env, model, prompts, max_new_tokens, threads=threads, speculative_config=spec,
                                      max_model_len=cfg.target.max_len, log=log)
@@ -320,7 +321,7 @@ def bench_extract(cfg: Config, sequences: int = 16, threads: int | None = None) 
             "| path | tokens/s | vs plain forward |", "|---|---|---|",
             *[f"| {k} | {tokens / v:.0f} | {times['plain_forward'] / v:.2f}× |" for k, v in times.items()],
             "", "Extraction includes converting to the cache dtype and writing the shard.", ""])
-        out = cfg.out_dir / "bench"
+        out = bench_dir(cfg)
         io.write_text(out / "extract.md", text)
         io.write_json(out / "extract.json", result)
         run.metrics({f"tokens_per_s.{k}": v for k, v in result["tokens_per_s"].items()}
@@ -369,7 +370,7 @@ def bench_regenerate(cfg: Config, prompts: int = 32, max_new_tokens: int | None 
             *[f"| {k} | {result['seconds'][k]:.1f} | {v:.0f} | {result['seconds']['hf_generate'] / result['seconds'][k]:.2f}× |"
               for k, v in result["tokens_per_s"].items()],
             "", f"{result['identical_answers']} of {len(ids)} answers token-identical between the two.", ""])
-        out = cfg.out_dir / "bench"
+        out = bench_dir(cfg)
         io.write_text(out / "regenerate.md", text)
         io.write_json(out / "regenerate.json", result)
         run.metrics({f"tokens_per_s.{k}": v for k, v in result["tokens_per_s"].items()} | {"speedup": result["speedup"]})

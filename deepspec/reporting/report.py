@@ -9,7 +9,7 @@ from typing import Any
 from deepspec import io, tracking
 from deepspec.config import Config
 from deepspec.drafters.registry import KINDS
-from deepspec.layout import drafter_dir, eval_dir, train_data_file
+from deepspec.layout import drafter_dir, eval_dir, plots_dir, report_file, tables_dir, train_data_file
 from deepspec.reporting.reproduce import compare
 from deepspec.reporting.tables import long_frame, tables
 
@@ -196,7 +196,7 @@ def _data_line(cfg: Config, summary: dict) -> str:
             f"training split, {summary['assistant_positions']} of them before an answer token.")
 
 
-def _training_section(cfg: Config, out: Path) -> tuple[list[str], list[Path]]:
+def _training_section(cfg: Config) -> tuple[list[str], list[Path]]:
     lines, paths = [], []
     for name in cfg.drafters_in_use():
         folder = drafter_dir(cfg, name)
@@ -204,7 +204,7 @@ def _training_section(cfg: Config, out: Path) -> tuple[list[str], list[Path]]:
         if not (log_path.is_file() and summary_path.is_file()):
             continue
         log, summary = io.read_jsonl(log_path), json.loads(summary_path.read_text())
-        paths.append(training_plot(cfg, name, log, out / "plots"))
+        paths.append(training_plot(cfg, name, log, plots_dir(cfg)))
         acc = ", ".join(f"{a:.2f}" for a in summary["val_acc"] if a is not None)
         lines += [f"### Drafter `{name}` ({summary.get('algorithm', 'eagle3')})", "", _data_line(cfg, summary), "",
                   f"{summary['steps']} steps over {summary['train_tokens']} training tokens; fused target layers "
@@ -216,7 +216,7 @@ def _training_section(cfg: Config, out: Path) -> tuple[list[str], list[Path]]:
         cal_path = folder / "calibration.json"
         if cal_path.is_file():
             cal = json.loads(cal_path.read_text())
-            paths.append(calibration_plot(cfg, name, cal, out / "plots"))
+            paths.append(calibration_plot(cfg, name, cal, plots_dir(cfg)))
             lines += _calibration_lines(cfg, name, cal)
     return lines, paths
 
@@ -224,23 +224,23 @@ def _training_section(cfg: Config, out: Path) -> tuple[list[str], list[Path]]:
 def build_report(cfg: Config) -> Path:
     with tracking.stage_run(cfg, "report", "report") as run:
         metrics = collect(cfg)
-        out = cfg.out_dir
-        (out / "tables").mkdir(parents=True, exist_ok=True)
-        (out / "plots").mkdir(parents=True, exist_ok=True)
+        tables_out, plots_out = tables_dir(cfg), plots_dir(cfg)
+        tables_out.mkdir(parents=True, exist_ok=True)
+        plots_out.mkdir(parents=True, exist_ok=True)
         tab = tables(cfg, metrics)
-        written = [io.write_text(out / "tables" / name, text) for name, text in tab.items()]
-        written += plots(cfg, metrics, out / "plots")
-        accept = acceptance_plot(cfg, metrics, out / "plots")
+        written = [io.write_text(tables_out / name, text) for name, text in tab.items()]
+        written += plots(cfg, metrics, plots_out)
+        accept = acceptance_plot(cfg, metrics, plots_out)
         written += [accept] if accept else []
-        train_lines, train_plots = _training_section(cfg, out)
+        train_lines, train_plots = _training_section(cfg)
         written += train_plots
         repro = compare(cfg, metrics)
         if repro.table is not None:
-            written.append(io.write_text(out / "tables" / "reproduction.csv", repro.table.to_csv(index=False)))
+            written.append(io.write_text(tables_out / "reproduction.csv", repro.table.to_csv(index=False)))
         else:
-            (out / "tables" / "reproduction.csv").unlink(missing_ok=True)  # no stale comparison left behind
-        written.append(io.write_text(out / "tables" / "reproduction.md", repro.markdown()))
-        written.append(io.write_json(out / "tables" / "reproduction.json", {
+            (tables_out / "reproduction.csv").unlink(missing_ok=True)  # no stale comparison left behind
+        written.append(io.write_text(tables_out / "reproduction.md", repro.markdown()))
+        written.append(io.write_json(tables_out / "reproduction.json", {
             "verdict": repro.verdict, "passed": repro.passed, "reference": str(cfg.reference_dir),
             "tau_tolerance": cfg.reproduce.tau_tolerance}))
         any_m = next(iter(metrics.values()))
@@ -275,7 +275,7 @@ def build_report(cfg: Config) -> Path:
             *(["## Drafter training", "", *train_lines] if train_lines else []),
             repro.markdown(),
         ])
-        report = io.write_text(out / "report.md", text + "\n")
+        report = io.write_text(report_file(cfg), text + "\n")
         for path in [*written, report]:
             run.artifact(path, "report")
         cells = ({f"tau.{m}.{t}": v["tau"] for (m, t), v in metrics.items()}
@@ -290,7 +290,7 @@ def build_report(cfg: Config) -> Path:
         if parent is not None:
             parent.metrics(cells)
             parent.table(long_frame(cfg, metrics).reset_index(), "summary_table.json")
-            parent.artifact(out / "tables" / "summary.md")
+            parent.artifact(tables_out / "summary.md")
             parent.tags({"reproduction": repro.verdict[:5000]})
         print(f"[report] {report}\n" + tab["summary.md"] + "\n" + repro.verdict)
         print(f"[report] runs in MLflow: `mlflow ui --backend-store-uri {run.tracker.uri} --host 127.0.0.1`, "

@@ -23,6 +23,7 @@ import yaml
 from deepspec import io, tracking
 from deepspec.config import Config, ConfigError, merge, validate
 from deepspec.config_base import TrainedMethod
+from deepspec.layout import bench_dir, drafters_root
 
 
 def load_recipes(path: str | Path) -> dict[str, dict[str, Any]]:
@@ -69,7 +70,7 @@ def decode_tau(drafter_cfg: Config, name: str, method, target, prompts: list[lis
     engine = Engine(target.backend, target.loaded.eos_ids, Sampling(temperature))
     if hasattr(method, "drafter"):
         method = method.model_copy(update={"drafter": name})
-    proposer = build_proposer(method, target, name, drafter_cfg.out_dir / "drafters", temperature, seed)
+    proposer = build_proposer(method, target, name, drafters_root(drafter_cfg), temperature, seed)
     if lookup is not None:
         proposer = HybridProposer([build_proposer(lookup), proposer])
     generator = torch.Generator().manual_seed(seed) if temperature > 0 else None
@@ -142,7 +143,7 @@ def bench_train(cfg: Config, recipes_path: str, drafter: str | None = None, epoc
             row.update({"acc0_at_common": at.get("val_acc_0"), "tau_chain_at_common": at.get("val_tau_chain")})
         result = {"drafter": base, "common_wall_s": common, "prompts": len(prompts), "max_new_tokens": max_new_tokens,
                   "recipes": rows}
-        out = cfg.out_dir / "bench"
+        out = bench_dir(cfg)
         stem = Path(recipes_path).stem.removeprefix("bench_")  # bench_train.yaml -> train.{md,json,png}
         text = format_table(result, f"{stem}.png")
         io.write_json(out / f"{stem}.json", result)

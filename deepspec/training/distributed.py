@@ -32,7 +32,6 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from deepspec import io
-from deepspec.drafters.kind import Direct
 
 @dataclass(frozen=True)
 class World:
@@ -296,6 +295,3 @@ def save_checkpoint(world: World, trainable: Trainable, directory: Path, state: 
         (tmp / "train_state" / "state.json").write_text(json.dumps(state, indent=2))
         io.replace_dir(tmp, directory)
     world.barrier()
-
-
-Runner = Direct | Trainable

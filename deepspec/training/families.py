@@ -28,6 +28,7 @@ import yaml
 
 from deepspec import io, tracking
 from deepspec.config import Config, ConfigError, NgramMethod, merge, validate
+from deepspec.layout import bench_dir
 from deepspec.training.bench import autoregressive_runs, decode_tau, recipe_config
 
 SHAPES = ("chain_t0", "chain_t1", "tree_t0")
@@ -135,7 +136,7 @@ def bench_families(cfg: Config, bench_path: str, budgets: list[str] | None = Non
         result = {"families": families, "seeds": seeds, "budgets": budgets, "prompts": len(prompts), "shapes": list(shapes),
                   "max_new_tokens": max_new_tokens, "runs": rows, "summary": summarise(rows, families, budgets, shapes),
                   "order": order_holds(rows, families, budgets, seeds)}
-        out = cfg.out_dir / "bench"
+        out = bench_dir(cfg)
         stem = "families" if threads is None else f"families_threads{threads}"
         result["threads"] = torch.get_num_threads()
         text = format_families(result, f"{stem}.png")

@@ -47,11 +47,11 @@ def bench_drafters(cfg: Config) -> dict[str, Any]:
     from deepspec.features.extract import drafter_layers, feature_layers, layer_columns
     from deepspec.models import load_target
     from deepspec.training.targets import soft_targets, training_targets
-    from deepspec.layout import drafter_dir
+    from deepspec.layout import bench_dir, drafter_model, drafters_root, eval_dir
 
-    names = [n for n in cfg.drafters_in_use() if (drafter_dir(cfg, n) / "model" / "config.json").is_file()]
+    names = [n for n in cfg.drafters_in_use() if (drafter_model(cfg, n) / "config.json").is_file()]
     if not names:
-        raise FileNotFoundError(f"no trained drafters under {cfg.out_dir / 'drafters'}; run the DAG first")
+        raise FileNotFoundError(f"no trained drafters under {drafters_root(cfg)}; run the DAG first")
     target = load_target(cfg.target.model, cfg.target.dtype, "auto", cfg.target.max_len)
     model_hf = target.loaded.model
     n_layers = model_hf.config.num_hidden_layers
@@ -66,7 +66,7 @@ def bench_drafters(cfg: Config) -> dict[str, Any]:
             for name in names:
                 dc = cfg.drafters[name]
                 kind = KINDS[dc.kind]
-                model = kind.load(drafter_dir(cfg, name) / "model", model_hf)
+                model = kind.load(drafter_model(cfg, name), model_hf)
                 model.eval()
                 cols = layer_columns(layers, drafter_layers(cfg, name, n_layers), n_layers)
                 mine = [{**s, "hidden": s["hidden_all"][:, cols]} for s in seqs]
@@ -75,14 +75,14 @@ def bench_drafters(cfg: Config) -> dict[str, Any]:
                 labels = [training_targets(c, s["loss_mask"], lookup, "assistant") for c, s in zip(cached, mine)]
                 with torch.no_grad():
                     r = kind.run_batch(Direct(model), dc, mine, labels, False, None)
-                decoded = [json.loads((cfg.out_dir / "eval" / m / task / "metrics.json").read_text())["tau"]
-                           for m, mc in cfg.methods.items()
-                           if getattr(mc, "drafter", None) == name and (cfg.out_dir / "eval" / m / task / "metrics.json").is_file()]
+                done = [eval_dir(cfg, m, task) / "metrics.json" for m, mc in cfg.methods.items()
+                        if getattr(mc, "drafter", None) == name]
+                decoded = [json.loads(path.read_text())["tau"] for path in done if path.is_file()]
                 rows[name] = {"kind": dc.kind, "tau_teacher_forced": r["tau_chain"], "acc": r["acc_step"],
                               "tau_decoded": decoded}
                 run.metrics({f"{task}.{name}.tau_teacher_forced": r["tau_chain"]})
             result["tasks"][task] = rows
-        out = cfg.out_dir / "bench"
+        out = bench_dir(cfg)
         io.write_json(out / "drafters.json", result)
         io.write_text(out / "drafters.md", format_table(result))
         run.artifact(out / "drafters.md", "bench")

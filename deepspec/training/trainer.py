@@ -25,7 +25,7 @@ from deepspec.config import Config
 from deepspec.devices import bf16_autocast, on
 from deepspec.drafters.registry import KINDS
 from deepspec.features.extract import drafter_layers, load_manifest, load_sequences
-from deepspec.layout import drafter_dir, features_dir
+from deepspec.layout import drafter_dir, drafter_model, features_dir
 from deepspec.training.distributed import Trainable, World, join, leave, micro_plan, save_checkpoint
 from deepspec.training.targets import cached_soft_targets, draft_vocab, supervised, topk_mass, training_targets
 
@@ -285,7 +285,7 @@ class _Training:
             self.run.artifact(out / fitted.file)
             for line in fitted.lines:
                 self.say(f"[train] {name}: {line}")
-        final.save(out / "model")
+        final.save(drafter_model(self.cfg, name))
         last_val = next((r for r in reversed(self.history) if "val_tau_chain" in r), {})
         summary = {"drafter": name, "steps": self.total, "train_tokens": self.counts["train_tokens"],
                    "supervise": dc.supervise, "supervised_positions": self.counts["supervised_positions"],
@@ -297,7 +297,7 @@ class _Training:
                    **(fitted.summary if fitted is not None else {}), "config_hash": _train_hash(self.cfg, name)}
         io.write_json(out / "metrics.json", summary)
         self.run.artifact(out / "metrics.json")
-        self.run.artifact(out / "model", "drafter")  # the whole HF-style folder: config.json + model.safetensors
+        self.run.artifact(drafter_model(self.cfg, name), "drafter")  # the whole HF-style folder: config.json + model.safetensors
         acc = ", ".join(f"{a:.2f}" for a in summary["val_acc"] if a is not None)
         self.say(f"[train] {name}: {self.total} steps, final loss {summary['final_loss']:.3f}; validation: "
                  f"chain tau {summary['val_tau_chain'] or float('nan'):.2f}, top-1 accuracy by step [{acc}]")

@@ -6,20 +6,20 @@ rule report:
         expand(str(layout.eval_dir(CFG, "{method}", "{task}") / "metrics.json"), method=METHODS, task=TASKS),
         [str(layout.drafter_dir(CFG, name) / "metrics.json") for name in DRAFTERS],
     output:
-        report=f"{OUT}/report.md",
-        table_md=f"{OUT}/tables/summary.md",
-        table_csv=report(f"{OUT}/tables/summary.csv", caption="../report/summary.rst", category="Results",
+        report=str(layout.report_file(CFG)),
+        table_md=str(layout.tables_dir(CFG) / "summary.md"),
+        table_csv=report(str(layout.tables_dir(CFG) / "summary.csv"), caption="../report/summary.rst", category="Results",
                          labels={"table": "τ and speedup per method × task"}),
-        reproduction=report(f"{OUT}/tables/reproduction.md", caption="../report/reproduction.rst",
+        reproduction=report(str(layout.tables_dir(CFG) / "reproduction.md"), caption="../report/reproduction.rst",
                             category="Reproduction", labels={"table": "this run vs the committed reference"}),
-        speedup=report(f"{OUT}/plots/speedup.png", caption="../report/speedup.rst", category="Results",
+        speedup=report(str(layout.plots_dir(CFG) / "speedup.png"), caption="../report/speedup.rst", category="Results",
                        labels={"plot": "speedup"}),
-        tau=report(f"{OUT}/plots/tau.png", caption="../report/tau.rst", category="Results", labels={"plot": "τ"}),
+        tau=report(str(layout.plots_dir(CFG) / "tau.png"), caption="../report/tau.rst", category="Results", labels={"plot": "τ"}),
     params:
         reproduce=section("reproduce"),
     resources:
         **resources_of("report"),
     log:
-        f"{OUT}/logs/report.log",
+        str(layout.log_file(CFG, "report")),
     shell:
         "deepspec report --config {EFFECTIVE} 2>&1 | tee {log}; exit ${{PIPESTATUS[0]}}"

@@ -40,7 +40,6 @@ class BlockKind(DrafterKind):
         if mask is not None and mask >= vocab:
             raise ValueError(f"{where}.mask_token_id: {mask} is outside the target's {vocab}-row embedding")
         dspark = dc.kind == "dspark"
-        meta = {k: v for k, v in meta.items() if k != "layer_convention"}  # it records its own ("output of layer k")
         scaled = {"fc_input_scale": True} if dc.fc_input_scale else {}
         model = BlockDrafter.for_target(
             target_model, dc.kind, [k - 1 for k in layers], draft_ids, layers=dc.num_layers,

@@ -204,11 +204,12 @@ class BlockDrafter(FolderCheckpoint, nn.Module):
             "architectures": ["DeepSpecBlockDrafter"], "model_type": "qwen3", "algorithm": algorithm, **target_shape(target_model),
             "num_hidden_layers": layers, "block_size": block_size, "label_convention": label_convention,
             "mask_token_id": mask_token_id, "mask_embedding": mask_token_id is None,
-            "target_layer_ids": list(layer_ids), "layer_convention": LAYER_CONVENTION,
+            "target_layer_ids": list(layer_ids),
             "draft_vocab_size": int(draft_ids.numel()), "markov_rank": markov_rank,
             "markov_head_type": markov_head_type, "enable_confidence_head": confidence_head,
             "confidence_head_with_markov": confidence_head and confidence_with_markov and markov_rank > 0,
             "tie_word_embeddings": False, **meta,
+            "layer_convention": LAYER_CONVENTION,  # its own ids' convention, whatever the caller's features use
         }
         torch.manual_seed(seed)
         model = cls(config, target_model.get_input_embeddings().weight)

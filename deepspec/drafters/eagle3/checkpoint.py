@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from deepspec import io
-from deepspec.drafters.checkpoint import CheckpointError, read_weights
+from deepspec.drafters.checkpoint import CheckpointError, check_target_fit, read_weights
 from deepspec.drafters.eagle3.model import ALGORITHM, Eagle3Drafter
 
 FORMATS = ("vllm", "sglang", "hf")
@@ -161,12 +161,8 @@ def import_eagle3(folder: str | Path, target_model, fingerprint: str | None = No
 
 
 def _check_fit(cfg_path: Path, config: dict[str, Any], drafter_fp: str | None, target_model, fingerprint: str | None) -> None:
-    tc = target_model.config
-    if config["hidden_size"] != tc.hidden_size or config["vocab_size"] != tc.vocab_size:
-        raise CheckpointError(f"{cfg_path}: drafter is for hidden size {config['hidden_size']} and vocabulary "
-                              f"{config['vocab_size']}, the target has {tc.hidden_size} and {tc.vocab_size}")
-    bad = [k for k in config["aux_layers"] if not 0 <= k <= tc.num_hidden_layers]
+    check_target_fit(cfg_path, config, drafter_fp, target_model, fingerprint)
+    n_layers = target_model.config.num_hidden_layers
+    bad = [k for k in config["aux_layers"] if not 0 <= k <= n_layers]
     if bad:
-        raise CheckpointError(f"{cfg_path}: aux layers {bad} do not exist in a {tc.num_hidden_layers}-layer target")
-    if drafter_fp and fingerprint and drafter_fp != fingerprint:
-        raise CheckpointError(f"{cfg_path}: drafter was trained for target weights {drafter_fp}, these are {fingerprint}")
+        raise CheckpointError(f"{cfg_path}: aux layers {bad} do not exist in a {n_layers}-layer target")

@@ -25,7 +25,6 @@ class MedusaKind(DrafterKind):
     def new_drafter(self, dc, target_model, tokenizer, layers, draft_ids, train_hidden, meta, where, say=print):
         from deepspec.drafters.medusa.model import MedusaHeads
 
-        meta = {k: v for k, v in meta.items() if k != "layer_convention"}
         heads = MedusaHeads.for_target(target_model, draft_ids, dc.heads, dc.head_layers, dc.share_head,
                                        dc.train.seed, **meta)
         if dc.share_head:

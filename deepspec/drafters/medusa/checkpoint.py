@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from deepspec import io
-from deepspec.drafters.checkpoint import CheckpointError, read_weights
+from deepspec.drafters.checkpoint import CheckpointError, check_target_fit, read_weights
 from deepspec.drafters.medusa.model import ALGORITHM, MedusaHeads
 
 AUTHORS_FILE = "medusa_lm_head.safetensors"
@@ -78,7 +78,7 @@ def import_medusa(folder: str | Path, target_model, fingerprint: str | None = No
     tc = target_model.config
     if written.get("algorithm") == ALGORITHM:  # our own folder
         heads = MedusaHeads.load(folder, target_model.get_input_embeddings().weight)
-        _check_fit(cfg_path, heads.config, target_model, fingerprint)
+        check_target_fit(cfg_path, heads.config, heads.config.get("target_fingerprint"), target_model, fingerprint)
         return heads
     K = written.get("num_heads") or written.get("medusa_num_heads")
     L = written.get("num_hidden_layers") or written.get("medusa_num_layers")
@@ -107,7 +107,7 @@ def import_medusa(folder: str | Path, target_model, fingerprint: str | None = No
               "vocab_size": written.get("vocab_size", tc.vocab_size), "draft_vocab_size": vd, "num_heads": K,
               "head_layers": L, "share_head": shared, "target_num_hidden_layers": tc.num_hidden_layers,
               "imported_from": str(folder), **{k: meta[k] for k in ("target", "target_fingerprint", "head_accuracy") if k in meta}}
-    _check_fit(cfg_path, config, target_model, fingerprint)
+    check_target_fit(cfg_path, config, config.get("target_fingerprint"), target_model, fingerprint)
     if "token_map" not in state:
         if vd != config["vocab_size"]:
             raise CheckpointError(f"{folder}: a {vd}-row read-out but no token_map to the target's {config['vocab_size']} ids")
@@ -124,13 +124,3 @@ def import_medusa(folder: str | Path, target_model, fingerprint: str | None = No
         raise CheckpointError(f"{folder}: weights do not match the Medusa layout (missing {sorted(missing)[:4]}, "
                               f"unexpected {sorted(unexpected)[:4]})")
     return heads
-
-
-def _check_fit(cfg_path: Path, config: dict[str, Any], target_model, fingerprint: str | None) -> None:
-    tc = target_model.config
-    if config["hidden_size"] != tc.hidden_size or config["vocab_size"] != tc.vocab_size:
-        raise CheckpointError(f"{cfg_path}: heads are for hidden size {config['hidden_size']} and vocabulary "
-                              f"{config['vocab_size']}, the target has {tc.hidden_size} and {tc.vocab_size}")
-    theirs = config.get("target_fingerprint")
-    if theirs and fingerprint and theirs != fingerprint:
-        raise CheckpointError(f"{cfg_path}: heads were trained for target weights {theirs}, these are {fingerprint}")
