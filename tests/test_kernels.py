@@ -96,3 +96,32 @@ def test_bench_loss_from_the_cli_writes_its_table_and_an_mlflow_run(tmp_path, mo
     assert run.info.status == "FINISHED" and run.data.tags["deepspec.bench"] == "loss"
     assert run.data.params["vocab"] == "500"
     assert {a.path for a in client.list_artifacts(run.info.run_id, "bench")} == {"bench/loss.md"}
+
+
+@pytest.mark.parametrize("rows", [1, 6, 64])
+def test_head_soft_ce_equals_the_naive_loss_and_gradients(rows):
+    """The chunked head loss against log-softmax of the full logits (float64: equal to rounding), with
+    placeholder ids outside the draft vocabulary (p = 0), whatever the chunk size."""
+    from deepspec.kernels.head_loss import head_soft_ce
+
+    g = torch.Generator().manual_seed(rows)
+    n, h, v, k = 37, 8, 50, 5
+    x = torch.randn(n, h, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(v, h, dtype=torch.float64, generator=g, requires_grad=True)
+    idx = torch.randint(0, v, (n, k), generator=g)
+    p = torch.softmax(torch.randn(n, k, dtype=torch.float64, generator=g), -1)
+    p[:, -1], idx[:, -1] = 0.0, 0
+    weight = torch.rand(n, dtype=torch.float64, generator=g)
+    ce, top = head_soft_ce(x, w, idx, p, rows=rows)
+    (ce * weight).sum().backward()
+    grads = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    logp = torch.log_softmax(x @ w.T, -1)
+    ref = -(p * logp.gather(-1, idx)).sum(-1)
+    (ref * weight).sum().backward()
+    torch.testing.assert_close(ce, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grads[0], x.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grads[1], w.grad, rtol=1e-12, atol=1e-12)
+    assert torch.equal(top, logp.argmax(-1))
+    with pytest.raises(ValueError, match=r"head_soft_ce: x \[N, H\], weight \[V, H\]"):
+        head_soft_ce(x, w[:, :3], idx, p)

@@ -1,4 +1,5 @@
-"""Benchmark tasks: MT-bench, HumanEval, any JSONL with a `turns` list, HF datasets when a hub is reachable.
+"""Benchmark tasks: MT-bench, HumanEval, MATH-500 and AIME 2025 (the problems MMATH's English file ships),
+any JSONL with a `turns` list, HF datasets when a hub is reachable.
 
 Every task becomes a list of samples `{question_id, task, category, turns}` plus the source and its
 sha256, so the report can say exactly which questions produced a number.
@@ -17,6 +18,8 @@ from deepspec.assets import asset_path, sha256_file
 from deepspec.config import TaskConfig
 
 HUMANEVAL_INSTRUCTION = "Complete the following Python function. Reply with the code only.\n\n"
+MATH_INSTRUCTION = "\n\nPlease reason step by step, and put your final answer within \\boxed{}."
+MMATH_SOURCES = {"math500": "MATH500", "aime25": "AIME2025"}  # task kind -> MMATH's `data_source`
 
 
 class TaskError(ValueError):
@@ -85,6 +88,9 @@ def load_task(name: str, cfg: TaskConfig, seed: int = 0) -> TaskData:
             {"question_id": r["task_id"], "task": name, "category": "coding", "turns": [HUMANEVAL_INSTRUCTION + r["prompt"]]}
             for r in _read_jsonl(path)
         ]
+    elif cfg.kind in MMATH_SOURCES:
+        path = Path(cfg.source) if cfg.source else asset_path("mmath_en.json")
+        samples = _mmath_rows(name, path, MMATH_SOURCES[cfg.kind])
     elif cfg.kind == "jsonl":
         path = Path(cfg.source)
         if not path.is_file():
@@ -97,6 +103,18 @@ def load_task(name: str, cfg: TaskConfig, seed: int = 0) -> TaskData:
     if not samples:
         raise TaskError(f"tasks.{name}: {path} holds no samples")
     return _subset(TaskData(name, samples, str(path), sha256_file(path), len(samples)), cfg, seed)
+
+
+def _mmath_rows(name: str, path: Path, source: str) -> list[dict[str, Any]]:
+    """One math problem per sample, from MMATH's JSON list (question, answer, data_source, data_source_id)."""
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise TaskError(f"tasks.{name}.source: cannot read {path} as a JSON list ({err})") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("question"), str) for r in rows):
+        raise TaskError(f"tasks.{name}.source: {path} is not a list of {{question, data_source}} objects")
+    return [{"question_id": f"{source}-{r.get('data_source_id', i)}", "task": name, "category": "math",
+             "turns": [r["question"] + MATH_INSTRUCTION]} for i, r in enumerate(rows) if r.get("data_source") == source]
 
 
 def _subset(data: TaskData, cfg: TaskConfig, seed: int) -> TaskData:

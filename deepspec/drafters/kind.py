@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Protocol
 
 if TYPE_CHECKING:
     import torch
@@ -75,7 +75,7 @@ class DrafterKind:
         raise NotImplementedError
 
     def new_drafter(self, dc: "DrafterBase", target_model: "nn.Module", tokenizer: Any, layers: list[int],
-                    draft_ids: "Tensor", train_hidden: list["Tensor"], meta: dict[str, Any], where: str,
+                    draft_ids: "Tensor", train_hidden: Iterable["Tensor"], meta: dict[str, Any], where: str,
                     say: Callable[..., None] = print) -> "nn.Module":
         """A fresh drafter for this target, before training (its head and norm from the target's)."""
         raise NotImplementedError

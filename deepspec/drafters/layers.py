@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -96,17 +96,27 @@ def default_layers(n_layers: int) -> list[int]:
     return sorted({min(2, n_layers - 1), n_layers // 2, max(n_layers - 3, 0)})
 
 
-def layer_rms(hidden: list[Tensor]) -> Tensor:
+RMS_POSITIONS = 1 << 20  # positions the fc input scale is measured on (a fixed sample, whatever the cache size)
+
+
+def layer_rms(hidden: Iterable[Tensor], max_positions: int = RMS_POSITIONS) -> Tensor:
     """Median RMS of each fused layer over positions (the first of each sequence, an attention sink with
-    activations ~100x larger, left out)."""
-    rms = torch.cat([h[1:].float().pow(2).mean(-1).sqrt() for h in hidden if h.shape[0] > 1])  # [N, K]
-    return rms.median(dim=0).values.clamp(min=1e-6)
+    activations ~100x larger, left out), over the first `max_positions` positions of `hidden` ([n, K, H]
+    per sequence, read lazily)."""
+    parts, seen = [], 0
+    for h in hidden:
+        if h.shape[0] > 1:
+            parts.append(h[1:].float().pow(2).mean(-1).sqrt())  # [n - 1, K]
+            seen += h.shape[0] - 1
+        if seen >= max_positions:
+            break
+    return torch.cat(parts).median(dim=0).values.clamp(min=1e-6)
 
 
-def scale_fc_inputs(model: nn.Module, train_hidden: list[Tensor], where: str, say=print) -> None:
+def scale_fc_inputs(model: nn.Module, train_hidden: Iterable[Tensor], where: str, say=print) -> None:
     """Set a drafter's fixed fc input scale (when it has one) to 1 / median RMS of each fused layer."""
     if not hasattr(model, "fc_in_scale"):
         return
     rms = layer_rms(train_hidden)
-    model.fc_in_scale.copy_((1.0 / rms).repeat_interleave(train_hidden[0].shape[-1]))
+    model.fc_in_scale.copy_((1.0 / rms).repeat_interleave(model.fc_in_scale.numel() // rms.numel()))
     say(f"[train] {where}: fc input scale 1/RMS per layer, RMS {[round(float(r), 2) for r in rms]}")

@@ -5,12 +5,13 @@ and `manifest.json` over all shards. A shard holds, for its sequences concatenat
   input_ids [N] int32, loss_mask [N] uint8, offsets [S+1] int64,
   hidden [N, K+1, H] (features.dtype): the K captured layers, then the final *normed* hidden state.
 Layer ids follow HF's `hidden_states` indexing: id i is the hidden state entering decoder layer i
-(0 = the embeddings). Target logits are not stored: they are `final @ lm_head.T`, recomputed in
-training with the frozen head. That is (K+1)·H values per token (EAGLE-3, K=3: 4H) where DeepSpec
-stores 2·H·(L+1) bytes.
+(0 = the embeddings). Target logits are not stored: they are `final @ lm_head.T`, turned once per
+shard into top-k soft targets by the first training job (`soft_targets/`, `training/targets.py`). That is
+(K+1)·H values per token (EAGLE-3, K=3: 4H) where DeepSpec stores 2·H·(L+1) bytes.
 
 Each shard is written under a temp name, checksummed and renamed, so a killed run resumes at the next
 missing shard and a corrupted one is detected (by `load_manifest`) instead of silently trained on.
+Training reads the shards a sequence at a time (`FeatureStore`), never whole.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from tqdm import tqdm
 
 from deepspec import io, tracking
@@ -31,6 +31,7 @@ from deepspec.assets import sha256_file
 from deepspec.config import Config
 from deepspec.devices import job_device, on
 from deepspec.drafters.registry import KINDS
+from deepspec.features.rows import RowReader, RowWriter
 from deepspec.layout import features_dir, shard_path, train_data_file
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -119,25 +120,24 @@ def extract_shard(cfg: Config, shard: int, target=None) -> Path:
         run.params({"shard": shard, "layers": layers, "dtype": cfg.features.dtype, "sequences": len(seqs),
                     "tokens": tokens, "estimated_bytes": tokens * per_token})
         torch.set_num_threads(cfg.eval.threads or os.cpu_count() or 1)
-        hidden = torch.empty((tokens, len(layers) + 1, hidden_size), dtype=dtype)
+        specs = {"input_ids": (torch.int32, (tokens,)), "loss_mask": (torch.uint8, (tokens,)),
+                 "offsets": (torch.int64, (len(seqs) + 1,)), "hidden": (dtype, (tokens, len(layers) + 1, hidden_size))}
         start, fwd = time.perf_counter(), 0.0
-        pos = 0
-        for ids, _ in tqdm(seqs, desc=f"extract {shard}", unit="seq", dynamic_ncols=True):
-            t0 = time.perf_counter()
-            with on(device):
-                feats = capture(backend, ids, layers).cpu()
-            fwd += time.perf_counter() - t0
-            if not torch.isfinite(feats).all():
-                raise FeatureCacheError(f"non-finite hidden states in a sequence of shard {shard}")
-            hidden[pos : pos + len(ids)] = feats.to(dtype)
-            pos += len(ids)
-        tensors = {
-            "input_ids": torch.tensor([t for s, _ in seqs for t in s], dtype=torch.int32),
-            "loss_mask": torch.tensor([m for _, ms in seqs for m in ms], dtype=torch.uint8),
-            "offsets": torch.tensor([0] + [len(s) for s, _ in seqs], dtype=torch.int64).cumsum(0),
-            "hidden": hidden,
-        }
-        io.write_safetensors(path, tensors, metadata={"layers": json.dumps(layers), "convention": LAYER_CONVENTION})
+        # Written a sequence at a time: memory holds one sequence's states, whatever the shard's size.
+        with RowWriter(path, specs, metadata={"layers": json.dumps(layers), "convention": LAYER_CONVENTION}) as out:
+            out.write("input_ids", 0, torch.tensor([t for s, _ in seqs for t in s], dtype=torch.int32))
+            out.write("loss_mask", 0, torch.tensor([m for _, ms in seqs for m in ms], dtype=torch.uint8))
+            out.write("offsets", 0, torch.tensor([0] + [len(s) for s, _ in seqs], dtype=torch.int64).cumsum(0))
+            pos = 0
+            for ids, _ in tqdm(seqs, desc=f"extract {shard}", unit="seq", dynamic_ncols=True):
+                t0 = time.perf_counter()
+                with on(device):
+                    feats = capture(backend, ids, layers).cpu()
+                fwd += time.perf_counter() - t0
+                if not torch.isfinite(feats).all():
+                    raise FeatureCacheError(f"non-finite hidden states in a sequence of shard {shard}")
+                out.write("hidden", pos, feats.to(dtype))
+                pos += len(ids)
         elapsed = time.perf_counter() - start
         meta = {"shard": shard, "sequences": len(seqs), "tokens": tokens, "bytes": path.stat().st_size,
                 "sha256": sha256_file(path), "layers": layers, "hidden_size": hidden_size, "dtype": cfg.features.dtype,
@@ -222,20 +222,40 @@ def load_manifest(directory: Path, verify: bool = True) -> dict[str, Any]:
     return manifest
 
 
-def load_sequences(directory: Path, manifest: dict[str, Any], layers: list[int]) -> list[dict[str, torch.Tensor]]:
-    """All sequences of the cache, each {input_ids, loss_mask, hidden [n, len(layers), H], final [n, H]}."""
-    missing = [i for i in layers if i not in manifest["layers"] and i != manifest["n_layers"]]
-    if missing:
-        raise FeatureCacheError(f"feature cache {directory} lacks layers {missing} (has {manifest['layers']})")
-    cols = layer_columns(manifest["layers"], layers, manifest["n_layers"])
-    seqs = []
-    for s in manifest["shards"]:
-        t = load_file(str(directory / s["file"]))
-        off = t["offsets"].tolist()
-        for a, b in zip(off[:-1], off[1:]):
-            seqs.append({"input_ids": t["input_ids"][a:b].long(), "loss_mask": t["loss_mask"][a:b].bool(),
-                         "hidden": t["hidden"][a:b, cols], "final": t["hidden"][a:b, -1]})
-    return seqs
+class FeatureStore:
+    """The cache's sequences, read one at a time from the shards (`rows.RowReader`), so that a training
+    process holds its micro-batches and never the cache: memory does not grow with the cache's size.
+    `hidden` holds the columns of the `layers` asked for (HF ids; id `n_layers` is the final state)."""
+
+    def __init__(self, directory: Path, manifest: dict[str, Any], layers: list[int]):
+        missing = [i for i in layers if i not in manifest["layers"] and i != manifest["n_layers"]]
+        if missing:
+            raise FeatureCacheError(f"feature cache {directory} lacks layers {missing} (has {manifest['layers']})")
+        self.cols = layer_columns(manifest["layers"], layers, manifest["n_layers"])
+        self.shards = [RowReader(Path(directory) / s["file"]) for s in manifest["shards"]]
+        self.index: list[tuple[int, int, int]] = []  # (shard, first row, end row) per sequence
+        for k, shard in enumerate(self.shards):
+            off = shard.rows("offsets").tolist()
+            self.index += [(k, a, b) for a, b in zip(off[:-1], off[1:])]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def loss_mask(self, i: int) -> torch.Tensor:
+        k, a, b = self.index[i]
+        return self.shards[k].rows("loss_mask", a, b).bool()
+
+    def final(self, i: int) -> torch.Tensor:
+        """[n, H] final normed state of sequence `i`."""
+        k, a, b = self.index[i]
+        return self.shards[k].rows("hidden", a, b)[:, -1]
+
+    def sequence(self, i: int) -> dict[str, torch.Tensor]:
+        """{input_ids [n], loss_mask [n], hidden [n, len(layers), H]} of sequence `i`."""
+        k, a, b = self.index[i]
+        shard = self.shards[k]
+        return {"input_ids": shard.rows("input_ids", a, b).long(), "loss_mask": shard.rows("loss_mask", a, b).bool(),
+                "hidden": shard.rows("hidden", a, b)[:, self.cols]}
 
 
 def extract_all(cfg: Config, shard: int | None = None) -> Path:

@@ -13,13 +13,15 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Iterable, Literal
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
 
-from deepspec import io
+from deepspec.features.rows import RowReader, RowWriter
+
+if TYPE_CHECKING:
+    from deepspec.features.extract import FeatureStore
 
 Supervise = Literal["all", "assistant"]
 
@@ -41,24 +43,47 @@ def soft_targets(seqs: list[dict[str, Tensor]], lm_head: Tensor, k: int, chunk: 
     return out
 
 
-def cached_soft_targets(directory: Path, manifest: dict, seqs: list[dict[str, Tensor]], lm_head: Tensor,
-                        k: int) -> tuple[list[dict[str, Tensor]], bool]:
+class SoftTargetStore:
+    """Cached top-k soft targets, read per sequence like the feature cache (one file per shard, the same rows)."""
+
+    def __init__(self, store: "FeatureStore", files: list[Path]):
+        self.index = store.index
+        self.files = [RowReader(f) for f in files]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        k, a, b = self.index[i]
+        ids = self.files[k].rows("top_ids", a, b)
+        return {"top_ids": ids, "top_logp": self.files[k].rows("top_logp", a, b), "argmax": ids[:, 0].long()}
+
+
+def cached_soft_targets(directory: Path, manifest: dict, store: "FeatureStore", lm_head: Tensor,
+                        k: int) -> tuple[SoftTargetStore, bool]:
     """`soft_targets`, stored next to the feature cache so that every drafter trained on it pays the
-    [T x V] product once. Keyed by the shards' checksums, the head and k; written then renamed. Returns
-    (targets, whether they came from the store)."""
-    key = hashlib.sha256(json.dumps([[s["sha256"] for s in manifest["shards"]], manifest.get("target_fingerprint"),
-                                     list(lm_head.shape), k]).encode()).hexdigest()[:16]
-    path = Path(directory) / f"soft_targets-top{k}-{key}.safetensors"
-    lengths = [int(s["final"].shape[0]) for s in seqs]
-    if path.is_file():
-        t = load_file(str(path))
-        if t["top_ids"].shape[0] == sum(lengths):
-            ids, logp = t["top_ids"].split(lengths), t["top_logp"].split(lengths)
-            return [{"top_ids": i, "top_logp": lp, "argmax": i[:, 0].long()} for i, lp in zip(ids, logp)], True
-    out = soft_targets(seqs, lm_head, k)
-    io.write_safetensors(path, {"top_ids": torch.cat([t["top_ids"] for t in out]).contiguous(),
-                                "top_logp": torch.cat([t["top_logp"] for t in out]).contiguous()})
-    return out, False
+    [T x V] product once. One file per shard, keyed by the shard's checksum, the target, the head and k (a
+    cache grown by more shards computes only theirs), written a sequence at a time then renamed. Returns
+    (targets, whether they all came from the store)."""
+    k = min(k, lm_head.shape[0])
+    files, reused = [], True
+    for n, shard in enumerate(manifest["shards"]):
+        key = hashlib.sha256(json.dumps([shard["sha256"], manifest.get("target_fingerprint"), list(lm_head.shape),
+                                         k]).encode()).hexdigest()[:16]
+        path = Path(directory) / "soft_targets" / f"top{k}-{key}.safetensors"
+        files.append(path)
+        if path.is_file():
+            continue
+        reused = False
+        seqs = [i for i, (s, _, _) in enumerate(store.index) if s == n]
+        tokens = shard["tokens"]
+        with RowWriter(path, {"top_ids": (torch.int32, (tokens, k)), "top_logp": (torch.float32, (tokens, k))}) as out:
+            for i in seqs:
+                _, a, _ = store.index[i]
+                st = soft_targets([{"final": store.final(i)}], lm_head, k)[0]
+                out.write("top_ids", a, st["top_ids"])
+                out.write("top_logp", a, st["top_logp"])
+    return SoftTargetStore(store, files), reused
 
 
 def supervised(loss_mask: Tensor, mode: Supervise) -> Tensor:
@@ -69,7 +94,7 @@ def supervised(loss_mask: Tensor, mode: Supervise) -> Tensor:
     return nxt
 
 
-def draft_vocab(targets: list[dict[str, Tensor]], masks: list[Tensor], vocab_size: int, size: int | None,
+def draft_vocab(targets: Iterable[dict[str, Tensor]], masks: Iterable[Tensor], vocab_size: int, size: int | None,
                 coverage: float = 1.0) -> tuple[Tensor, float]:
     """The target's most frequent argmax tokens at supervised positions (ties by id): at most `size`, and
     no more than reach `coverage` of those positions. Never padded with tokens that do not occur, so the
@@ -104,7 +129,10 @@ def training_targets(st: dict[str, Tensor], loss_mask: Tensor, target_to_draft: 
             "weight": (trained & inside[:, 0]).float(), "answer": supervised(loss_mask, "assistant")}
 
 
-def topk_mass(targets: list[dict[str, Tensor]]) -> float:
+def topk_mass(targets: Iterable[dict[str, Tensor]]) -> float:
     """Mean probability mass the cached top-k keeps (how close the cache is to the full distribution)."""
-    total = sum(float(t["top_logp"].exp().sum()) for t in targets)
-    return total / max(sum(int(t["top_logp"].shape[0]) for t in targets), 1)
+    total, positions = 0.0, 0
+    for t in targets:
+        total += float(t["top_logp"].exp().sum())
+        positions += int(t["top_logp"].shape[0])
+    return total / max(positions, 1)

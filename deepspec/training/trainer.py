@@ -4,8 +4,10 @@ AdamW, linear warmup then cosine decay, gradient clipping and accumulation, seed
 `save_every` steps the drafter and its train state go to `checkpoint/` (HF-style folder + optimizer
 state loaded with `weights_only=True`); a restarted run resumes from there and, because the data
 order is a function of (seed, epoch) and nothing else is random, continues exactly as an uninterrupted
-run would. Per step it logs the loss and top-1 accuracy of each training-time-test step, the learning
-rate and tokens/s to MLflow; `train_log.jsonl` keeps the same rows for the report's curves.
+run would. The feature cache and its soft targets are read a micro-batch at a time (`FeatureStore`), so
+memory does not grow with the cache. Per step it logs the loss and top-1 accuracy of each training-time-test
+step, the learning rate, tokens/s and the peak resident (and GPU) memory to MLflow; `train_log.jsonl` keeps
+the same rows for the report's curves.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ from tqdm import tqdm
 
 from deepspec import io, tracking
 from deepspec.config import Config
-from deepspec.devices import bf16_autocast, on
+from deepspec.devices import bf16_autocast, on, peak_memory_mb
 from deepspec.drafters.registry import KINDS
-from deepspec.features.extract import drafter_layers, load_manifest, load_sequences
+from deepspec.features.extract import FeatureStore, drafter_layers, load_manifest
 from deepspec.layout import drafter_dir, drafter_model, features_dir
 from deepspec.training.distributed import Trainable, World, join, leave, micro_plan, save_checkpoint
 from deepspec.training.targets import cached_soft_targets, draft_vocab, supervised, topk_mass, training_targets
@@ -105,41 +107,40 @@ class _Training:
         if manifest["target_fingerprint"] != loaded.fingerprint:
             raise ValueError(f"{fdir}: features were extracted from another target ({manifest['target_fingerprint']})")
         self.layers = drafter_layers(cfg, name, loaded.model.config.num_hidden_layers)
-        seqs = load_sequences(fdir, manifest, self.layers)
-        perm = _order(len(seqs), tc.seed, -1)
-        n_val = min(tc.val_sequences, len(seqs) // 5)
+        self.store = store = FeatureStore(fdir, manifest, self.layers)
+        perm = _order(len(store), tc.seed, -1)
+        n_val = min(tc.val_sequences, len(store) // 5)
         self.val_idx, self.train_idx = perm[:n_val], perm[n_val:]
         lm_head = loaded.model.get_output_embeddings().weight.detach().float()
         t_soft = time.perf_counter()
         if not world.main:
             world.barrier()  # rank 0 computes and stores the soft targets; the others read them
-        cached, self.soft_reused = cached_soft_targets(fdir, manifest, seqs, lm_head, dc.soft_top_k)
+        self.soft, self.soft_reused = cached_soft_targets(fdir, manifest, store, lm_head, dc.soft_top_k)
         if world.main:
             world.barrier()
-        for s in seqs:
-            del s["final"]  # only the cached top-k is needed from here on
         self.soft_s = time.perf_counter() - t_soft
-        train_masks = [supervised(seqs[i]["loss_mask"], dc.supervise) for i in self.train_idx]
         vocab_size = loaded.model.config.vocab_size
-        self.draft_ids, self.coverage = draft_vocab([cached[i] for i in self.train_idx], train_masks, vocab_size,
-                                                    dc.draft_vocab, dc.vocab_coverage)
+        self.draft_ids, self.coverage = draft_vocab(
+            (self.soft[i] for i in self.train_idx),
+            (supervised(store.loss_mask(i), dc.supervise) for i in self.train_idx), vocab_size, dc.draft_vocab,
+            dc.vocab_coverage)
         meta = {"target": cfg.target.model, "target_fingerprint": loaded.fingerprint,
                 "layer_convention": manifest["layer_convention"]}
         model = self.kind.new_drafter(dc, loaded.model, loaded.tokenizer, self.layers, self.draft_ids,
-                                      [seqs[i]["hidden"] for i in self.train_idx], meta, f"drafters.{name}", self.say)
+                                      (store.sequence(i)["hidden"] for i in self.train_idx), meta, f"drafters.{name}",
+                                      self.say)
         self.steps = self.kind.steps(dc, model)
-        lookup = torch.full((vocab_size,), -1, dtype=torch.long)
-        lookup[self.draft_ids] = torch.arange(self.draft_ids.numel())
-        # Training follows `supervise`; validation always scores the assistant positions, where the target
-        # writes at inference, so recipes are compared on the same examples.
-        val_set = set(self.val_idx)
-        labels = [training_targets(cached[i], s["loss_mask"], lookup, "assistant" if i in val_set else dc.supervise)
-                  for i, s in enumerate(seqs)]
-        self.mass = topk_mass(cached)
-        self.counts = {"train_tokens": sum(int(seqs[i]["input_ids"].numel()) for i in self.train_idx),
-                       "supervised_positions": sum(int(m.sum()) for m in train_masks),
-                       "assistant_positions": sum(int(supervised(seqs[i]["loss_mask"], "assistant").sum())
-                                                  for i in self.train_idx)}
+        self.lookup = torch.full((vocab_size,), -1, dtype=torch.long)
+        self.lookup[self.draft_ids] = torch.arange(self.draft_ids.numel())
+        self.mass = topk_mass(self.soft[i] for i in range(len(store)))
+        masks = [store.loss_mask(i) for i in self.train_idx]
+        self.counts = {"train_tokens": sum(int(m.numel()) for m in masks),
+                       "supervised_positions": sum(int(supervised(m, dc.supervise).sum()) for m in masks),
+                       "assistant_positions": sum(int(supervised(m, "assistant").sum()) for m in masks)}
+        del masks
+        # Validation always scores the assistant positions, where the target writes at inference, so recipes
+        # are compared on the same examples; it is small and stays in memory.
+        self.val = [self.example(i, "assistant") for i in self.val_idx]
         self.per = min(tc.batch_sequences, len(self.train_idx))
         self.n_micro = tc.sequences_per_step // tc.batch_sequences  # micro-batches of `per` sequences per step
         self.mine = micro_plan(self.n_micro, world)
@@ -151,9 +152,13 @@ class _Training:
         self.n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.trainable = Trainable(model, tc.distributed, world, tc, self.n_micro // world.size, self.amp)
         if world.device.type != "cpu":
-            seqs, labels = [_to(s, world.device) for s in seqs], [_to(t, world.device) for t in labels]
-        self.seqs, self.labels = seqs, labels
+            self.val = [(_to(s, world.device), _to(t, world.device)) for s, t in self.val]
         self.step, self.history, self.wall = 0, [], 0.0  # wall: training time so far (validation excluded)
+
+    def example(self, i: int, supervise: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Sequence `i` read from the cache, with its labels (`training_targets`) under `supervise`."""
+        seq = self.store.sequence(i)
+        return seq, training_targets(self.soft[i], seq["loss_mask"], self.lookup, supervise)
 
     @property
     def log_path(self) -> Path:
@@ -214,12 +219,16 @@ class _Training:
             micro = self.step * self.n_micro + m
             batch = _batch(self.train_idx, micro, self.per, tc.seed)
             gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + micro)  # anchors
+            examples = [self.example(i, self.dc.supervise) for i in batch]
+            if world.device.type != "cpu":
+                examples = [(_to(s, world.device), _to(t, world.device)) for s, t in examples]
             with bf16_autocast(world.device, self.amp), on(world.device):
-                local.append((m, self.kind.run_batch(self.trainable, self.dc, [self.seqs[i] for i in batch],
-                                                     [self.labels[i] for i in batch], True, gen,
+                local.append((m, self.kind.run_batch(self.trainable, self.dc, [s for s, _ in examples],
+                                                     [t for _, t in examples], True, gen,
                                                      last=j == len(self.mine) - 1)))
         grad_norm = self.trainable.step(lr)
-        stats = [st for _, st in sorted((x for part in world.gather(local) for x in part), key=lambda x: x[0])]
+        parts = world.gather((local, peak_memory_mb(world.device)))
+        stats = [st for _, st in sorted((x for part, _ in parts for x in part), key=lambda x: x[0])]
         self.step += 1
         elapsed = time.perf_counter() - t0
         self.wall += elapsed
@@ -228,7 +237,8 @@ class _Training:
         row: dict[str, Any] = {"step": self.step, "lr": lr, "loss": sum(s["loss"] for s in stats) / n,
                                "grad_norm": grad_norm, "tokens_per_s": sum(s["tokens"] for s in stats) / elapsed,
                                "wall_s": self.wall, "epoch": seen / max(len(self.train_idx), 1),
-                               "train_tokens_seen": seen * self.counts["train_tokens"] / max(len(self.train_idx), 1)}
+                               "train_tokens_seen": seen * self.counts["train_tokens"] / max(len(self.train_idx), 1),
+                               **{k: max(peak[k] for _, peak in parts) for k in parts[0][1]}}  # the largest rank
         for k in range(self.steps):
             row[f"loss_{k}"] = sum(s["loss_step"][k] for s in stats) / n
             row[f"acc_{k}"] = sum(s["acc_step"][k] for s in stats) / n
@@ -246,8 +256,8 @@ class _Training:
         in each forward)."""
         self.trainable.train(False)
         with bf16_autocast(self.world.device, self.amp), on(self.world.device):
-            v = self.kind.run_batch(self.trainable, self.dc, [self.seqs[i] for i in self.val_idx],
-                                    [self.labels[i] for i in self.val_idx], False, None)
+            v = self.kind.run_batch(self.trainable, self.dc, [s for s, _ in self.val], [t for _, t in self.val],
+                                    False, None)
         self.trainable.train()
         return {"val_loss": v["loss"], "val_tau_chain": v["tau_chain"],
                 **{f"val_acc_{k}": v["acc_step"][k] for k in range(self.steps)}}
@@ -278,8 +288,8 @@ class _Training:
             return out
         final = final.cpu()
         io.write_jsonl(self.log_path, self.history)
-        fitted = self.kind.after_training(final, dc, [_to(self.seqs[i], "cpu") for i in self.val_idx],
-                                          [_to(self.labels[i], "cpu") for i in self.val_idx])
+        fitted = self.kind.after_training(final, dc, [_to(s, "cpu") for s, _ in self.val],
+                                          [_to(t, "cpu") for _, t in self.val])
         if fitted is not None:
             io.write_json(out / fitted.file, fitted.data)
             self.run.artifact(out / fitted.file)
@@ -294,7 +304,9 @@ class _Training:
                    "final_loss": self.history[-1]["loss"], "val_loss": last_val.get("val_loss"),
                    "val_tau_chain": last_val.get("val_tau_chain"),
                    "val_acc": [last_val.get(f"val_acc_{k}") for k in range(self.steps)], "algorithm": dc.kind,
-                   **(fitted.summary if fitted is not None else {}), "config_hash": _train_hash(self.cfg, name)}
+                   **(fitted.summary if fitted is not None else {}), "config_hash": _train_hash(self.cfg, name),
+                   **{k: max(r.get(k, 0.0) for r in self.history)
+                      for k in ("peak_rss_mb", "peak_device_mb") if k in self.history[-1]}}
         io.write_json(out / "metrics.json", summary)
         self.run.artifact(out / "metrics.json")
         self.run.artifact(drafter_model(self.cfg, name), "drafter")  # the whole HF-style folder: config.json + model.safetensors

@@ -3,6 +3,7 @@ EAGLE-2 dynamic tree; exported in vLLM's and SGLang's layouts."""
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,10 @@ class Eagle3Kind(DrafterKind):
         from deepspec.drafters.eagle3.model import Eagle3Drafter
         from deepspec.drafters.step_loss import run_batch
 
-        return run_batch(runner, Eagle3Drafter.ttt_loss, seqs, labels, dc.ttt_length, dc.ttt_decay, train, last)
+        on_gpu = bool(seqs) and seqs[0]["hidden"].is_cuda
+        chunked = dc.head_loss == "chunked" or (dc.head_loss == "auto" and on_gpu)
+        return run_batch(runner, partial(Eagle3Drafter.ttt_loss, chunked_head=chunked), seqs, labels, dc.ttt_length,
+                         dc.ttt_decay, train, last)
 
     def load(self, folder, target_model, fingerprint=None):
         from deepspec.drafters.eagle3.checkpoint import import_eagle3

@@ -17,7 +17,7 @@ prefix plus its own k earlier steps at the same position.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from deepspec.drafters.checkpoint import FolderCheckpoint
 from deepspec.drafters.layers import MLP, RMSNorm, init_normal, inv_freq, rope, rotate, target_shape
+from deepspec.kernels.head_loss import head_soft_ce
 
 ALGORITHM = "eagle3"
 
@@ -137,8 +138,9 @@ class Eagle3Drafter(FolderCheckpoint, nn.Module):
         return self.lm_head(self.norm(hidden))
 
     # ---- training: training-time test over one sequence ------------------------------------------
-    def ttt_forward(self, hidden: Tensor, input_ids: Tensor, steps: int) -> list[Tensor]:
-        """Draft log-probs [T-1, Vd] of each training-time-test step over one sequence of T positions.
+    def ttt_states(self, hidden: Tensor, input_ids: Tensor, steps: int) -> Iterator[Tensor]:
+        """The output state h' [T-1, H] of each training-time-test step over one sequence of T positions,
+        step by step.
 
         hidden [T, K*H] are the target features, input_ids [T] the tokens. Base position t (0..T-2) at
         step k reads token x_{t+1+k} (clamped at the end; the caller masks those) at RoPE position t+k and
@@ -153,7 +155,6 @@ class Eagle3Drafter(FolderCheckpoint, nn.Module):
         keys = values = None
         diag_k: list[Tensor] = []
         diag_v: list[Tensor] = []
-        out = []
         for k in range(steps):
             q, kk, vv = self._qkv(input_ids[(base + 1 + k).clamp(max=T - 1)], h, base + k)
             kk, vv = kk.repeat_interleave(rep, 0), vv.repeat_interleave(rep, 0)
@@ -168,11 +169,15 @@ class Eagle3Drafter(FolderCheckpoint, nn.Module):
             for i, dv in enumerate(diag_v):
                 attn = attn + w[..., n + i : n + i + 1] * dv
             h = self._finish(h, attn)
-            out.append(torch.log_softmax(self.logits(h).float(), dim=-1))
-        return out
+            yield h
+
+    def ttt_forward(self, hidden: Tensor, input_ids: Tensor, steps: int) -> list[Tensor]:
+        """Draft log-probs [T-1, Vd] of each training-time-test step (see `ttt_states`)."""
+        return [torch.log_softmax(self.logits(h).float(), dim=-1) for h in self.ttt_states(hidden, input_ids, steps)]
 
     def ttt_loss(self, hidden: Tensor, input_ids: Tensor, target_idx: Tensor, target_p: Tensor, target_top: Tensor,
-                 weight: Tensor, trained: Tensor, steps: int) -> tuple[list[Tensor], list[Tensor], Tensor]:
+                 weight: Tensor, trained: Tensor, steps: int,
+                 chunked_head: bool = False) -> tuple[list[Tensor], list[Tensor], Tensor]:
         """Per-step soft cross-entropy sums and top-1 hits over one sequence (see `ttt_forward`).
 
         target_idx / target_p [T, k] are the target's distribution at each position as draft ids and
@@ -180,7 +185,8 @@ class Eagle3Drafter(FolderCheckpoint, nn.Module):
         argmax; `trained` [T] marks supervised positions, `weight` [T] the loss weight of each (zero where
         the argmax is outside the draft vocab; accuracy counts those as misses). Step k of base t is scored
         against position t+1+k. Returns (loss sums per step, hit counts per step, consecutive hits from
-        step 0 per base).
+        step 0 per base). `chunked_head`: the head and the loss in row chunks (`head_soft_ce`), so no step
+        keeps [T, Vd] log-probabilities for the backward; otherwise the plain log-softmax path.
         """
         T = input_ids.shape[0]
         base = torch.arange(T - 1)
@@ -188,12 +194,16 @@ class Eagle3Drafter(FolderCheckpoint, nn.Module):
         losses, hits = [], []
         alive = torch.ones(T - 1, dtype=torch.bool)
         run_length = torch.zeros(T - 1, dtype=torch.long)
-        for k, logp in enumerate(self.ttt_forward(hidden, input_ids, steps)):
+        steps_out = self.ttt_states(hidden, input_ids, steps) if chunked_head else self.ttt_forward(hidden, input_ids, steps)
+        for k, out in enumerate(steps_out):
             idx = (base + 1 + k).clamp(max=T - 1)
             valid = base + 1 + k <= T - 1
-            ce = -(target_p[idx] * logp.gather(-1, target_idx[idx])).sum(-1)
+            if chunked_head:
+                ce, top = head_soft_ce(self.norm(out), self.lm_head.weight, target_idx[idx], target_p[idx])
+            else:
+                ce, top = -(target_p[idx] * out.gather(-1, target_idx[idx])).sum(-1), out.argmax(-1)
             losses.append(ce.mul(weight[idx] * valid).sum())
-            hit = (d2t[logp.argmax(-1)] == target_top[idx]) & valid
+            hit = (d2t[top] == target_top[idx]) & valid
             hits.append((hit & trained[idx]).sum())
             run_length += (alive & hit).long()
             alive &= hit
