@@ -63,6 +63,7 @@ def test_tables_and_report(smoke_run):
     report = (out / "report.md").read_text()
     assert "![speedup](plots/speedup.png)" in report and "| pld " in report and "all methods pass" in report
     assert "## Drafter training" in report and "![training eagle3](plots/training_eagle3.png)" in report
+    assert report.count("Peak resident memory") == 3  # one line per trained drafter, from its train metrics
 
 
 def test_drafter_pipeline_outputs(smoke_run):
@@ -83,6 +84,7 @@ def test_drafter_pipeline_outputs(smoke_run):
     assert summary["supervised_positions"] > summary["assistant_positions"] > 0  # supervise: all
     log = [json.loads(line) for line in (drafter / "train_log.jsonl").open()]
     assert log[-1]["loss"] < log[0]["loss"] and "val_tau_chain" in log[-1]
+    assert summary["peak_rss_mb"] == max(r["peak_rss_mb"] for r in log) > 100  # per step, in MiB
     metrics = json.loads((out / "eval/eagle3/humaneval/metrics.json").read_text())
     assert metrics["lossless"]["passed"] is True and metrics["kind"] == "eagle3"
     # Block drafters share the one feature cache; their checkpoints record layers by output convention.

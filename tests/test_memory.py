@@ -35,6 +35,10 @@ def test_row_files_round_trip_and_load_as_safetensors(tmp_path):
     assert torch.equal(reader.rows("mask"), tensors["mask"]) and reader.rows("ids", 4, 4).shape == (0,)
     with pytest.raises(IndexError, match=r"rows \[5, 12\) of 'logp' out of range \(it has 11\)"):
         reader.rows("logp", 5, 12)
+    with open(path, "r+b") as fh:  # a file cut short after its header was read
+        fh.truncate(path.stat().st_size - 8)
+    with pytest.raises(OSError, match=r"file ends before rows \[9, 11\) of 'mask' \(truncated\?\)"):
+        reader.rows("mask", 9, 11)  # the last tensor of the file
     broken = tmp_path / "broken.safetensors"
     with pytest.raises(RuntimeError):
         with RowWriter(broken, {"ids": (torch.int32, (4,))}) as out:

@@ -40,7 +40,6 @@ class RowReader:
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
         self._base = 8 + n
         self._specs = {name: (DTYPES[h["dtype"]], tuple(h["shape"]), h["data_offsets"][0]) for name, h in header.items()}
-        self._fd = os.open(self.path, os.O_RDONLY)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._specs[name][1]
@@ -57,21 +56,16 @@ class RowReader:
             return torch.empty((b - a, *shape[1:]), dtype=dtype)
         buf = bytearray(size)
         view, done = memoryview(buf), 0
-        while done < size:  # pread may return less than asked
-            got = os.preadv(self._fd, [view[done:]], self._base + start + a * row + done)
-            if got == 0:
-                raise OSError(f"{self.path}: file ends before rows [{a}, {b}) of {name!r} (truncated?)")
-            done += got
-        return torch.frombuffer(buf, dtype=dtype).view(b - a, *shape[1:])
-
-    def close(self) -> None:
-        os.close(self._fd)
-
-    def __del__(self) -> None:
+        fd = os.open(self.path, os.O_RDONLY)  # per read: a cache of thousands of shards holds no descriptors
         try:
-            os.close(self._fd)
-        except (AttributeError, OSError):
-            pass
+            while done < size:  # pread may return less than asked
+                got = os.preadv(fd, [view[done:]], self._base + start + a * row + done)
+                if got == 0:
+                    raise OSError(f"{self.path}: file ends before rows [{a}, {b}) of {name!r} (truncated?)")
+                done += got
+        finally:
+            os.close(fd)
+        return torch.frombuffer(buf, dtype=dtype).view(b - a, *shape[1:])
 
 
 class RowWriter:

@@ -211,7 +211,10 @@ def _training_section(cfg: Config) -> tuple[list[str], list[Path]]:
                   f"{summary['layers']} (HF hidden_states indices); draft vocabulary {summary['draft_vocab']} tokens "
                   f"covering {100 * summary['vocab_coverage']:.1f}% of supervised argmaxes. Validation: chain τ "
                   f"{summary['val_tau_chain']:.2f} (teacher-forced, depth {len(summary['val_acc'])}), top-1 accuracy "
-                  f"by {KINDS[summary['algorithm']].step_label} [{acc}].", "",
+                  f"by {KINDS[summary['algorithm']].step_label} [{acc}]."
+                  + (f" Peak resident memory {summary['peak_rss_mb']:,.0f} MiB" if "peak_rss_mb" in summary else "")
+                  + (f", peak GPU memory {summary['peak_device_mb']:,.0f} MiB" if "peak_device_mb" in summary else "")
+                  + ("." if "peak_rss_mb" in summary else ""), "",
                   f"![training {name}](plots/training_{name}.png)", ""]
         cal_path = folder / "calibration.json"
         if cal_path.is_file():
