@@ -168,6 +168,13 @@ class FeaturesConfig(Strict):
     shards: Annotated[int, Field(ge=1)] = 2
     dtype: Literal["float16", "bfloat16", "float32"] = "bfloat16"
     max_len: Annotated[int, Field(ge=8)] = 1024
+    extract: Literal["cached", "online"] = Field(
+        "cached", description="cached: extract jobs write the cache and training reads it; online: each training "
+                              "job runs the target forward itself, per micro-batch, and no cache is written (the "
+                              "extract jobs leave the DAG; `shards` still fixes the sequence order)")
+
+
+hash_default(FeaturesConfig, extract="cached")
 
 
 class EvalConfig(Strict):

@@ -170,3 +170,47 @@ def test_eagle3_step_at_a_152k_vocabulary_peaks_below_two_logits_tensors(chunked
         sum(losses).backward()
     logits_bf16 = T * V * 2
     assert (memory.peak < 2 * logits_bf16) == bounded, memory.peak / logits_bf16
+
+
+def test_online_features_train_as_the_cache_does_and_the_dag_skips_extraction(tmp_path, tiny_target_dir):
+    """`features.extract: online` runs the target inside the training job: with the cache's dtype and order it
+    takes exactly the cached run's steps (every logged loss and the weights equal), writes no cache, and
+    `snakemake -n` plans no extract job; `deepspec extract` refuses it by name."""
+    import subprocess
+
+    import yaml
+
+    from deepspec import io
+    from deepspec.config import validate
+    from deepspec.data.regenerate import regenerate
+    from deepspec.features.extract import FeatureCacheError, extract_all
+    from deepspec.layout import drafter_dir, features_dir
+    from deepspec.training.trainer import train
+
+    cached = pipeline_config(tmp_path / "cached", tiny_target_dir)
+    regenerate(cached)
+    extract_all(cached)
+    raw = cached.model_dump(mode="json")
+    raw["results_dir"] = str(tmp_path / "online" / "results")
+    raw["features"]["extract"] = "online"
+    online = validate(raw)
+    (tmp_path / "online" / "results" / "tiny" / "data" / "train").mkdir(parents=True)
+    (tmp_path / "online" / "results" / "tiny" / "data" / "train" / "regenerated.jsonl").write_bytes(
+        (tmp_path / "cached" / "results" / "tiny" / "data" / "train" / "regenerated.jsonl").read_bytes())
+    logs = {}
+    for cfg in (cached, online):
+        out = train(cfg, "d")
+        logs[cfg.features.extract] = ([{k: v for k, v in r.items() if k not in ("tokens_per_s", "wall_s", "peak_rss_mb")}
+                                       for r in io.read_jsonl(out / "train_log.jsonl")],
+                                      (out / "model" / "model.safetensors").read_bytes())
+    assert logs["online"][0] == logs["cached"][0] and len(logs["online"][0]) == 9
+    assert logs["online"][1] == logs["cached"][1]
+    assert not features_dir(online).exists() and drafter_dir(online, "d").is_dir()
+    with pytest.raises(FeatureCacheError, match="features.extract is online: training computes the target's states"):
+        extract_all(online)
+    config = tmp_path / "online.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    done = subprocess.run(["snakemake", "-n", "--configfile", str(config)], capture_output=True, text=True, timeout=300)
+    plan = done.stdout + done.stderr
+    assert done.returncode == 0, plan[-2000:]
+    assert "train " in plan and "extract" not in plan.replace("deepspec extract", "")

@@ -262,6 +262,9 @@ def extract_all(cfg: Config, shard: int | None = None) -> Path:
     """`deepspec extract`: one shard (a Snakemake job), or every missing shard then the manifest."""
     if not cfg.drafters_in_use():
         raise FeatureCacheError("no method decodes with a trained drafter: nothing to extract")
+    if cfg.features.extract == "online":
+        raise FeatureCacheError("features.extract is online: training computes the target's states itself, there "
+                                "is no cache to extract")
     if shard is not None:
         return extract_shard(cfg, shard)
     from deepspec.models import load_target

@@ -127,12 +127,3 @@ def training_targets(st: dict[str, Tensor], loss_mask: Tensor, target_to_draft: 
     trained = supervised(loss_mask, mode)
     return {"target_idx": d.clamp(min=0), "target_p": p, "target_top": st["argmax"], "trained": trained,
             "weight": (trained & inside[:, 0]).float(), "answer": supervised(loss_mask, "assistant")}
-
-
-def topk_mass(targets: Iterable[dict[str, Tensor]]) -> float:
-    """Mean probability mass the cached top-k keeps (how close the cache is to the full distribution)."""
-    total, positions = 0.0, 0
-    for t in targets:
-        total += float(t["top_logp"].exp().sum())
-        positions += int(t["top_logp"].shape[0])
-    return total / max(positions, 1)

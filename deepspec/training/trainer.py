@@ -26,10 +26,10 @@ from deepspec import io, tracking
 from deepspec.config import Config
 from deepspec.devices import bf16_autocast, on, peak_memory_mb
 from deepspec.drafters.registry import KINDS
-from deepspec.features.extract import FeatureStore, drafter_layers, load_manifest
-from deepspec.layout import drafter_dir, drafter_model, features_dir
+from deepspec.features.extract import LAYER_CONVENTION, FeatureStore, drafter_layers, load_manifest
+from deepspec.layout import drafter_dir, drafter_model, features_dir, train_data_file
 from deepspec.training.distributed import Trainable, World, join, leave, micro_plan, save_checkpoint
-from deepspec.training.targets import cached_soft_targets, draft_vocab, supervised, topk_mass, training_targets
+from deepspec.training.targets import cached_soft_targets, draft_vocab, supervised, training_targets
 
 
 def lr_at(step: int, total: int, dc) -> float:
@@ -98,41 +98,60 @@ class _Training:
         self.out = drafter_dir(cfg, name)
         self.say = print if world.main else (lambda *a, **k: None)
         torch.set_num_threads(tc.threads or max(1, (os.cpu_count() or 1) // world.size))
-        fdir = features_dir(cfg)
-        manifest = load_manifest(fdir)
-        run.tags(tracking.lineage({"feature_manifest": fdir / "manifest.json"},
-                                  {"drafter": cfg.section_hash("drafters", name), "train_data": cfg.section_hash("train_data"),
-                                   "features": cfg.section_hash("features"), "target": cfg.section_hash("target")}))
-        loaded = load_model(cfg.target.model, cfg.target.dtype)
-        if manifest["target_fingerprint"] != loaded.fingerprint:
-            raise ValueError(f"{fdir}: features were extracted from another target ({manifest['target_fingerprint']})")
-        self.layers = drafter_layers(cfg, name, loaded.model.config.num_hidden_layers)
-        self.store = store = FeatureStore(fdir, manifest, self.layers)
+        online = cfg.features.extract == "online"
+        sections = {"drafter": cfg.section_hash("drafters", name), "train_data": cfg.section_hash("train_data"),
+                    "features": cfg.section_hash("features"), "target": cfg.section_hash("target")}
+        t_soft = time.perf_counter()
+        if online:  # the target's states computed here, per sequence, and no cache
+            from deepspec.features.online import OnlineFeatures, OnlineSoftTargets
+            from deepspec.models import load_target
+
+            run.tags(tracking.lineage({"train_data": train_data_file(cfg)}, sections))
+            target = load_target(cfg.target.model, cfg.target.dtype, cfg.target.backend,
+                                 max(cfg.target.max_len, cfg.features.max_len), world.device)
+            loaded, convention = target.loaded, LAYER_CONVENTION
+            self.layers = drafter_layers(cfg, name, loaded.model.config.num_hidden_layers)
+            self.store = store = OnlineFeatures(cfg, target, self.layers, world.device)
+            lm_head = loaded.model.get_output_embeddings().weight.detach().float()
+            self.soft, self.soft_reused = OnlineSoftTargets(store, lm_head, dc.soft_top_k), False
+        else:
+            fdir = features_dir(cfg)
+            manifest = load_manifest(fdir)
+            run.tags(tracking.lineage({"feature_manifest": fdir / "manifest.json"}, sections))
+            loaded, convention = load_model(cfg.target.model, cfg.target.dtype), manifest["layer_convention"]
+            if manifest["target_fingerprint"] != loaded.fingerprint:
+                raise ValueError(f"{fdir}: features were extracted from another target ({manifest['target_fingerprint']})")
+            self.layers = drafter_layers(cfg, name, loaded.model.config.num_hidden_layers)
+            self.store = store = FeatureStore(fdir, manifest, self.layers)
+            lm_head = loaded.model.get_output_embeddings().weight.detach().float()
+            if not world.main:
+                world.barrier()  # rank 0 computes and stores the soft targets; the others read them
+            self.soft, self.soft_reused = cached_soft_targets(fdir, manifest, store, lm_head, dc.soft_top_k)
+            if world.main:
+                world.barrier()
+        self.soft_s = time.perf_counter() - t_soft
         perm = _order(len(store), tc.seed, -1)
         n_val = min(tc.val_sequences, len(store) // 5)
         self.val_idx, self.train_idx = perm[:n_val], perm[n_val:]
-        lm_head = loaded.model.get_output_embeddings().weight.detach().float()
-        t_soft = time.perf_counter()
-        if not world.main:
-            world.barrier()  # rank 0 computes and stores the soft targets; the others read them
-        self.soft, self.soft_reused = cached_soft_targets(fdir, manifest, store, lm_head, dc.soft_top_k)
-        if world.main:
-            world.barrier()
-        self.soft_s = time.perf_counter() - t_soft
         vocab_size = loaded.model.config.vocab_size
+        mass: list[tuple[float, int]] = []  # top-k mass kept and positions, per sequence, counted on the one pass
+
+        def counted(i: int) -> dict[str, torch.Tensor]:
+            st = self.soft[i]
+            mass.append((float(st["top_logp"].exp().sum()), int(st["top_logp"].shape[0])))
+            return st
+
         self.draft_ids, self.coverage = draft_vocab(
-            (self.soft[i] for i in self.train_idx),
+            (counted(i) for i in self.train_idx),
             (supervised(store.loss_mask(i), dc.supervise) for i in self.train_idx), vocab_size, dc.draft_vocab,
             dc.vocab_coverage)
-        meta = {"target": cfg.target.model, "target_fingerprint": loaded.fingerprint,
-                "layer_convention": manifest["layer_convention"]}
+        meta = {"target": cfg.target.model, "target_fingerprint": loaded.fingerprint, "layer_convention": convention}
         model = self.kind.new_drafter(dc, loaded.model, loaded.tokenizer, self.layers, self.draft_ids,
                                       (store.sequence(i)["hidden"] for i in self.train_idx), meta, f"drafters.{name}",
                                       self.say)
         self.steps = self.kind.steps(dc, model)
         self.lookup = torch.full((vocab_size,), -1, dtype=torch.long)
         self.lookup[self.draft_ids] = torch.arange(self.draft_ids.numel())
-        self.mass = topk_mass(self.soft[i] for i in range(len(store)))
         masks = [store.loss_mask(i) for i in self.train_idx]
         self.counts = {"train_tokens": sum(int(m.numel()) for m in masks),
                        "supervised_positions": sum(int(supervised(m, dc.supervise).sum()) for m in masks),
@@ -140,7 +159,8 @@ class _Training:
         del masks
         # Validation always scores the assistant positions, where the target writes at inference, so recipes
         # are compared on the same examples; it is small and stays in memory.
-        self.val = [self.example(i, "assistant") for i in self.val_idx]
+        self.val = [(counted(i), self.example(i, "assistant"))[1] for i in self.val_idx]
+        self.mass = sum(m for m, _ in mass) / max(sum(n for _, n in mass), 1)
         self.per = min(tc.batch_sequences, len(self.train_idx))
         self.n_micro = tc.sequences_per_step // tc.batch_sequences  # micro-batches of `per` sequences per step
         self.mine = micro_plan(self.n_micro, world)

@@ -69,9 +69,11 @@ rule feature_manifest:
 
 # The checkpoint folder and train_log.jsonl are not declared outputs: Snakemake would delete them before
 # a rerun, and they are what a killed training resumes from.
+# With `features.extract: online` a train job runs the target itself: it needs the training data, and the
+# extract jobs leave the DAG.
 rule train:
     input:
-        rules.feature_manifest.output,
+        rules.prepare_train.output if CFG.features.extract == "online" else rules.feature_manifest.output,
     output:
         model=drafter_model("{drafter}"),
         metrics=str(layout.drafter_dir(CFG, "{drafter}") / "metrics.json"),
