@@ -68,7 +68,7 @@ def bytes_per_token(n_layers: int, hidden_size: int, dtype: str) -> int:
     return (n_layers + 1) * hidden_size * DTYPES[dtype].itemsize + 5
 
 
-def _shard_rows(rows: list[dict[str, Any]], shard: int, shards: int) -> list[dict[str, Any]]:
+def shard_rows(rows: list[dict[str, Any]], shard: int, shards: int) -> list[dict[str, Any]]:
     return rows[shard::shards]  # strided: regenerated.jsonl is sorted by length, so shards stay balanced
 
 
@@ -99,7 +99,7 @@ def extract_shard(cfg: Config, shard: int, target=None) -> Path:
     src = train_data_file(cfg)
     if not src.is_file():
         raise FileNotFoundError(f"{src}: training data missing; run `deepspec prepare --train` first")
-    rows = _shard_rows(io.read_jsonl(src), shard, cfg.features.shards)
+    rows = shard_rows(io.read_jsonl(src), shard, cfg.features.shards)
     max_len = cfg.features.max_len
     with tracking.stage_run(cfg, "extract", f"extract shard {shard}", shard=str(shard)) as run:
         device = torch.device("cpu")

@@ -17,7 +17,7 @@ import torch
 from deepspec import io
 from deepspec.config import Config
 from deepspec.devices import on
-from deepspec.features.extract import DTYPES, _shard_rows, capture, feature_layers, layer_columns
+from deepspec.features.extract import DTYPES, shard_rows, capture, feature_layers, layer_columns
 from deepspec.layout import train_data_file
 from deepspec.training.targets import soft_targets
 
@@ -37,7 +37,7 @@ class OnlineFeatures:
         self.cols = layer_columns(self.stored, layers, n_layers)
         cut = cfg.features.max_len
         shards = cfg.features.shards
-        self.seqs = [(r["input_ids"][:cut], r["loss_mask"][:cut]) for s in range(shards) for r in _shard_rows(rows, s, shards)]
+        self.seqs = [(r["input_ids"][:cut], r["loss_mask"][:cut]) for s in range(shards) for r in shard_rows(rows, s, shards)]
         self.index = [(0, 0, len(ids)) for ids, _ in self.seqs]
         self._last: tuple[int, torch.Tensor] | None = None
         self.forward_s = 0.0
