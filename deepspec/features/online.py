@@ -38,21 +38,15 @@ class OnlineFeatures:
         cut = cfg.features.max_len
         shards = cfg.features.shards
         self.seqs = [(r["input_ids"][:cut], r["loss_mask"][:cut]) for s in range(shards) for r in shard_rows(rows, s, shards)]
-        self.index = [(0, 0, len(ids)) for ids, _ in self.seqs]
         self._last: tuple[int, torch.Tensor] | None = None
-        self.forward_s = 0.0
 
     def __len__(self) -> int:
         return len(self.seqs)
 
     def _states(self, i: int) -> torch.Tensor:
         if self._last is None or self._last[0] != i:
-            import time
-
-            t0 = time.perf_counter()
             with torch.no_grad(), on(self.device):
                 feats = capture(self.backend, self.seqs[i][0], self.stored).to(self.dtype).cpu()
-            self.forward_s += time.perf_counter() - t0
             self._last = (i, feats)
         return self._last[1]
 
@@ -72,9 +66,6 @@ class OnlineSoftTargets:
 
     def __init__(self, features: OnlineFeatures, lm_head: torch.Tensor, k: int):
         self.features, self.lm_head, self.k = features, lm_head, min(k, lm_head.shape[0])
-
-    def __len__(self) -> int:
-        return len(self.features)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return soft_targets([{"final": self.features.final(i)}], self.lm_head, self.k)[0]

@@ -66,6 +66,9 @@ def cached_soft_targets(directory: Path, manifest: dict, store: "FeatureStore", 
     cache grown by more shards computes only theirs), written a sequence at a time then renamed. Returns
     (targets, whether they all came from the store)."""
     k = min(k, lm_head.shape[0])
+    by_shard: dict[int, list[int]] = {}
+    for i, (n, _, _) in enumerate(store.index):
+        by_shard.setdefault(n, []).append(i)
     files, reused = [], True
     for n, shard in enumerate(manifest["shards"]):
         key = hashlib.sha256(json.dumps([shard["sha256"], manifest.get("target_fingerprint"), list(lm_head.shape),
@@ -75,10 +78,9 @@ def cached_soft_targets(directory: Path, manifest: dict, store: "FeatureStore", 
         if path.is_file():
             continue
         reused = False
-        seqs = [i for i, (s, _, _) in enumerate(store.index) if s == n]
         tokens = shard["tokens"]
         with RowWriter(path, {"top_ids": (torch.int32, (tokens, k)), "top_logp": (torch.float32, (tokens, k))}) as out:
-            for i in seqs:
+            for i in by_shard.get(n, []):
                 _, a, _ = store.index[i]
                 st = soft_targets([{"final": store.final(i)}], lm_head, k)[0]
                 out.write("top_ids", a, st["top_ids"])
