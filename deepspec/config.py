@@ -184,6 +184,13 @@ class EvalConfig(Strict):
     top_k: Annotated[int, Field(ge=0)] = 0
     seed: int = 0
     threads: Annotated[int, Field(ge=0)] = 0
+    tie_margin: Annotated[float, Field(ge=0)] = Field(
+        0.25, description="on a GPU or in reduced precision, a greedy output may leave the autoregressive one only "
+                          "where the two tokens' logits differ by at most this (a near-tie; about two bf16 roundings "
+                          "at logits of 16-32); float32 on the CPU must match token for token")
+
+
+hash_default(EvalConfig, tie_margin=0.25)
 
 
 STAGES = ("prepare", "prepare_train", "extract", "feature_manifest", "train", "evaluate", "report")
@@ -198,8 +205,8 @@ class ResourcesConfig(Strict):
     plugin turns them into its request). Where jobs run, not what they compute: left out of every hash."""
 
     gpus: Annotated[int, Field(ge=0)] = Field(
-        0, description="GPUs per extract job (each claims a free device of its node); a train job asks for "
-                       "train.processes GPUs when this is > 0")
+        0, description="GPUs per extract job (each claims a free device of its node); when this is > 0 a train "
+                       "job asks for train.processes GPUs and an evaluate job for one")
     mem_mb: dict[str, Annotated[int, Field(ge=1)]] = Field(
         _MEM_MB, description="memory per job of each stage (MB); stages left out keep these defaults")
     runtime_min: dict[str, Annotated[int, Field(ge=1)]] = Field(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +45,8 @@ def test_paper_profile_dry_runs(profile):
     out = done.stdout + done.stderr
     assert "extract               512" in out and "evaluate               36" in out
     assert "gpu=8" in out and "mem_mb=512000" in out  # a train job asks for its 8 processes' GPUs
+    evaluate = [block for block in out.split("rule ")[1:] if block.startswith("evaluate:")]
+    assert len(evaluate) == 36 and all(re.search(r"\bgpu=1\b", b) for b in evaluate)  # each decodes on a GPU of its own
 
 
 def test_check_prints_the_cost_before_anything_starts():
@@ -104,5 +107,14 @@ def test_prepared_gpu_check_runs_end_to_end_on_a_tiny_target():
     from deepspec.gpu_check import gpu_check
 
     rows = gpu_check("tiny", steps=2)
-    assert [r["part"] for r in rows][:4] == ["device", "train eagle3", "train dflash", "train dspark"]
-    assert all(r["result"] == "ok" for r in rows), rows
+    parts = [r["part"] for r in rows]
+    assert parts[:5] == ["device", "train eagle3", "train dflash", "train dspark", "train medusa"]
+    kinds = ("ar", "pld", "suffix", "draft_lm", "eagle3", "dflash", "dspark", "medusa")
+    assert [f"decode {k} (random float32)" for k in kinds] == [p for p in parts if "(random" in p]
+    assert [f"decode {k} (SmolLM2-135M float32)" for k in kinds[:4]] == [p for p in parts if "(SmolLM2" in p]
+    graphs = next(r for r in rows if "CUDA graphs" in r["part"])
+    assert graphs["result"] == "skipped"  # needs a CUDA device; every other part runs here
+    assert all(r["result"] == "ok" for r in rows if r is not graphs), rows
+    real = {r["part"]: r["detail"] for r in rows if "(SmolLM2" in r["part"]}
+    assert "2/2 outputs equal, rule exact" in real["decode pld (SmolLM2-135M float32)"]
+    assert float(real["decode pld (SmolLM2-135M float32)"].split("tau ")[1].split(",")[0]) > 1.1  # drafts accepted

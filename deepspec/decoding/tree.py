@@ -78,18 +78,20 @@ class DraftTree:
         """RoPE positions of the verification rows: the root at `offset`, nodes at offset + depth."""
         return torch.tensor([offset] + [offset + d for d in self.depths], dtype=torch.long)
 
-    def attention_mask(self, prefix_len: int, dtype: torch.dtype) -> Tensor:
-        """Additive mask [n + 1, prefix_len + n + 1]: committed prefix visible, tree rows see their ancestors."""
+    def attention_mask(self, prefix_len: int, dtype: torch.dtype, device: torch.device | None = None) -> Tensor:
+        """Additive mask [n + 1, prefix_len + n + 1]: committed prefix visible, tree rows see their ancestors.
+        Built row by row on the host, then sent to `device` (default: torch's default device) in one copy."""
         n = len(self) + 1
-        allowed = torch.zeros((n, n), dtype=torch.bool)
+        allowed = torch.zeros((n, n), dtype=torch.bool, device="cpu")
         allowed[:, 0] = True
         for i, p in enumerate(self.parents):
             row = i + 1
             if p >= 0:
                 allowed[row] = allowed[p + 1]
             allowed[row, row] = True
-        mask = torch.zeros((n, prefix_len + n), dtype=dtype)
-        mask[:, prefix_len:].masked_fill_(~allowed, float("-inf"))
+        device = device or torch.get_default_device()
+        mask = torch.zeros((n, prefix_len + n), dtype=dtype, device=device)
+        mask[:, prefix_len:].masked_fill_(~allowed.to(device), float("-inf"))
         return mask
 
     def paths(self) -> list[list[int]]:
@@ -109,8 +111,9 @@ def scratch_mask(nodes: list[int], parents: list[int], row_of: dict[int, int], b
                  dtype: torch.dtype) -> tuple[Tensor, list[int]]:
     """For a drafter growing a tree in its own cache: the additive mask of draft steps for `nodes`, written
     at scratch rows base+used.., and their depths. Each node sees the committed rows [0, base), the
-    scratch rows of its ancestors (`row_of`: node -> offset past base) and itself."""
-    mask = torch.full((len(nodes), base + used + len(nodes)), float("-inf"), dtype=dtype)
+    scratch rows of its ancestors (`row_of`: node -> offset past base) and itself. Built on the host, returned
+    on torch's default device (the drafter's, inside `devices.on`)."""
+    mask = torch.full((len(nodes), base + used + len(nodes)), float("-inf"), dtype=dtype, device="cpu")
     mask[:, :base] = 0.0
     depths = []
     for r, node in enumerate(nodes):
@@ -121,7 +124,7 @@ def scratch_mask(nodes: list[int], parents: list[int], row_of: dict[int, int], b
             a, d = parents[a], d + 1
         mask[r, base + used + r] = 0.0
         depths.append(d)
-    return mask, depths
+    return mask.to(torch.get_default_device()), depths
 
 
 def dynamic_tree(root_logp: Tensor, expand, depth: int, top_k: int, total_tokens: int) -> DraftTree:

@@ -8,6 +8,7 @@ from pathlib import Path
 from deepspec.config import AutoregressiveMethod, DraftLMMethod, HybridMethod, NgramMethod, SuffixMethod
 from deepspec.config_base import TrainedMethod
 from deepspec.decoding.proposer import Proposer
+from deepspec.devices import on
 from deepspec.drafters.registry import KINDS
 
 
@@ -40,7 +41,9 @@ def build_proposer(method, target=None, name: str = "", drafters_root=None, temp
         return _draft_lm(method, target, name)
     if isinstance(method, TrainedMethod):
         kind, drafter = load_drafter(method, target, name, drafters_root)
-        return kind.proposer(method, drafter, target, temperature, seed)
+        backend = target.backend
+        with on(backend.device):  # the proposer's caches and generator live where the target runs
+            return kind.proposer(method, drafter.to(backend.device, backend.dtype), target, temperature, seed)
     raise ValueError(f"no proposer for method kind {method.kind!r}")
 
 
@@ -75,9 +78,9 @@ def _draft_lm(method: DraftLMMethod, target, name: str) -> Proposer:
     if method.model is None:
         hf = target.loaded.model
     else:
-        loaded = load_model(method.model)
+        loaded = load_model(method.model, str(target.backend.dtype).removeprefix("torch."))
         check_same_tokenizer(loaded.tokenizer, target.tokenizer, where)
-        hf = loaded.model
+        hf = loaded.model.to(target.backend.device)
     draft = LeanLlama(hf, target.backend.cache.max_len, n_layers=method.layers,
                       linear="torch" if method.quantize == "int8" else "auto")
     if method.quantize == "int8":

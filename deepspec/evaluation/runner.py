@@ -24,7 +24,10 @@ from deepspec.data.tasks import chat_ids
 from deepspec.decoding.engine import Engine
 from deepspec.decoding.verify import Sampling
 from deepspec.drafters.build import build_proposer
+from deepspec.devices import job_device
+from deepspec.evaluation.lossless import NEAR_TIE, divergence, lossless_rule
 from deepspec.evaluation.metrics import summarize, turn_record
+from deepspec.models.attention import sdpa_label
 from deepspec.layout import drafter_model, drafters_root, eval_dir, task_file
 from deepspec.models import Target, load_target
 
@@ -33,21 +36,35 @@ def sampling_of(cfg: Config) -> Sampling:
     return Sampling(cfg.eval.temperature, cfg.eval.top_k, cfg.eval.top_p)
 
 
+def turn_prompt(tok, turns: list[str], answers: list[str], turn: int, template_kwargs: dict | None = None) -> list[int]:
+    """The prompt ids of turn `turn`: the user turns so far, each earlier one followed by its answer."""
+    messages: list[dict[str, str]] = []
+    for i in range(turn + 1):
+        messages.append({"role": "user", "content": turns[i]})
+        if i < turn:
+            messages.append({"role": "assistant", "content": answers[i]})
+    return chat_ids(tok, messages, template_kwargs)
+
+
 def run_conversation(engine: Engine, target: Target, turns: list[str], max_new_tokens: int, proposer, seed: int,
                      template_kwargs: dict | None = None) -> list[dict]:
     """All turns of one sample; each later turn sees this method's own earlier answers."""
     tok = target.tokenizer
-    messages: list[dict[str, str]] = []
-    outputs = []
-    for i, turn in enumerate(turns):
-        messages.append({"role": "user", "content": turn})
-        prompt = chat_ids(tok, messages, template_kwargs)
-        generator = torch.Generator().manual_seed(seed * 1000 + i)
-        gen = engine.generate(prompt, max_new_tokens, proposer, generator)
-        text = tok.decode(gen.tokens, skip_special_tokens=True)
-        outputs.append(turn_record(gen, text))
-        messages.append({"role": "assistant", "content": text})
+    outputs: list[dict] = []
+    for i in range(len(turns)):
+        prompt = turn_prompt(tok, turns, [o["text"] for o in outputs], i, template_kwargs)
+        gen = engine.generate(prompt, max_new_tokens, proposer, engine.generator(seed * 1000 + i))
+        outputs.append(turn_record(gen, tok.decode(gen.tokens, skip_special_tokens=True)))
     return outputs
+
+
+def sample_divergence(target: Target, rec: dict, template_kwargs: dict | None) -> dict | None:
+    """The first divergence of a sample's outputs from its baseline's, weighed by the target (`lossless.divergence`)."""
+    for t, (mine, base) in enumerate(zip(rec["outputs"], rec["baseline"])):
+        if mine["token_ids"] != base["token_ids"]:
+            prompt = turn_prompt(target.tokenizer, rec["turns"], [o["text"] for o in rec["outputs"]], t, template_kwargs)
+            return {"turn": t, **divergence(target.backend, prompt, mine["token_ids"], base["token_ids"])}
+    return None
 
 
 def drafter_folders(cfg: Config, method: str) -> dict[str, Path]:
@@ -84,8 +101,10 @@ def evaluate(cfg: Config, method: str, task: str, threads: int | None = None) ->
     chash = cfg.hash()
 
     with tracking.stage_run(cfg, "evaluate", f"evaluate {method} {task}", method=method, task=task) as run:
-        target = load_target(cfg.target.model, cfg.target.dtype, cfg.target.backend, cfg.target.max_len)
+        device = job_device(1 if cfg.resources.gpus else 0)  # a GPU of this node no other deepspec job holds
+        target = load_target(cfg.target.model, cfg.target.dtype, cfg.target.backend, cfg.target.max_len, device)
         engine = Engine(target.backend, target.loaded.eos_ids, sampling_of(cfg))
+        rule = lossless_rule(device, target.backend.dtype)
         proposer = build_proposer(cfg.methods[method], target, method, drafters_root(cfg), cfg.eval.temperature,
                                   cfg.eval.seed, cfg.methods)
         base_proposer = build_proposer(cfg.methods[baseline], target)
@@ -98,7 +117,8 @@ def evaluate(cfg: Config, method: str, task: str, threads: int | None = None) ->
         run.params({"method": method, "task": task, "baseline": baseline, "max_new_tokens": max_new,
                     "samples": len(samples), "target": cfg.target.model, "target_fingerprint": target.loaded.fingerprint,
                     "temperature": cfg.eval.temperature, "top_p": cfg.eval.top_p, "top_k": cfg.eval.top_k,
-                    "threads": torch.get_num_threads(),
+                    "threads": torch.get_num_threads(), "device": str(device), "dtype": cfg.target.dtype,
+                    "sdpa": sdpa_label(device), "lossless_rule": rule,
                     **{f"method.{k}": v for k, v in cfg.methods[method].model_dump().items()}})
         # Warm-up: first calls pay one-off allocation costs that would bias whichever method runs first.
         warm = chat_ids(target.tokenizer, [{"role": "user", "content": "Hello"}], cfg.target.chat_template_kwargs)
@@ -128,15 +148,18 @@ def evaluate(cfg: Config, method: str, task: str, threads: int | None = None) ->
                 for key, prop in order:
                     rec[key] = run_conversation(engine, target, sample["turns"], max_new, prop, seed,
                                                 cfg.target.chat_template_kwargs)
+                if paired and engine.sampling.greedy and rule == NEAR_TIE:
+                    rec["divergence"] = sample_divergence(target, rec, cfg.target.chat_template_kwargs)
                 fh.write(json.dumps(rec) + "\n")
                 fh.flush()
                 records.append(rec)
-                m = summarize(records, engine.sampling.greedy, paired)
+                m = summarize(records, engine.sampling.greedy, paired, rule, cfg.eval.tie_margin)
                 bar.set_postfix(tau=f"{m['tau']:.2f}", speedup=f"{m['speedup']:.2f}x", tok_s=f"{m['tokens_per_s']:.1f}")
         bar.close()
 
-        metrics = summarize(records, engine.sampling.greedy, paired)
+        metrics = summarize(records, engine.sampling.greedy, paired, rule, cfg.eval.tie_margin)
         metrics.update({"method": method, "task": task, "kind": cfg.methods[method].kind, "baseline": baseline,
+                        "device": str(device), "dtype": cfg.target.dtype, "sdpa": sdpa_label(device),
                         "config_hash": chash, "target": cfg.target.model, "target_fingerprint": target.loaded.fingerprint,
                         "max_new_tokens": max_new, "elapsed_s": time.perf_counter() - start})
         if getattr(proposer, "chosen", None):  # a hybrid: rounds each of its methods drafted (warm-up included)
@@ -157,6 +180,9 @@ def evaluate(cfg: Config, method: str, task: str, threads: int | None = None) ->
         run.artifact(out / "metrics.json")
         lossless = metrics["lossless"]
         verdict = "n/a" if lossless["passed"] is None else ("PASS" if lossless["passed"] else f"FAIL ({lossless['mismatches']} turns differ)")
+        if lossless.get("rule") == NEAR_TIE and lossless.get("diverged_samples"):
+            verdict += (f" by the near-tie rule ({lossless['diverged_samples']} samples diverge, largest logit gap "
+                        f"{lossless['max_logit_gap']:.3f}, margin {lossless['tie_margin']})")
         lo, hi = metrics["spread"]["speedup_ci95"]
         print(f"[evaluate] {method}/{task}: tau {metrics['tau']:.2f}, {metrics['tokens_per_s']:.1f} tok/s, "
               f"speedup {metrics['speedup']:.2f}x (95% {lo:.2f}-{hi:.2f}) vs {baseline} at "

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from deepspec.decoding.verify import Sampling, target_probs
+from deepspec.models.attention import attend, sdpa_scope
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -33,16 +34,19 @@ class _Layer:
     k_norm: Tensor | None
 
 
-class KVCache:
+class KVCache(torch.nn.Module):
     """Preallocated keys/values for all layers: [layers, kv_heads, max_len, head_dim], batch size one.
 
-    `length` counts committed positions; rows past it are scratch space for the tokens being verified.
+    Allocated once, as module buffers (they move with `.to(device)`); `length` counts committed
+    positions, rows past it are scratch space for the tokens being verified, and rolling back or
+    compacting is a matter of indices (`commit`), never a reallocation.
     """
 
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, max_len: int, dtype: torch.dtype, device):
+        super().__init__()
         shape = (n_layers, n_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.max_len = max_len
         self.length = 0
 
@@ -52,19 +56,19 @@ class KVCache:
     def room(self) -> int:
         return self.max_len - self.length
 
-    def commit(self, n_written: int, keep: Tensor | None = None) -> None:
+    def commit(self, n_written: int, keep: list[int] | None = None) -> None:
         """Make the scratch rows `keep` (offsets from `length`, ascending) the next committed positions.
 
-        `keep=None` keeps the first `n_written` rows as they are (the chain / autoregressive case).
+        `keep=None` keeps the first `n_written` rows as they are (the chain / autoregressive case). The
+        offsets are host integers, so deciding whether anything moves never waits on the device.
         """
         if keep is None:
             self.length += n_written
             return
-        n = int(keep.numel())
+        n = len(keep)
         start = self.length
-        # Already contiguous (a prefix of the scratch rows): nothing to move.
-        if n and int(keep[-1]) != n - 1:
-            src = keep + start
+        if n and keep[-1] != n - 1:  # not already a prefix of the scratch rows: gather them into place
+            src = torch.tensor(keep, device=self.k.device) + start
             self.k[:, :, start : start + n] = self.k[:, :, src]
             self.v[:, :, start : start + n] = self.v[:, :, src]
         self.length += n
@@ -280,8 +284,9 @@ class LeanLlama:
         if mask is None and n > 1:
             causal = torch.full((n, n), float("-inf"), dtype=self.dtype, device=self.device).triu_(1)
             mask = torch.cat([torch.zeros((n, start), dtype=self.dtype, device=self.device), causal], dim=1)
-        h, captured = self._layers(input_ids[None], positions[None], None if mask is None else mask[None, None],
-                                   cache.k.unsqueeze(1), cache.v.unsqueeze(1), start, capture_layers)
+        with sdpa_scope(self.device):
+            h, captured = self._layers(input_ids[None], positions[None], None if mask is None else mask[None, None],
+                                       cache.k.unsqueeze(1), cache.v.unsqueeze(1), start, capture_layers)
         h = h[0]
         captured = [c[0] for c in captured]
         if logits_rows is not None:
@@ -322,8 +327,7 @@ class LeanLlama:
             k = self._rope(k, cos, sin)
             k_store[i, :, :, start:end] = k
             v_store[i, :, :, start:end] = v
-            attn = F.scaled_dot_product_attention(q, k_store[i, :, :, :end], v_store[i, :, :, :end], attn_mask=mask,
-                                                  enable_gqa=nkv != nh)
+            attn = attend(q, k_store[i, :, :, :end], v_store[i, :, :, :end], mask)
             h = h + _linear(attn.transpose(1, 2).reshape(B * n, q_size), layer.wo).view(B, n, -1)
             x = rms_norm(h, layer.mlp_norm, self.eps).reshape(B * n, -1)
             gate_up = _linear(x, layer.w_gate_up)

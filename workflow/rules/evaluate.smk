@@ -12,7 +12,7 @@ rule evaluate:
         eval=section("eval"),
     threads: workflow.cores
     resources:
-        **resources_of("evaluate"),
+        **resources_of("evaluate", 1 if CFG.resources.gpus else 0),  # one GPU each, claimed as extract claims
     log:
         str(layout.log_file(CFG, "evaluate", "{method}-{task}")),
     shell:

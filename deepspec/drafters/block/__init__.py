@@ -81,7 +81,7 @@ class BlockKind(DrafterKind):
             sizes = tuple(range(1, drafter.drafts + 2))
             curve = verify_cost_curve(target.backend, context=128, sizes=sizes, reps=5)
             verify_ms = [curve[f"chain_{n}"] for n in sizes]
-        return BlockProposer(drafter.to(target.backend.dtype), target.backend.cache.max_len, length=method.length,
+        return BlockProposer(drafter, target.backend.cache.max_len, length=method.length,
                              max_length=method.max_length, threshold=method.threshold, temperature=temperature,
                              verify_ms=verify_ms, tree_top_k=method.tree_top_k, tree_threshold=method.tree_threshold,
                              seed=seed)

@@ -28,15 +28,17 @@ from deepspec.decoding.tree import DraftTree
 from deepspec.drafters.block.model import BlockDrafter
 
 
-class ContextCache:
-    """Per layer K/V [kv_heads, max_len, hd] of committed positions' context rows."""
+class ContextCache(torch.nn.Module):
+    """Per layer K/V [kv_heads, max_len, hd] of committed positions' context rows, module buffers on the
+    drafter's device."""
 
     def __init__(self, drafter: BlockDrafter, max_len: int):
-        dtype = drafter.norm.weight.dtype
+        super().__init__()
+        norm = drafter.norm.weight
         attn = drafter.layers[0].self_attn
         shape = (len(drafter.layers), attn.n_kv, max_len, attn.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype)
-        self.v = torch.zeros(shape, dtype=dtype)
+        self.register_buffer("k", torch.zeros(shape, dtype=norm.dtype, device=norm.device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=norm.dtype, device=norm.device), persistent=False)
         self.max_len = max_len
         self.length = 0
 
@@ -62,7 +64,7 @@ class BlockProposer:
         self._d2t = drafter.draft_to_target
         self._rows = drafter.draft_rows
         self._vocab = drafter.config["vocab_size"]
-        self._generator = torch.Generator().manual_seed(seed)
+        self._generator = torch.Generator(device=drafter.norm.weight.device).manual_seed(seed)
         self.draft_ms = 0.0  # running estimate of one drafting round, for the cost model
 
     def reset(self) -> None:

@@ -67,7 +67,7 @@ class Eagle3Kind(DrafterKind):
     def proposer(self, method, drafter, target: Any, temperature, seed):
         from deepspec.drafters.eagle3.proposer import Eagle3Proposer
 
-        return Eagle3Proposer(drafter.to(target.backend.dtype), target.backend.cache.max_len, method.depth,
+        return Eagle3Proposer(drafter, target.backend.cache.max_len, method.depth,
                               method.top_k, method.total_tokens)
 
 

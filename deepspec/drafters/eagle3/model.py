@@ -224,13 +224,15 @@ class Eagle3Drafter(FolderCheckpoint, nn.Module):
         return h, torch.log_softmax(self.logits(h).float(), dim=-1)
 
 
-class DraftCache:
-    """The drafter's K/V: [kv_heads, max_len, head_dim]; rows past `length` are scratch for tree nodes."""
+class DraftCache(torch.nn.Module):
+    """The drafter's K/V: [kv_heads, max_len, head_dim], module buffers on the drafter's device; rows past
+    `length` are scratch for tree nodes."""
 
     def __init__(self, drafter: Eagle3Drafter, max_len: int):
+        super().__init__()
         shape = (drafter.n_kv, max_len, drafter.head_dim)
-        dtype = drafter.norm.weight.dtype  # (a norm: linears may be prepacked for inference)
-        self.k = torch.zeros(shape, dtype=dtype)
-        self.v = torch.zeros(shape, dtype=dtype)
+        norm = drafter.norm.weight  # (a norm: linears may be prepacked for inference)
+        self.register_buffer("k", torch.zeros(shape, dtype=norm.dtype, device=norm.device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=norm.dtype, device=norm.device), persistent=False)
         self.max_len = max_len
         self.length = 0

@@ -86,7 +86,7 @@ class MedusaKind(DrafterKind):
         from deepspec.models.lean import normed_final
 
         backend = target.backend
-        return MedusaProposer(drafter.to(backend.dtype), backend.config.num_hidden_layers,
+        return MedusaProposer(drafter, backend.config.num_hidden_layers,
                               lambda h: normed_final(backend, h), method.top_k, method.total_tokens, method.depth)
 
 
