@@ -108,6 +108,18 @@ class DrafterBase(Strict):
     train: TrainConfig = TrainConfig()
 
 
+class HeadLossOption(Strict):
+    """For kinds scored per step through the target-sized head (EAGLE-3, Medusa): how each step's logits are held."""
+
+    head_loss: Literal["auto", "chunked", "naive"] = Field(
+        "auto", description="each step's head and loss: `chunked` recomputes the logits in row chunks in the "
+                            "backward (no [T, V] tensor kept per step: large vocabularies), `naive` keeps each "
+                            "step's log-probabilities; auto: chunked on GPUs, naive on the CPU (its references)")
+
+    def chunked_head(self, on_gpu: bool) -> bool:
+        return self.head_loss == "chunked" or (self.head_loss == "auto" and on_gpu)
+
+
 class TrainedMethod(Strict):
     """A method that decodes with a trained drafter: one trained here (`drafter`, an entry under `drafters`)
     or a published checkpoint folder (`checkpoint`). `decodes` names the drafter kinds it can decode with."""

@@ -125,6 +125,32 @@ def test_overfit_eagle3_drafter_is_lossless_with_long_accepted_paths(overfit, to
     assert committed / forwards > 2.0, f"tau {committed / forwards:.2f}: the drafter should be right most of the time"
 
 
+def test_chain_drafting_on_the_device_equals_the_top_1_tree(overfit):
+    """A chain (top_k 1) is drafted step by step on the drafter's device with no host sync: every round it
+    proposes exactly what the EAGLE-2 tree builder picks with top_k 1, and long paths get accepted."""
+    from deepspec.decoding.engine import Engine
+    from deepspec.drafters.eagle3.proposer import Eagle3Proposer
+    from deepspec.models import make_backend
+
+    class BothWays(Eagle3Proposer):
+        rounds = 0
+
+        def _chain(self, root_logp, root_h, base, length):
+            tree = self._tree(root_logp, root_h, base, length)
+            chain = super()._chain(root_logp, root_h, base, length)
+            assert tree.is_chain() and tree.tokens == chain
+            self.rounds += 1
+            return chain
+
+    target, prompts, drafter = overfit
+    engine = Engine(make_backend(target, "lean", 256), stop_ids=[], max_nodes=16)
+    proposer = BothWays(drafter, 256, depth=5, top_k=1, total_tokens=5)
+    for prompt in prompts:
+        spec = engine.generate(prompt, 40, proposer)
+        assert spec.tokens == engine.generate(prompt, 40).tokens and max(spec.accepted) >= 4
+    assert proposer.rounds > 10
+
+
 def test_sharegpt_reader_recovers_truncated_file(tmp_path):
     from deepspec.data.regenerate import load_conversations, read_sharegpt
     from deepspec.config import TrainDataConfig

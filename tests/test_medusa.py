@@ -45,6 +45,35 @@ def prompts():
     return [torch.randint(0, 64, (7,), generator=torch.Generator().manual_seed(s)).tolist() for s in range(3)]
 
 
+@pytest.mark.parametrize("share_head", [True, False])
+def test_chunked_medusa_loss_trains_as_the_naive_one(share_head):
+    """Each head's readout and loss in row chunks (no [T, V] logits kept) gives the naive path's losses, hits,
+    accepted runs and gradients, own heads or the target's shared one, on a vocabulary the targets leave."""
+    from deepspec.drafters.medusa.model import MedusaHeads
+
+    target = tiny_llama(vocab=64, layers=2)
+    heads = MedusaHeads.for_target(target, torch.arange(0, 64, 2), 3, 2, share_head).double()
+    T, k = 15, 5
+    g = torch.Generator().manual_seed(4)
+    final = torch.randn(T, 32, dtype=torch.float64, generator=g)
+    idx = torch.randint(0, 32, (T, k), generator=g)
+    p = torch.softmax(torch.randn(T, k, dtype=torch.float64, generator=g), -1)
+    top = torch.randint(0, 64, (T,), generator=g)
+    trained = torch.rand(T, generator=g) > 0.2
+    out = {}
+    for chunked in (False, True):
+        heads.zero_grad()
+        losses, hits, run = heads.medusa_loss(final, top, idx, p, top, trained.double(), trained, 3, chunked_head=chunked)
+        sum(losses).backward()
+        out[chunked] = (torch.stack(losses).detach(), torch.stack(hits), run,
+                        {n: q.grad.clone() for n, q in heads.named_parameters() if q.grad is not None})
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-6, atol=1e-9)
+    assert torch.equal(out[True][1], out[False][1]) and torch.equal(out[True][2], out[False][2])
+    assert out[True][3].keys() == out[False][3].keys() and any(n.startswith("blocks.") for n in out[True][3])
+    for name, grad in out[False][3].items():
+        torch.testing.assert_close(out[True][3][name], grad, rtol=1e-4, atol=1e-6)
+
+
 def test_medusa_loss_scores_head_k_against_the_token_k_plus_two_ahead():
     """Heads that output the target's prediction k + 1 positions later hit at every scored position, with
     chains of all three heads; shifted by one position they hit nowhere (the alignment the tree relies on)."""

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from deepspec.drafters.checkpoint import FolderCheckpoint
 from deepspec.drafters.layers import MLP, RMSNorm, init_normal, inv_freq, rope, rotate, target_shape
+from deepspec.models.attention import attend
 
 ALGORITHMS = ("dflash", "dspark")
 LAYER_CONVENTION = "output: id k = output of decoder layer k (HF hidden_states[k + 1]; -1 = the embeddings)"
@@ -59,7 +60,7 @@ class BlockAttention(nn.Module):
         k, v = self.keys_values(x, cos, sin)
         if visible is None:  # one block that sees every context key (inference)
             k, v = torch.cat([ctx_k, k], dim=1), torch.cat([ctx_v, v], dim=1)
-            out = F.scaled_dot_product_attention(q[None], k[None], v[None], enable_gqa=self.n_kv != self.n_heads)[0]
+            out = attend(q[None], k[None], v[None], None)[0]
         else:
             out = block_attention(q, k, v, ctx_k, ctx_v, visible, block_size)
         return self.o_proj(out.transpose(0, 1).reshape(n, -1))

@@ -94,54 +94,70 @@ class BlockProposer:
         x = d.block_inputs(torch.tensor([tokens[-1]]))
         kv = [(c.k[i, :, :n], c.v[i, :, :n]) for i in range(len(d.layers))]
         h = d.backbone(x, torch.arange(n, n + d.block_size), kv, None)[self._rows]  # [D, H]
-        base = d.lm_head(h).float()
         limit = min(self.max_length, max_nodes)
-        toks: list[int] = []
-        qs: list[Tensor | None] = []
-        conf: list[float] = []
-        alts: list[tuple[int, list[int]]] = []  # (draft index, sibling tokens)
-        prev, carry = tokens[-1], None
+        drafted, conf_t, qs, alt_t = self._read_block(h, tokens[-1], limit)
+        # The round's reads from the device, after the loop: the first waits for the drafting, the rest find
+        # the device idle.
+        chain = drafted.tolist()
+        conf = conf_t.tolist() if conf_t is not None else []
+        alternatives = alt_t.tolist() if alt_t is not None else []
+        length = len(chain)
+        if self.length == "threshold":  # stop before the first later draft below the threshold
+            length = next((j for j in range(1, len(conf)) if conf[j] < self.threshold), length)
+        elif self.length == "cost" and conf:
+            length = self._cost_length(conf)
+        chain = chain[:length]
+        ms = (time.perf_counter() - t0) * 1e3
+        self.draft_ms = 0.8 * self.draft_ms + 0.2 * ms if self.draft_ms else ms
+        if self.temperature > 0:
+            return DraftTree.chain(chain, qs[:length])
+        # Siblings where a draft is unsure (no confidence head: at the first draft, which gates every later one).
+        unsure = [j for j in range(length) if (conf[j] < self.tree_threshold if conf else j == 0)]
+        if not alternatives or not unsure:
+            return DraftTree.chain(chain)
+        tokens_out, parents = list(chain), list(range(-1, length - 1))
+        for j in unsure:
+            for s in alternatives[j]:
+                if len(tokens_out) >= max_nodes:
+                    break
+                tokens_out.append(s)
+                parents.append(j - 1)  # a sibling of draft j: same parent
+        return DraftTree(tokens_out, parents)
+
+    def _read_block(self, h: Tensor, anchor: int, limit: int) -> tuple[Tensor, Tensor | None, list[Tensor], Tensor | None]:
+        """Drafts read left to right from the block's states h [D, H], all on the drafter's device with no host
+        sync: the Markov head's bias and the confidence follow the token chosen before (greedy, or sampled
+        from exactly the q it records). Returns the drafts' target ids [limit], their confidences [limit]
+        (None without a confidence head), each sampled draft's q over the target vocabulary, and the next
+        best target ids [limit, tree_top_k - 1] for siblings (greedy with tree_top_k > 1)."""
+        d = self.drafter
+        base = d.lm_head(h).float()  # every row, as training reads them (fewer rows may round differently)
         sampled = self.temperature > 0
+        prev = torch.tensor(anchor)  # target id of the token before draft j
+        carry = None
+        drafted, confs, qs, alts = [], [], [], []
         for j in range(limit):
             logits, state = base[j], None
             if d.markov_head is not None:
-                state = d.markov_head.state(torch.tensor(prev), carry)
+                state = d.markov_head.state(prev, carry)
                 logits = logits + d.markov_head.bias(state, h[j]).float()
                 carry = state
             if d.confidence_head is not None:
-                conf.append(float(d.confidence(h[j], state, j, sampled)))
-                if self.length == "threshold" and j > 0 and conf[-1] < self.threshold:
-                    break
+                confs.append(d.confidence(h[j], state, j, sampled).reshape(()))
             if sampled:
                 q = torch.softmax(logits / self.temperature, dim=-1)
-                tok = int(torch.multinomial(q, 1, generator=self._generator))
+                tok = torch.multinomial(q, 1, generator=self._generator)[0]
                 full = torch.zeros(self._vocab, dtype=q.dtype)
                 full[self._d2t] = q
                 qs.append(full)
             else:
-                tok = int(logits.argmax())
-                unsure = conf[-1] < self.tree_threshold if conf else j == 0  # no confidence head: the first draft
-                if self.tree_top_k > 1 and unsure:
-                    alts.append((j, logits.topk(self.tree_top_k).indices[1:].tolist()))
-            toks.append(tok)
-            prev = int(self._d2t[tok])
-        if self.length == "cost" and conf:
-            toks = toks[: self._cost_length(conf[: len(toks)])]
-        chain = self._d2t[torch.tensor(toks)].tolist()
-        ms = (time.perf_counter() - t0) * 1e3
-        self.draft_ms = 0.8 * self.draft_ms + 0.2 * ms if self.draft_ms else ms
-        if not alts:
-            return DraftTree.chain(chain, qs if sampled else None)
-        tokens_out, parents = list(chain), list(range(-1, len(chain) - 1))
-        for j, sib in alts:
-            if j >= len(chain):
-                continue
-            for s in sib:
-                if len(tokens_out) >= max_nodes:
-                    break
-                tokens_out.append(int(self._d2t[s]))
-                parents.append(j - 1)  # a sibling of draft j: same parent
-        return DraftTree(tokens_out, parents)
+                tok = logits.argmax()
+                if self.tree_top_k > 1:
+                    alts.append(self._d2t[logits.topk(self.tree_top_k).indices[1:]])
+            prev = self._d2t[tok]
+            drafted.append(prev)
+        return (torch.stack(drafted), torch.stack(confs) if confs else None, qs,
+                torch.stack(alts) if alts else None)
 
     def _cost_length(self, conf: list[float]) -> int:
         """argmax_L (1 + sum_{j<L} prod_{i<=j} c_i) / (draft + verify(L + 1 rows)), L >= 1."""

@@ -49,8 +49,7 @@ class Eagle3Kind(DrafterKind):
         from deepspec.drafters.eagle3.model import Eagle3Drafter
         from deepspec.drafters.step_loss import run_batch
 
-        on_gpu = bool(seqs) and seqs[0]["hidden"].is_cuda
-        chunked = dc.head_loss == "chunked" or (dc.head_loss == "auto" and on_gpu)
+        chunked = dc.chunked_head(bool(seqs) and seqs[0]["hidden"].is_cuda)
         return run_batch(runner, partial(Eagle3Drafter.ttt_loss, chunked_head=chunked), seqs, labels, dc.ttt_length,
                          dc.ttt_decay, train, last)
 

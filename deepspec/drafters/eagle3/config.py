@@ -6,10 +6,10 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field
 
-from deepspec.config_base import DrafterBase, TrainedMethod, hash_default
+from deepspec.config_base import DrafterBase, HeadLossOption, TrainedMethod, hash_default
 
 
-class Eagle3Config(DrafterBase):
+class Eagle3Config(DrafterBase, HeadLossOption):
     """EAGLE-3: fc fusion of captured target layers, one decoder layer, reduced vocabulary, training-time test."""
 
     kind: Literal["eagle3"]
@@ -22,10 +22,6 @@ class Eagle3Config(DrafterBase):
     ttt_decay: Annotated[float, Field(gt=0, le=1)] = 0.8
     init_head_from_target: bool = True
     freeze_head: bool = Field(True, description="keep the target-initialised norm and lm_head fixed (fewer parameters to learn from little data)")
-    head_loss: Literal["auto", "chunked", "naive"] = Field(
-        "auto", description="training-time test's head and loss: `chunked` recomputes the logits in row chunks in "
-                            "the backward (no [T, V] tensor kept per step: large vocabularies), `naive` keeps each "
-                            "step's log-probabilities; auto: chunked on GPUs, naive on the CPU (its references)")
 
 
 hash_default(Eagle3Config, head_loss="auto")

@@ -57,7 +57,13 @@ class Eagle3Proposer:
                          cache, start, None if n == 1 else _causal(n, start, feats.dtype))
         self._covered = cache.length = start + n
         base = cache.length
-        root_h = h[-1:]
+        if self.top_k == 1:  # a chain (the paper's protocol): nothing to rank, so no host sync until the end
+            return DraftTree.chain(self._chain(logp[-1], h[-1], base, min(self.depth, self.total_tokens, max_nodes)))
+        return self._tree(logp[-1], h[-1], base, min(self.total_tokens, max_nodes))
+
+    def _tree(self, root_logp: Tensor, root_h: Tensor, base: int, total: int) -> DraftTree:
+        """An EAGLE-2 dynamic tree grown in the draft cache's scratch rows past `base`."""
+        d, cache = self.drafter, self.cache
         row_of: dict[int, int] = {}
         hidden_of: dict[int, Tensor] = {}
         used = 0
@@ -65,8 +71,8 @@ class Eagle3Proposer:
         def expand(nodes: list[int], toks: list[int], parents: list[int]) -> Tensor:
             nonlocal used
             m = len(nodes)
-            mask, depth_of = scratch_mask(nodes, parents, row_of, base, used, feats.dtype)
-            parent_h = [hidden_of[parents[node]] if parents[node] >= 0 else root_h[0] for node in nodes]
+            mask, depth_of = scratch_mask(nodes, parents, row_of, base, used, root_h.dtype)
+            parent_h = [hidden_of[parents[node]] if parents[node] >= 0 else root_h for node in nodes]
             ids = self._d2t[torch.tensor([toks[x] for x in nodes])]
             hs, lp = d.step(ids, torch.stack(parent_h), torch.tensor([base - 1 + dd for dd in depth_of]), cache,
                             base + used, mask)
@@ -76,8 +82,21 @@ class Eagle3Proposer:
             used += m
             return lp
 
-        tree = dynamic_tree(logp[-1], expand, self.depth, self.top_k, min(self.total_tokens, max_nodes))
+        tree = dynamic_tree(root_logp, expand, self.depth, self.top_k, total)
         return DraftTree(self._d2t[torch.tensor(tree.tokens)].tolist(), tree.parents)
+
+    def _chain(self, root_logp: Tensor, root_h: Tensor, base: int, length: int) -> list[int]:
+        """Each draft the argmax after the one before, stepped on the drafter's device; what `dynamic_tree` gives
+        with top_k 1 (draft i at position base + i, its K/V in scratch row i, seeing every row before it)."""
+        d, cache = self.drafter, self.cache
+        tok, h = root_logp.argmax(), root_h
+        drafted = [tok]
+        for i in range(length - 1):
+            visible = torch.zeros((1, base + i + 1), dtype=h.dtype)
+            hs, lp = d.step(self._d2t[tok][None], h[None], torch.tensor([base + i]), cache, base + i, visible)
+            tok, h = lp[0].argmax(), hs[0]
+            drafted.append(tok)
+        return self._d2t[torch.stack(drafted)].tolist()
 
 
 def _causal(n: int, start: int, dtype: torch.dtype) -> Tensor:

@@ -3,6 +3,7 @@ as Medusa's sparse candidate tree; exported in vLLM's and the Medusa authors' (T
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,9 @@ class MedusaKind(DrafterKind):
         from deepspec.drafters.medusa.model import MedusaHeads
         from deepspec.drafters.step_loss import run_batch
 
-        return run_batch(runner, MedusaHeads.medusa_loss, seqs, labels, dc.heads, dc.head_decay, train, last)
+        chunked = dc.chunked_head(bool(seqs) and seqs[0]["hidden"].is_cuda)
+        return run_batch(runner, partial(MedusaHeads.medusa_loss, chunked_head=chunked), seqs, labels, dc.heads,
+                         dc.head_decay, train, last)
 
     def after_training(self, model, dc, val_seqs, val_labels):
         """Each head's top-i accuracy on the validation split: what the sparse tree is built from."""

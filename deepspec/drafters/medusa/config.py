@@ -6,10 +6,10 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field
 
-from deepspec.config_base import DrafterBase, TrainedMethod
+from deepspec.config_base import DrafterBase, HeadLossOption, TrainedMethod, hash_default
 
 
-class MedusaConfig(DrafterBase):
+class MedusaConfig(DrafterBase, HeadLossOption):
     """Medusa-1: K residual heads on the target's final state; head k predicts the token k + 2 ahead."""
 
     kind: Literal["medusa"]
@@ -18,6 +18,9 @@ class MedusaConfig(DrafterBase):
     share_head: bool = Field(True, description="every head reads out through the target's own head rows (frozen); "
                                                "false: each head has its own copy, initialised from the target's")
     head_decay: Annotated[float, Field(gt=0, le=1)] = Field(0.8, description="head k's loss weighted head_decay^k")
+
+
+hash_default(MedusaConfig, head_loss="auto")
 
 
 class MedusaMethod(TrainedMethod):

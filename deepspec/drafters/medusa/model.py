@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deepspec.drafters.checkpoint import FolderCheckpoint
+from deepspec.kernels.head_loss import head_soft_ce
 
 ALGORITHM = "medusa"
 
@@ -86,21 +87,28 @@ class MedusaHeads(FolderCheckpoint, nn.Module):
         return [head(block(final)) for block, head in zip(self.blocks, self.readouts())]
 
     def medusa_loss(self, final: Tensor, input_ids: Tensor, target_idx: Tensor, target_p: Tensor, target_top: Tensor,
-                    weight: Tensor, trained: Tensor, steps: int) -> tuple[list[Tensor], list[Tensor], Tensor]:
+                    weight: Tensor, trained: Tensor, steps: int,
+                    chunked_head: bool = False) -> tuple[list[Tensor], list[Tensor], Tensor]:
         """Per-head soft cross-entropy sums and top-1 hits over one sequence (the `step_loss` contract: head k
-        of base t against the target at t + 1 + k; `input_ids` unused, the heads see no token)."""
+        of base t against the target at t + 1 + k; `input_ids` unused, the heads see no token). `chunked_head`:
+        each head's readout and loss in row chunks (`head_soft_ce`), so no [T, V] tensor is kept per head."""
         T = final.shape[0]
         losses, hits = [], []
         alive = torch.ones(T - 1, dtype=torch.bool)
         run_length = torch.zeros(T - 1, dtype=torch.long)
-        for k, logits in enumerate(self(final[: T - 1].to(self.token_map.device))[:steps]):
+        x = final[: T - 1].to(self.token_map.device)
+        logits = None if chunked_head else self(x)
+        for k in range(min(steps, self.heads)):
             n = T - 1 - k  # bases whose target t + 1 + k exists
             idx = torch.arange(n) + 1 + k
-            logp = torch.log_softmax(logits[:n].float(), dim=-1)
-            ce = -(target_p[idx] * logp.gather(-1, target_idx[idx])).sum(-1)
+            if chunked_head:
+                ce, top = head_soft_ce(self.blocks[k](x[:n]), self.readouts()[k].weight, target_idx[idx], target_p[idx])
+            else:
+                logp = torch.log_softmax(logits[k][:n].float(), dim=-1)
+                ce, top = -(target_p[idx] * logp.gather(-1, target_idx[idx])).sum(-1), logp.argmax(-1)
             losses.append(ce.mul(weight[idx]).sum())
             hit = torch.zeros(T - 1, dtype=torch.bool)
-            hit[:n] = self.token_map[logp.argmax(-1)] == target_top[idx]
+            hit[:n] = self.token_map[top] == target_top[idx]
             hits.append((hit[:n] & trained[idx]).sum())
             run_length += (alive & hit).long()
             alive &= hit
