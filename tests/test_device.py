@@ -137,3 +137,15 @@ def test_evaluate_in_bf16_records_device_rule_and_backend(tmp_path, tiny_target_
     assert m["lossless"]["rule"] == NEAR_TIE and m["lossless"]["passed"] is True
     records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     assert all("divergence" in r for r in records)  # weighed (None where the sample matched)
+
+
+def test_report_names_the_rule_it_judged_by():
+    from deepspec.reporting.report import lossless_line
+
+    exact = {("a", "t"): {"lossless": {"rule": EXACT, "passed": True, "mismatches": 0}}}
+    assert lossless_line(exact, []) == "Losslessness (greedy, token-identical to the baseline): all methods pass."
+    near = {("a", "t"): {"lossless": {"rule": NEAR_TIE, "passed": True, "tie_margin": 0.25, "max_logit_gap": 0.125,
+                                      "diverged_samples": 2}}}
+    line = lossless_line(near, [])
+    assert "near-tie rule" in line and "at most 0.25; 2 samples diverge, largest gap 0.125" in line
+    assert lossless_line(near, ["a/t"]).endswith("**FAILED** for a/t.")
