@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import torch
 
+from deepspec.decoding.timing import synchronize
 from deepspec.devices import bf16_autocast, on
 
 SHAPES = {  # Qwen3-8B's, and a tiny one for the CPU
@@ -28,18 +29,13 @@ SHAPES = {  # Qwen3-8B's, and a tiny one for the CPU
 }
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed(device: torch.device, fn: Callable[[], Any], reps: int = 5) -> float:
     fn()
-    _sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     for _ in range(reps):
         fn()
-    _sync(device)
+    synchronize(device)
     return (time.perf_counter() - t0) / reps * 1e3
 
 
@@ -122,7 +118,7 @@ def _train_rows(model, shape, device, steps: int, trained: dict[str, torch.nn.Mo
                 with bf16_autocast(device, amp), on(device):
                     stats = kind.run_batch(trainable, dc, batch, labels, True, torch.Generator().manual_seed(step))
                 trainable.step(dc.train.lr)
-                _sync(device)
+                synchronize(device)
                 times.append(time.perf_counter() - t0)
                 losses.append(stats["loss"])
             ok = all(torch.isfinite(torch.tensor(losses)))
@@ -323,7 +319,7 @@ def _decode_rows(model, shape, device, trained: dict[str, torch.nn.Module]) -> l
 
 
 def _real_target_rows(device) -> list[dict[str, Any]]:
-    """The packaged real target in float32: prompt lookup, suffix decoding and a 4-layer draft of itself
+    """The packaged real target in float32: prompt lookup, suffix decoding and a 2-layer draft of itself
     against its autoregressive output. Skipped where the packaged model cannot be had offline."""
     from deepspec.data.tasks import chat_ids
     from deepspec.models import load_target
@@ -366,8 +362,8 @@ def gpu_check(shape_name: str = "8b", steps: int = 4) -> list[dict[str, Any]]:
 
 
 def main() -> None:
-    """`python -m deepspec.gpu_check [--shape 8b|tiny] [--out table.md]`: the check with nothing but torch,
-    transformers and pydantic installed (no MLflow), as a bare GPU machine runs it."""
+    """`python -m deepspec.gpu_check [--shape 8b|tiny] [--out table.md]`: the check without MLflow (torch,
+    transformers, pydantic and pandas), as a bare GPU machine runs it; the table as `bench gpu` writes it."""
     import argparse
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -375,23 +371,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--out", default=None, help="also write the table here (markdown)")
     args = p.parse_args()
-    table = markdown(gpu_check(args.shape, args.steps))
+    import pandas as pd
+
+    table = pd.DataFrame(gpu_check(args.shape, args.steps)).astype(object).fillna("").to_markdown(index=False)
     print(table)
     if args.out:
         from pathlib import Path
 
         Path(args.out).write_text(table + "\n")
-
-
-def markdown(rows: list[dict[str, Any]]) -> str:
-    """The rows as a markdown table (columns in order of first appearance), without pandas."""
-    cols: list[str] = []
-    for r in rows:
-        cols += [k for k in r if k not in cols]
-    cell = lambda v: "" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v).replace("|", "/"))  # noqa: E731
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(cell(r.get(c)) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -117,11 +117,15 @@ def load_task(name: str, cfg: TaskConfig, seed: int = 0) -> TaskData:
     return _subset(TaskData(name, samples, str(path), sha256_file(path), len(samples)), cfg, seed)
 
 
-def _read_json_list(name: str, path: Path) -> list[dict[str, Any]]:
+def _read_json(name: str, path: Path) -> Any:
     try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
         raise TaskError(f"tasks.{name}.source: cannot read {path} as a JSON list ({err})") from None
+
+
+def _read_json_list(name: str, path: Path) -> list[dict[str, Any]]:
+    rows = _read_json(name, path)
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise TaskError(f"tasks.{name}.source: {path} is not a JSON list of objects")
     return rows
@@ -129,10 +133,7 @@ def _read_json_list(name: str, path: Path) -> list[dict[str, Any]]:
 
 def _mmath_rows(name: str, path: Path, source: str) -> list[dict[str, Any]]:
     """One math problem per sample, from MMATH's JSON list (question, answer, data_source, data_source_id)."""
-    try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise TaskError(f"tasks.{name}.source: cannot read {path} as a JSON list ({err})") from None
+    rows = _read_json(name, path)
     if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("question"), str) for r in rows):
         raise TaskError(f"tasks.{name}.source: {path} is not a list of {{question, data_source}} objects")
     return [{"question_id": f"{source}-{r.get('data_source_id', i)}", "task": name, "category": "math",

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import torch
 
+from deepspec.decoding.timing import synchronize
 from deepspec.decoding.tree import DraftTree
 
 
@@ -22,16 +23,15 @@ def verify_cost_curve(backend, context: int = 256, sizes=(1, 2, 4, 8, 16, 32, 64
     backend.forward(torch.randint(0, 1000, (context,)), torch.arange(context))
     cache.commit(context)
     out: dict[str, float] = {}
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)  # CUDA returns before it finishes
 
     def timed(fn: Callable[[], Any]) -> float:
         fn()
-        sync()
+        synchronize(backend.device)  # CUDA returns before it finishes
         ts = []
         for _ in range(reps):
             t0 = time.perf_counter()
             fn()
-            sync()
+            synchronize(backend.device)
             ts.append(time.perf_counter() - t0)
         return statistics.median(ts) * 1e3
 

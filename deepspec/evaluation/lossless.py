@@ -41,9 +41,8 @@ def divergence(backend, prompt: list[int], out: list[int], ref: list[int]) -> di
     if at is None or at >= min(len(out), len(ref)):  # equal, or one stopped early: no token pair to weigh
         return None if at is None else {"at": at, "tokens": None, "logit_gap": None, "top2_gap": None}
     ids = prompt + ref[:at]
-    device = getattr(backend, "device", torch.device("cpu"))
     backend.cache.reset()
-    logits, _ = backend.forward(torch.tensor(ids, device=device), torch.arange(len(ids), device=device),
+    logits, _ = backend.forward(torch.tensor(ids, device=backend.device), torch.arange(len(ids), device=backend.device),
                                 logits_rows=slice(len(ids) - 1, len(ids)))
     backend.cache.reset()
     row = logits[0].float()
