@@ -1,4 +1,5 @@
-# DeepSpec workflow: prepare -> [regenerate -> extract (per shard) -> train (per drafter)] -> evaluate (method x task) -> report.
+# DeepSpec workflow: prepare -> [regenerate -> extract (per shard) -> train (per drafter)] -> evaluate (method x task)
+#   [-> engine env, export -> deploy (engine x method x task)] -> report.
 #   snakemake --cores all                                  # the CPU default (config/default.yaml)
 #   snakemake --cores all --configfile config/smoke.yaml   # the whole DAG in about a minute
 #   snakemake --cores all --config experiment=mine eval='{max_new_tokens: 64}'
@@ -22,6 +23,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/prepare.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/deploy.smk"
 include: "workflow/rules/report.smk"
 
 

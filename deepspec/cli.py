@@ -48,6 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True)
     p.add_argument("--threads", type=int, default=None, help="torch threads (Snakemake passes {threads})")
 
+    p = sub.add_parser("deploy", help="run one method on one task in a serving engine (vLLM), beside that engine's "
+                                      "autoregressive run and ours, with a concurrency sweep")
+    _config_args(p)
+    p.add_argument("--engine", default="vllm")
+    p.add_argument("--method", required=True)
+    p.add_argument("--task", required=True)
+    p.add_argument("--threads", type=int, default=None, help="threads for both engines (Snakemake passes {threads})")
+
     p = sub.add_parser("report", help="tables, plots and report.md from the metrics files")
     _config_args(p)
 
@@ -110,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["setup"])
     p.add_argument("name", help="engine (vllm)")
     p.add_argument("--force", action="store_true", help="make the environment afresh")
+    p.add_argument("--record", help="also copy the environment's record (pins, versions) to this file (a DAG output)")
 
     p = sub.add_parser("schema", help="write the JSON schema Snakemake validates configs against")
     p.add_argument("--out", default=str(SCHEMA_PATH))
@@ -190,7 +199,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "engine":
         from deepspec.engines.env import setup
 
-        setup(args.name, args.force)
+        env = setup(args.name, args.force)
+        if args.record:
+            from deepspec.io import write_json
+
+            write_json(Path(args.record), {**env.record, "folder": str(env.folder)})
         return 0
     if args.command == "serve":
         from deepspec.serving import serve
@@ -234,6 +247,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from deepspec.evaluation.runner import evaluate
 
         evaluate(cfg, args.method, args.task, args.threads)
+    elif args.command == "deploy":
+        from deepspec.evaluation.deployed import deploy
+
+        deploy(cfg, args.engine, args.method, args.task, args.threads)
     elif args.command == "bench" and args.what == "train":
         from deepspec.training.bench import bench_train
 

@@ -193,11 +193,27 @@ class EvalConfig(Strict):
 hash_default(EvalConfig, tie_margin=0.25)
 
 
-STAGES = ("prepare", "prepare_train", "extract", "feature_manifest", "train", "evaluate", "report")
+class EngineRunConfig(Strict):
+    """Methods of this config run again in an external serving engine (`engines.<engine>`), each beside that
+    engine's own autoregressive run in the same job: outputs, τ from the engine's counters, speedup, and a
+    sweep over concurrent requests."""
+
+    methods: list[str] = Field(min_length=1, description="names of drafting methods of this config; trained ones "
+                                                         "decode from their drafter exported to the engine's layout, "
+                                                         "trees as the chain of their depth")
+    concurrency: list[Annotated[int, Field(ge=1)]] = Field(
+        [1, 2, 4, 8], min_length=1, description="requests in flight at once: throughput and speedup per level")
+    sweep_prompts: Annotated[int, Field(ge=1)] = Field(
+        8, description="first-turn prompts of each task the concurrency sweep decodes at every level")
+
+
+ENGINES = ("vllm",)
+STAGES = ("prepare", "prepare_train", "extract", "feature_manifest", "train", "evaluate", "engine_env", "export",
+          "deploy", "report")
 _MEM_MB = {"prepare": 4000, "prepare_train": 16000, "extract": 32000, "feature_manifest": 4000, "train": 64000,
-           "evaluate": 32000, "report": 4000}
+           "evaluate": 32000, "engine_env": 4000, "export": 8000, "deploy": 32000, "report": 4000}
 _RUNTIME_MIN = {"prepare": 30, "prepare_train": 1440, "extract": 240, "feature_manifest": 30, "train": 2880,
-                "evaluate": 720, "report": 30}
+                "evaluate": 720, "engine_env": 60, "export": 30, "deploy": 720, "report": 30}
 
 
 class ResourcesConfig(Strict):
@@ -251,6 +267,8 @@ class Config(Strict):
     tracking: TrackingConfig = TrackingConfig()
     resources: ResourcesConfig = ResourcesConfig()
     reproduce: ReproduceConfig = ReproduceConfig()
+    engines: dict[Literal[ENGINES], EngineRunConfig] = Field(
+        {}, description="serving engines (vllm) that run some of the methods again, for the report's deployed table")
 
     @field_validator("tasks", "methods", "drafters")
     @classmethod
@@ -282,6 +300,18 @@ class Config(Strict):
                                      f"a hybrid takes at most one")
                 if m.mode == "merge" and self.eval.temperature > 0:
                     raise ValueError(f"methods.{name}.mode: merge verifies greedily only; use first at temperature > 0")
+        for engine, run in self.engines.items():
+            for name in run.methods:
+                where = f"engines.{engine}.methods"
+                if name not in self.methods:
+                    raise ValueError(f"{where}: no method named {name!r} (methods: {', '.join(self.methods)})")
+                if isinstance(self.methods[name], (AutoregressiveMethod, HybridMethod)):
+                    raise ValueError(f"{where}: {name!r} is {self.methods[name].kind}; every engine job runs the "
+                                     f"engine's own autoregressive baseline, and hybrids are ours alone")
+                try:
+                    self.engine_spec(engine, name, "export")
+                except ValueError as err:
+                    raise ValueError(f"{where}: {name!r}: {err}") from None
         if self.out_dir.resolve() == self.reference_dir.resolve():
             raise ValueError(f"results_dir: {self.results_dir!r} would write this run over its committed reference")
         return self
@@ -317,6 +347,17 @@ class Config(Strict):
         """Drafters some method decodes with: only these are trained (and need features)."""
         return sorted({d for name in self.methods for d in self.method_drafters(name)})
 
+    def engine_spec(self, engine: str, method: str, export: str | Path | None) -> dict | None:
+        """How engine `engine` runs `method` (vLLM's speculative_config), trained drafters from `export`."""
+        from deepspec.engines.vllm_runner import speculative_config
+
+        return speculative_config(self.methods[method], export)
+
+    def engine_exports(self, engine: str, method: str) -> list[str]:
+        """The drafters `method` must be exported to before `engine` can run it (trained here, not published)."""
+        m = self.methods[method]
+        return [m.drafter] if isinstance(m, TrainedMethod) and m.drafter is not None else []
+
     def section(self, *keys: str) -> Any:
         """One part of the config as plain data, without the keys that only say where it runs (`LAUNCH_KEYS`):
         what a stage's output depends on (its hash; the Snakemake rule params that trigger reruns)."""
@@ -334,9 +375,11 @@ class Config(Strict):
     def hash(self) -> str:
         """Stable short hash of the effective config (key order and formatting do not matter).
 
-        `reproduce` and `resources` are left out: they say what a run is compared with and where it runs, not
-        what it computes, so a run and the reference it reproduces share one hash."""
-        blob = json.dumps(hashed(self.model_dump(mode="json", exclude={"reproduce", "resources"})), sort_keys=True, separators=(",", ":"))
+        `reproduce`, `resources` and `engines` are left out: they say what a run is compared with, where it runs and
+        in which other engines its methods run again, not what its stages compute, so a run and the reference it
+        reproduces share one hash. A deploy job records the hash of its `engines` section beside this one."""
+        blob = json.dumps(hashed(self.model_dump(mode="json", exclude={"reproduce", "resources", "engines"})),
+                          sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

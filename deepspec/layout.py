@@ -10,6 +10,8 @@ The stages write there and the Snakemake rules name the same paths (with wildcar
   drafters/<name>/                model/ (the trained drafter), checkpoint/, train_log.jsonl, metrics.json
   eval/<method>/<task>/           records.jsonl, metrics.json
   export/<drafter>-<format>/      a drafter in a serving engine's layout
+  engines/<engine>.json           the serving engine's environment this run used (pins, versions)
+  deployed/<engine>/<method>/<task>/   records.jsonl, metrics.json of a method run in that engine
   bench/, tables/, plots/, report.md, logs/<stage>/
 """
 
@@ -66,6 +68,14 @@ def eval_dir(cfg: Config, method: str, task: str) -> Path:
 
 def export_dir(cfg: Config, name: str, fmt: str) -> Path:
     return cfg.out_dir / "export" / f"{name}-{fmt}"
+
+
+def engine_record(cfg: Config, engine: str) -> Path:
+    return cfg.out_dir / "engines" / f"{engine}.json"
+
+
+def deployed_dir(cfg: Config, engine: str, method: str, task: str) -> Path:
+    return cfg.out_dir / "deployed" / engine / method / task
 
 
 def bench_dir(cfg: Config) -> Path:

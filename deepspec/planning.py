@@ -101,6 +101,11 @@ def plan(cfg: Config) -> tuple[list[dict[str, Any]], list[str]]:
     rows.append({"stage": "evaluate", "work": f"{len(methods)} methods x {len(cfg.tasks)} tasks ({known} samples"
                  f"{' + all of ' + ', '.join(unknown) if unknown else ''}), <= {_count(gen)} generated tokens "
                  f"(T = {cfg.eval.temperature:g})", "size": ""})
+    for engine, run in cfg.engines.items():
+        rows.append({"stage": f"deploy ({engine})", "work": f"{len(run.methods)} methods x {len(cfg.tasks)} tasks in "
+                     f"{engine}, each beside its autoregressive run and ours; {len(run.concurrency)} concurrency levels "
+                     f"up to {max(run.concurrency)} over <= {run.sweep_prompts} prompts per task; its environment "
+                     f"is made once under the cache (`deepspec engine setup {engine}`)", "size": ""})
     return rows, notes
 
 

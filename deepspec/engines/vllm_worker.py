@@ -1,22 +1,29 @@
-"""Runs inside the vLLM environment, not ours: `python vllm_worker.py request.json result.json`.
+"""Runs inside the vLLM environment, not ours: `python vllm_worker.py REPLY_FD`.
 
 It imports only the standard library and vLLM (whose pinned transformers differs from ours), so it must
-not import deepspec. The request names the model folder, token-id prompts and the speculative config;
-the result holds, per prompt decoded alone, the output token ids and wall time, and vLLM's spec-decode
-counters over those prompts (warm-up excluded). vLLM runs its engine core in a spawned process, hence the
+not import deepspec. It serves one engine: requests come one JSON object a line on stdin, and each reply
+goes as one JSON line to file descriptor REPLY_FD (vLLM logs to stdout and stderr, which the host sends to
+a log file). Requests:
+
+  {"op": "load", "model", "speculative_config", "max_model_len", "dtype", "seed"}    start the engine
+  {"op": "generate", "prompts": [[ids]], "max_new_tokens", "temperature", "stop_token_ids", "ignore_eos"}
+      one batch of token-id prompts submitted together; the reply holds each output's token ids, the batch's
+      wall time and vLLM's spec-decode counters over it (drafting rounds, drafted and accepted tokens,
+      accepted per position)
+  {"op": "quit"}
+
+A failed request replies {"error": "..."}. vLLM runs its engine core in a spawned process, hence the
 `__main__` guard.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 
 
 def _counters(llm) -> dict[str, float | list[float]]:
-    """vLLM's own spec-decode counters (drafting rounds, drafted and accepted tokens, accepted per position)."""
     out: dict[str, float | list[float]] = {}
     for m in llm.get_metrics():
         if not m.name.startswith("vllm:spec_decode"):
@@ -41,35 +48,51 @@ def _delta(after: dict, before: dict) -> dict:
     return out
 
 
-def run(req: dict) -> dict:
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+class Worker:
+    def __init__(self):
+        self.llm = None
 
-    no_tokenizer = req.get("skip_tokenizer_init", False)  # a model folder without one: token ids in and out
-    llm = LLM(model=req["model"], dtype=req.get("dtype", "float32"), enforce_eager=True,
-              max_model_len=req["max_model_len"], speculative_config=req.get("speculative_config"),
-              seed=req.get("seed", 0), disable_log_stats=False, skip_tokenizer_init=no_tokenizer)
-    params = SamplingParams(temperature=req.get("temperature", 0.0), max_tokens=req["max_new_tokens"],
-                            seed=req.get("seed", 0), ignore_eos=req.get("ignore_eos", False),
-                            detokenize=not no_tokenizer)
-    prompts = [TokensPrompt(prompt_token_ids=p) for p in req["prompts"]]
-    warm = SamplingParams(temperature=0.0, max_tokens=4, detokenize=not no_tokenizer)
-    llm.generate(prompts[:1], warm, use_tqdm=False)
-    before = _counters(llm)
-    samples = []
-    for p in prompts:
+    def load(self, req: dict) -> dict:
+        from vllm import LLM
+
+        # Token ids in and out: the host tokenizes with its own chat template and stops on its own stop ids.
+        self.llm = LLM(model=req["model"], dtype=req.get("dtype", "float32"), enforce_eager=True,
+                       max_model_len=req["max_model_len"], speculative_config=req.get("speculative_config"),
+                       seed=req.get("seed", 0), disable_log_stats=False, skip_tokenizer_init=True)
+        import vllm
+
+        return {"vllm": vllm.__version__}
+
+    def generate(self, req: dict) -> dict:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(temperature=req.get("temperature", 0.0), max_tokens=req["max_new_tokens"],
+                                seed=req.get("seed", 0), ignore_eos=req.get("ignore_eos", False),
+                                stop_token_ids=req.get("stop_token_ids") or None, detokenize=False)
+        prompts = [TokensPrompt(prompt_token_ids=p) for p in req["prompts"]]
+        before = _counters(self.llm)
         t0 = time.perf_counter()
-        out = llm.generate([p], params, use_tqdm=False)[0].outputs[0]
-        samples.append({"token_ids": list(out.token_ids), "wall_time": time.perf_counter() - t0})
-    return {"samples": samples, "counters": _delta(_counters(llm), before)}
+        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        wall = time.perf_counter() - t0
+        return {"token_ids": [list(o.outputs[0].token_ids) for o in outs], "wall_time": wall,
+                "counters": _delta(_counters(self.llm), before)}
+
+
+def serve(reply_fd: int) -> None:
+    worker = Worker()
+    with open(reply_fd, "w", encoding="utf-8") as replies:
+        for line in sys.stdin:
+            req = json.loads(line)
+            if req["op"] == "quit":
+                break
+            try:
+                reply = getattr(worker, req["op"])(req)
+            except Exception as err:  # noqa: BLE001 - the host turns it into a one-line engine error
+                reply = {"error": " ".join(f"{type(err).__name__}: {err}".split())[:800]}
+            replies.write(json.dumps(reply) + "\n")
+            replies.flush()
 
 
 if __name__ == "__main__":
-    request_path, result_path = sys.argv[1], sys.argv[2]
-    with open(request_path, encoding="utf-8") as fh:
-        request = json.load(fh)
-    result = run(request)
-    tmp = result_path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(result, fh)
-    os.replace(tmp, result_path)
+    serve(int(sys.argv[1]))

@@ -82,15 +82,20 @@ def _load_partial(path: Path, config_hash: str) -> dict[Any, dict]:
     return {r["question_id"]: r for r in io.read_jsonl_prefix(path) if r.get("config_hash") == config_hash}
 
 
-def evaluate(cfg: Config, method: str, task: str, threads: int | None = None) -> dict[str, Any]:
-    if method not in cfg.methods:
-        raise ValueError(f"method {method!r} is not in the config (methods: {', '.join(cfg.methods)})")
+def task_samples(cfg: Config, task: str) -> tuple[Path, list[dict]]:
+    """A task's prepared file and samples, or a one-line error before any work."""
     if task not in cfg.tasks:
         raise ValueError(f"task {task!r} is not in the config (tasks: {', '.join(cfg.tasks)})")
     data_path = task_file(cfg, task)
     if not data_path.is_file():
         raise FileNotFoundError(f"{data_path}: task data missing; run `deepspec prepare` first")
-    samples = io.read_jsonl(data_path)
+    return data_path, io.read_jsonl(data_path)
+
+
+def evaluate(cfg: Config, method: str, task: str, threads: int | None = None) -> dict[str, Any]:
+    if method not in cfg.methods:
+        raise ValueError(f"method {method!r} is not in the config (methods: {', '.join(cfg.methods)})")
+    data_path, samples = task_samples(cfg, task)
     torch.set_num_threads(threads or cfg.eval.threads or os.cpu_count() or 1)
     baseline = cfg.baseline_method()
     paired = method != baseline

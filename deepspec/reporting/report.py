@@ -253,6 +253,19 @@ def build_report(cfg: Config) -> Path:
         written += [accept] if accept else []
         train_lines, train_plots = _training_section(cfg)
         written += train_plots
+        deployed_lines, deployed_cells = [], {}
+        if cfg.engines:
+            from deepspec.reporting.deployed import collect_deployed, deployed_figure, deployed_section, deployed_tables
+
+            deployed = collect_deployed(cfg)
+            dplot = save_figure(deployed_figure(cfg, deployed), plots_out / "deployed.png", cfg)
+            written.append(dplot)
+            dtabs = deployed_tables(deployed)
+            written += [io.write_text(tables_out / "deployed.csv", dtabs["summary"].to_csv(index=False)),
+                        io.write_text(tables_out / "deployed_sweep.csv", dtabs["sweep"].to_csv(index=False))]
+            deployed_lines = deployed_section(cfg, deployed, dplot)
+            deployed_cells = {f"deployed.{k}.{e}.{m}.{t}": v[k] for (e, m, t), v in deployed.items()
+                              for k in ("tau", "ours_tau", "speedup") if v[k] is not None}
         repro = compare(cfg, metrics)
         if repro.table is not None:
             written.append(io.write_text(tables_out / "reproduction.csv", repro.table.to_csv(index=False)))
@@ -290,6 +303,7 @@ def build_report(cfg: Config) -> Path:
             "",
             tab["details.md"],
             *(["![acceptance by depth](plots/acceptance_by_depth.png)", ""] if accept else []),
+            *deployed_lines,
             *(["## Drafter training", "", *train_lines] if train_lines else []),
             repro.markdown(),
         ])
@@ -300,7 +314,7 @@ def build_report(cfg: Config) -> Path:
                  | {f"speedup.{m}.{t}": v["speedup"] for (m, t), v in metrics.items()})
         if repro.passed is not None:
             cells["reproduced"] = float(repro.passed)
-        run.metrics(cells)
+        run.metrics(cells | deployed_cells)
         run.tags({"reproduction": repro.verdict[:5000]})
         # The pipeline's parent run carries the summary, so MLflow's compare view lines up whole
         # experiments (and their methods) side by side.

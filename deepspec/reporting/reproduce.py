@@ -24,7 +24,7 @@ from deepspec.reporting.tables import Metrics, fmt_interval, spread_of
 
 # What a reference holds: small, human-readable results, never records or weights.
 REFERENCE_FILES = ("report.md", "tables/*", "plots/*.png", "eval/*/*/metrics.json", "drafters/*/metrics.json",
-                   "drafters/*/train_log.jsonl", "bench/*")
+                   "drafters/*/train_log.jsonl", "bench/*", "deployed/*/*/*/metrics.json", "engines/*.json")
 
 
 @dataclass

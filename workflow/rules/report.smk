@@ -5,6 +5,7 @@ rule report:
     input:
         expand(str(layout.eval_dir(CFG, "{method}", "{task}") / "metrics.json"), method=METHODS, task=TASKS),
         [str(layout.drafter_dir(CFG, name) / "metrics.json") for name in DRAFTERS],
+        deployed_metrics(),
     output:
         report=str(layout.report_file(CFG)),
         table_md=str(layout.tables_dir(CFG) / "summary.md"),
