@@ -31,7 +31,10 @@ from deepspec import io, tracking
 from deepspec.config import Config
 from deepspec.decoding.engine import Engine
 from deepspec.drafters.build import build_proposer
+from deepspec.engines.env import require
+from deepspec.engines.vllm_runner import VllmSession, acceptance_by_position, add_counters, tau
 from deepspec.evaluation.lossless import EXACT, divergence
+from deepspec.evaluation.metrics import drafted_depths
 from deepspec.evaluation.runner import run_conversation, sampling_of, task_samples, turn_prompt
 from deepspec.layout import deployed_dir, drafters_root, export_dir, log_file
 
@@ -44,20 +47,20 @@ def chain_method(method):
 
 def rounds_tau(turns: list[dict]) -> float | None:
     """Our τ on vLLM's definition: 1 + accepted drafts per round that drafted (prefill and empty rounds out)."""
-    drafted = [a - 1 for t in turns for a, p in zip(t["accepted"][1:], t["proposed"][1:]) if p > 0]
+    drafted = drafted_depths(turns)
     return 1 + sum(drafted) / len(drafted) if drafted else None
 
 
-def _conversations(session, tok, samples: list[dict], max_new: int, stop: list[int], kwargs: dict, label: str):
+def _conversations(session, tok, samples: list[dict], max_new: int, stop: list[int], kwargs: dict, label: str,
+                   temperature: float, seed: int):
     """Every sample's turns through one vLLM engine, one request at a time: (turn records per sample, counters)."""
-    from deepspec.engines.vllm_runner import add_counters
-
     out, counters = [], {}
     for sample in tqdm(samples, desc=label, unit="sample", dynamic_ncols=True):
         turns: list[dict] = []
         for i in range(len(sample["turns"])):
             prompt = turn_prompt(tok, sample["turns"], [t["text"] for t in turns], i, kwargs)
-            r = session.generate([prompt], max_new, stop_token_ids=stop, ignore_eos=True)
+            r = session.generate([prompt], max_new, stop_token_ids=stop, ignore_eos=True, temperature=temperature,
+                                 seed=seed)
             ids = r["token_ids"][0]
             turns.append({"token_ids": ids, "text": tok.decode(ids, skip_special_tokens=True),
                           "new_tokens": len(ids), "wall_time": r["wall_time"]})
@@ -67,7 +70,7 @@ def _conversations(session, tok, samples: list[dict], max_new: int, stop: list[i
 
 
 def _sweep(session, convs: list[list[dict]], prompts: list[list[int]], levels: list[int], max_new: int,
-           stop: list[int]) -> list[dict]:
+           stop: list[int], temperature: float, seed: int) -> list[dict]:
     """Throughput with `c` requests in flight: the prompts in groups of `c`, each group submitted together.
     One in flight is what the conversations' first turns already measured on the same prompts."""
     rows = []
@@ -78,7 +81,8 @@ def _sweep(session, convs: list[list[dict]], prompts: list[list[int]], levels: l
         else:
             outputs, wall = [], 0.0
             for i in range(0, len(prompts), c):
-                r = session.generate(prompts[i:i + c], max_new, stop_token_ids=stop, ignore_eos=True)
+                r = session.generate(prompts[i:i + c], max_new, stop_token_ids=stop, ignore_eos=True,
+                                     temperature=temperature, seed=seed)
                 outputs += r["token_ids"]
                 wall += r["wall_time"]
         rows.append({"requests": c, "tokens": sum(len(o) for o in outputs), "wall_time": wall, "outputs": outputs})
@@ -86,8 +90,6 @@ def _sweep(session, convs: list[list[dict]], prompts: list[list[int]], levels: l
 
 
 def deploy(cfg: Config, engine: str, method: str, task: str, threads: int | None = None) -> dict[str, Any]:
-    from deepspec.engines.env import require
-    from deepspec.engines.vllm_runner import VllmSession
     from deepspec.models import load_target
     from deepspec.models.loading import resolve
 
@@ -133,8 +135,9 @@ def deploy(cfg: Config, engine: str, method: str, task: str, threads: int | None
                              max_model_len=cfg.target.max_len, seed=cfg.eval.seed,
                              log=log_file(cfg, "deploy", f"{engine}-{method}-{task}-{side}")) as session:
                 session.generate(sweep_prompts[:1], 8, stop_token_ids=stop, ignore_eos=True)  # warm-up
-                convs, counters = _conversations(session, tok, samples, max_new, stop, kwargs, label)
-                sweep = _sweep(session, convs, sweep_prompts, run_cfg.concurrency, max_new, stop)
+                sampling = {"temperature": cfg.eval.temperature, "seed": cfg.eval.seed}
+                convs, counters = _conversations(session, tok, samples, max_new, stop, kwargs, label, **sampling)
+                sweep = _sweep(session, convs, sweep_prompts, run_cfg.concurrency, max_new, stop, **sampling)
             sides[side] = {"convs": convs, "counters": counters, "sweep": sweep, "version": session.version}
         ours_engine = Engine(target.backend, stop, sampling_of(cfg))
         proposer = build_proposer(chain_method(m), target, method, drafters_root(cfg), cfg.eval.temperature,
@@ -199,8 +202,6 @@ def _summarize(records: list[dict], sides: dict, ours_turns: list[dict], tempera
 
     per_sample = [rate(r["outputs"]) / rate(r["baseline"]) for r in records if rate(r["baseline"])]
     tps, base_tps = rate(mine), rate(base)
-    from deepspec.engines.vllm_runner import acceptance_by_position, tau
-
     counters = sides["outputs"]["counters"]
     vllm_tau, ours_tau = tau(counters), rounds_tau(ours_turns)
     greedy = temperature == 0

@@ -35,9 +35,14 @@ def _totals(turns: list[dict[str, Any]]) -> dict[str, float]:
     return {k: float(sum(t.get(k, 0.0) for t in turns)) for k in keys}
 
 
+def drafted_depths(turns: list[dict[str, Any]]) -> list[int]:
+    """Drafted tokens accepted in each round that had a draft (the prefill round and empty rounds excluded)."""
+    return [a - 1 for t in turns for a, p in zip(t["accepted"][1:], t["proposed"][1:]) if p > 0]
+
+
 def acceptance_by_depth(turns: list[dict[str, Any]]) -> list[float]:
     """P(depth d accepted | depth d-1 accepted) over rounds that had a draft (the prefill round excluded)."""
-    depths = [a - 1 for t in turns for a, p in zip(t["accepted"][1:], t["proposed"][1:]) if p > 0]
+    depths = drafted_depths(turns)
     out = []
     d = 1
     while True:
