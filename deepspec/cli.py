@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("engine", help="external serving engines: `setup NAME` makes (or reuses) its pinned environment "
                                       "under the cache and records its versions")
     p.add_argument("action", choices=["setup"])
-    p.add_argument("name", help="engine (vllm)")
+    p.add_argument("name", help="engine (vllm, llamacpp)")
     p.add_argument("--force", action="store_true", help="make the environment afresh")
     p.add_argument("--record", help="also copy the environment's record (pins, versions) to this file (a DAG output)")
 

@@ -351,7 +351,9 @@ class Config(Strict):
         """How engine `engine` runs `method` (vLLM's speculative_config), trained drafters from `export`."""
         from deepspec.engines.vllm_runner import speculative_config
 
-        return speculative_config(self.methods[method], export)
+        m = self.methods[method]
+        drafter = self.drafters[m.drafter] if getattr(m, "drafter", None) is not None else None
+        return speculative_config(m, export, drafter)
 
     def engine_exports(self, engine: str, method: str) -> list[str]:
         """The drafters `method` must be exported to before `engine` can run it (trained here, not published)."""

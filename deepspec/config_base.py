@@ -135,6 +135,14 @@ class TrainedMethod(Strict):
             raise ValueError("set exactly one of 'drafter' (trained here) or 'checkpoint' (a published folder)")
         return self
 
+    def as_chain(self) -> "TrainedMethod":
+        """This method as an engine that drafts one chain per round runs it (vLLM): a tree becomes the chain of its
+        depth, one candidate per draft."""
+        depth = getattr(self, "depth", None)
+        if depth is None or not hasattr(self, "total_tokens"):
+            return self
+        return self.model_copy(update={"top_k": 1, "total_tokens": depth})
+
     def check_drafter(self, where: str, drafter: DrafterBase) -> None:
         """Refuse a drafter this method cannot decode with (a ValueError naming `where`)."""
         if drafter.kind not in self.decodes:

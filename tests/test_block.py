@@ -431,6 +431,47 @@ def test_deepspec_layout_round_trip_and_zlab_layout_loads(tmp_path):
         import_block(bad, target)
 
 
+def test_vllm_layout_keeps_a_reduced_vocabulary_and_drafts_what_ours_does(tmp_path):
+    """`export --to vllm` (DFlash with z-lab's labels): z-lab's keys plus the reduced head and vLLM's `d2t` offsets;
+    read back, the drafter proposes and gets accepted exactly what the original does. Drafters vLLM's DFlash
+    proposer would misread are refused, saying why."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from deepspec.decoding.engine import Engine
+    from deepspec.drafters.block.checkpoint import export_block, import_block
+    from deepspec.drafters.block.model import BlockDrafter
+    from deepspec.drafters.block.proposer import BlockProposer
+    from deepspec.models import make_backend
+
+    target = tiny_llama(vocab=64, layers=3, dtype=torch.float32)
+    draft_ids = torch.arange(0, 64, 2)
+    d = BlockDrafter.for_target(target, "dflash", LAYERS, draft_ids, layers=1, block_size=4, label_convention="own",
+                                mask_token_id=63, seed=2)
+    folder = export_block(d, tmp_path / "vllm", target.lm_head.weight, engine="vllm")
+    w = load_file(str(folder / "model.safetensors"))
+    assert set(w) == {k for k in DEEPSPEC_KEYS if not k.startswith(("markov", "confidence", "embed"))} | {"d2t"}
+    assert w["lm_head.weight"].shape == (32, 32)
+    assert (torch.arange(32) + w["d2t"]).tolist() == draft_ids.tolist()
+    written = json.loads((folder / "config.json").read_text())
+    assert written["architectures"] == ["DFlashDraftModel"] and written["draft_vocab_size"] == 32
+    assert written["dflash_config"] == {"target_layer_ids": LAYERS, "mask_token_id": 63} and written["block_size"] == 4
+    back = import_block(folder, target)
+    assert back.config["label_convention"] == "own" and back.draft_to_target.tolist() == draft_ids.tolist()
+    engine = Engine(make_backend(target, "lean", 128), stop_ids=[], max_nodes=8)
+    prompt = [2, 8, 26, 16, 50]
+    ga, gb = (engine.generate(prompt, 20, BlockProposer(x, 128)) for x in (d, back))
+    assert ga.tokens == gb.tokens == engine.generate(prompt, 20).tokens
+    assert ga.accepted == gb.accepted and ga.proposed == gb.proposed
+    for algorithm, convention in (("dflash", "next"), ("dspark", "own")):
+        other = BlockDrafter.for_target(target, algorithm, LAYERS, draft_ids, layers=1, block_size=4,
+                                        label_convention=convention, mask_token_id=63,
+                                        markov_rank=8 * (algorithm == "dspark"))
+        with pytest.raises(ValueError, match="label_convention: own"):
+            export_block(other, tmp_path / algorithm, target.lm_head.weight, engine="vllm")
+
+
 @pytest.mark.parametrize("kind", ["vanilla", "gated", "rnn"])
 def test_markov_head_teacher_forcing_equals_sequential_drafting(kind):
     """Training scores each draft with the Markov state of the true previous tokens (all at once); the

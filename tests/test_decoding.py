@@ -119,14 +119,15 @@ def test_ngram_proposer_tree():
     assert len(p.propose(tokens, 4)) == 4
 
 
-def _real_prompts(tokenizer, n_mt: int = 6, n_he: int = 6) -> list[list[int]]:
+def _real_prompts(tokenizer, n_mt: int = 3, n_he: int = 3) -> list[list[int]]:
     mt = load_task("mt", TaskConfig(kind="mt_bench", max_samples=n_mt), seed=3).samples
     he = load_task("he", TaskConfig(kind="humaneval", max_samples=n_he), seed=3).samples
     return [chat_ids(tokenizer, [{"role": "user", "content": s["turns"][0]}]) for s in mt + he]
 
 
 def test_prompt_lookup_is_lossless_on_the_real_model(real_target):
-    """12 real prompts (MT-bench and HumanEval), 64 new tokens: chain and tree lookup equal autoregressive."""
+    """6 real prompts (MT-bench and HumanEval), 64 new tokens: chain and tree lookup equal autoregressive, with drafts
+    accepted."""
     engine = Engine(real_target.backend, real_target.loaded.eos_ids)
     accepted_any = 0
     for prompt in _real_prompts(real_target.tokenizer):
@@ -135,7 +136,8 @@ def test_prompt_lookup_is_lossless_on_the_real_model(real_target):
             gen = engine.generate(prompt, 64, proposer)
             assert gen.tokens == ref.tokens
             accepted_any += sum(a - 1 for a in gen.accepted[1:])
-    assert accepted_any > 50
+    print(f"drafted tokens accepted: {accepted_any}")
+    assert accepted_any > 100
 
 
 @pytest.mark.parametrize("top_k,total", [(1, 4), (3, 10)])

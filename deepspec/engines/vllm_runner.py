@@ -20,6 +20,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from deepspec.config_base import DrafterBase, TrainedMethod
+from deepspec.drafters.registry import KINDS
 from deepspec.engines.env import EngineEnv, EngineError
 
 WORKER = Path(__file__).with_name("vllm_worker.py")
@@ -166,10 +168,11 @@ def acceptance_by_position(counters: dict[str, Any]) -> list[float]:
     return out
 
 
-def speculative_config(method, export: str | Path | None = None) -> dict | None:
+def speculative_config(method, export: str | Path | None = None, drafter: DrafterBase | None = None) -> dict | None:
     """vLLM's `speculative_config` for one of our method configs (None: autoregressive); a ValueError says
-    why vLLM cannot run it. Trained drafters decode from `export`, their vLLM layout; vLLM drafts chains, so
-    a tree method runs there as the chain of its depth."""
+    why vLLM cannot run it. Trained drafters decode from `export`, their vLLM layout (`drafter`: the config
+    they were trained from; None for a published checkpoint); vLLM drafts chains, so a tree method runs
+    there as the chain of its depth, and a block method as its whole block."""
     kind = method.kind
     if kind == "autoregressive":
         return None
@@ -188,24 +191,14 @@ def speculative_config(method, export: str | Path | None = None) -> dict | None:
         if method.model is None or method.layers is not None or method.quantize != "none":
             raise ValueError("vLLM drafts with a model folder of its own: set `model`, without `layers` or `quantize`")
         return {"method": "draft_model", "model": _absolute(method.model), "num_speculative_tokens": method.depth}
-    if kind in VLLM_DRAFTERS:
+    if isinstance(method, TrainedMethod):
         if export is None:
             raise ValueError(f"a {kind} method decodes in vLLM from its drafter exported to the vllm layout")
-        return {"method": VLLM_DRAFTERS[kind], "model": _absolute(export), "num_speculative_tokens": chain_length(method)}
+        name, drafts = KINDS[drafter.kind if drafter is not None else method.decodes[0]].vllm_proposer(method, drafter)
+        return {"method": name, "model": _absolute(export), "num_speculative_tokens": drafts}
     raise ValueError(f"vLLM has no proposer for our method kind {kind!r}")
 
 
 def _absolute(model: str | Path) -> str:
     """A local folder as an absolute path (the worker runs elsewhere); a hub id as it is."""
     return str(Path(model).resolve()) if Path(model).exists() else str(model)
-
-
-# Our trained method kinds that vLLM decodes, by its name for them (their drafters export to `vllm`).
-VLLM_DRAFTERS = {"eagle3": "eagle3", "medusa": "medusa"}
-
-
-def chain_length(method) -> int:
-    """Drafts per round of a trained method run as a chain (its tree's depth)."""
-    if method.depth is None:
-        raise ValueError("vLLM drafts a chain of `depth` tokens: set depth")
-    return method.depth

@@ -119,6 +119,7 @@ def bench_decode(cfg: Config, n_prompts: int = 8, max_new_tokens: int = 128, thr
                     t.verify += gen.verify_time
                     t.forward += gen.forward_time
         engines = _vllm_tallies(cfg, prompts, max_new_tokens, torch.get_num_threads(), wanted, tallies)
+        engines |= _llamacpp_tallies(cfg, prompts, max_new_tokens, torch.get_num_threads(), tallies)
         curve = verify_cost_curve(target.backend)
         result = _summarize(tallies, curve)
         result["engines"] = engines
@@ -185,6 +186,37 @@ def _vllm_tallies(cfg: Config, prompts: list[list[int]], max_new_tokens: int, th
     return {"vllm": env.version}
 
 
+def _llamacpp_tallies(cfg: Config, prompts: list[list[int]], max_new_tokens: int, threads: int,
+                      tallies: dict[str, Tally]) -> dict[str, str]:
+    """llama.cpp's autoregressive row, when its environment exists and the target comes from a GGUF: the same
+    prompts and thread count on the GGUF itself (its quantized kernels; ours run the weights dequantized)."""
+    from deepspec.engines import llamacpp_runner
+    from deepspec.engines.env import EngineError, require
+    from deepspec.models.loading import gguf_source
+
+    gguf = gguf_source(cfg.target.model)
+    try:
+        env = require("llamacpp")
+    except EngineError as err:
+        print(f"[bench] no llama.cpp row: {err}")
+        return {}
+    if gguf is None:
+        print(f"[bench] no llama.cpp row: target.model {cfg.target.model!r} is not a GGUF llama.cpp could load")
+        return {}
+    print(f"[bench] llamacpp_ar: llama.cpp (xllamacpp {env.version}) on {gguf.name}, {threads} threads", flush=True)
+    log = log_file(cfg, "bench", "llamacpp_ar")
+    try:
+        res = llamacpp_runner.decode(env, gguf, prompts, max_new_tokens, threads=threads, n_ctx=cfg.target.max_len,
+                                     log=log)
+    except EngineError as err:
+        print(f"[bench] llamacpp_ar skipped: {err}")
+        return {}
+    tallies["llamacpp_ar"] = Tally(new_tokens=sum(len(x["token_ids"]) for x in res["samples"]),
+                                   wall=sum(x["wall_time"] for x in res["samples"]),
+                                   outputs=[x["token_ids"] for x in res["samples"]])
+    return {"llama.cpp": f"xllamacpp {env.version}, {gguf.name}"}
+
+
 def memory_bound(backend: LeanLlama, one_row_ms: float) -> dict[str, float]:
     """The one-token forward against the rate memory allows: every linear weight and the head read once
     per token, at the read bandwidth measured here (a sum over 512 MB, median of 5)."""
@@ -246,6 +278,10 @@ def format_table(result: dict[str, Any]) -> str:
         lines += ["", f"vllm_* rows: vLLM {result['engines']['vllm']} (CPU build, eager, its own environment) on the same "
                   "prompts and thread count, after our methods; their τ is vLLM's own over drafting rounds "
                   "(1 + accepted / drafts), ours counts every target forward."]
+    if result.get("engines", {}).get("llama.cpp"):
+        lines += ["", f"llamacpp_ar: llama.cpp ({result['engines']['llama.cpp']}) on the same prompts and thread "
+                  "count, after our methods, computing with the GGUF's quantized kernels (ours run its weights "
+                  "dequantized to the target dtype), so its outputs follow ours until the first near-tie."]
     lines += ["", "Verify cost of one target forward (256-token context):", "",
               "| new tokens | " + " | ".join(k.replace("chain_", "").replace("tree_16", "tree 16") for k in result["verify_ms"]) + " |",
               "|---|" + "---|" * len(result["verify_ms"]),

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from deepspec import io, tracking
 from deepspec.config import Config
+from deepspec.config_base import TrainedMethod
 from deepspec.decoding.engine import Engine
 from deepspec.drafters.build import build_proposer
 from deepspec.engines.env import require
@@ -40,9 +41,9 @@ from deepspec.layout import deployed_dir, drafters_root, export_dir, log_file
 
 
 def chain_method(method):
-    """The method as vLLM runs it: a tree becomes the chain of its depth (one candidate per draft)."""
-    updates = {k: v for k, v in (("top_k", 1), ("total_tokens", getattr(method, "depth", None))) if hasattr(method, k)}
-    return method.model_copy(update=updates) if updates.get("total_tokens") else method
+    """The method as vLLM runs it (`TrainedMethod.as_chain`: a tree as the chain of its depth, a block method
+    drafting its whole block); untrained methods run as they are."""
+    return method.as_chain() if isinstance(method, TrainedMethod) else method
 
 
 def rounds_tau(turns: list[dict]) -> float | None:

@@ -122,6 +122,14 @@ def resolve(spec: str) -> tuple[str, str]:
     return spec, "hub:" + spec  # a hub id; resolved (or refused) by from_pretrained
 
 
+def gguf_source(spec: str) -> Path | None:
+    """The GGUF file a target is converted from (a packaged model or a .gguf path), None for other targets."""
+    if spec.startswith("packaged:"):
+        name = spec.removeprefix("packaged:")
+        return asset_path(PACKAGED[name]) if name in PACKAGED else None
+    return Path(spec) if Path(spec).suffix == ".gguf" and Path(spec).is_file() else None
+
+
 def load_tokenizer(spec: str) -> tuple[object, list[int]]:
     """The target's tokenizer and stop ids without its weights (regeneration through servers needs no more)."""
     _quiet_transformers()

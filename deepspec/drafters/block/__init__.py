@@ -1,8 +1,10 @@
 """Block drafters (DFlash, DSpark): decoder layers over the fused context propose a whole block in one
-forward; DSpark adds a Markov head and a calibrated confidence head. Exported in DeepSpec's layout."""
+forward; DSpark adds a Markov head and a calibrated confidence head. Exported in DeepSpec's layout, and
+DFlash in vLLM's."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,7 @@ from deepspec.drafters.kind import DrafterKind
 
 class BlockKind(DrafterKind):
     method = BlockMethod
-    formats = ("deepspec",)
+    formats: tuple[str, ...] = ("deepspec",)
     step_label = "block draft"
 
     def layer_ids(self, dc, n_layers: int, where: str) -> list[int]:
@@ -69,7 +71,8 @@ class BlockKind(DrafterKind):
 
         from deepspec.drafters.block.checkpoint import export_block
 
-        return export_block(drafter, out, target_model.get_output_embeddings().weight, dtype or torch.float32)
+        return export_block(drafter, out, target_model.get_output_embeddings().weight, dtype or torch.float32,
+                            engine=None if fmt == "deepspec" else fmt)
 
     def proposer(self, method, drafter, target: Any, temperature, seed):
         from deepspec.drafters.block.proposer import BlockProposer
@@ -90,11 +93,31 @@ class BlockKind(DrafterKind):
 class DFlashKind(BlockKind):
     name = "dflash"
     config = DFlashConfig
+    formats = ("deepspec", "vllm")  # vllm: drafters trained with "own" labels (checkpoint.py says why)
+
+    def vllm_proposer(self, method, dc):
+        """vLLM's DFlash proposer feeds [bonus, mask, ...] and samples the mask slots: the whole block of a drafter
+        trained with "own" labels (a published checkpoint: z-lab's layout, which it reads)."""
+        if dc is None:
+            folder = Path(method.checkpoint)
+            written = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+            if written.get("architectures") != ["DFlashDraftModel"]:
+                raise ValueError(f"checkpoint: vLLM's DFlash loads z-lab's DFlashDraftModel layout; {folder} is "
+                                 f"not one")
+            return "dflash", int(written["block_size"]) - 1
+        if dc.label_convention != "own":
+            raise ValueError(f"drafter {method.drafter!r}: vLLM's DFlash samples the mask slots, each for its own "
+                             f"position; train it with label_convention: own")
+        return "dflash", dc.block_size - 1
 
 
 class DSparkKind(BlockKind):
     name = "dspark"
     config = DSparkConfig
+
+    def vllm_proposer(self, method, dc):
+        raise ValueError(f"drafter {method.drafter!r} is dspark: vLLM 0.32 runs DSpark's Markov and confidence heads "
+                         f"only in its GPU model runner; its CPU build has DFlash")
 
     def after_training(self, model, dc, val_seqs, val_labels):
         """Per-draft confidence calibration (greedy and sampled acceptance) fitted on one half of the validation

@@ -10,6 +10,11 @@ z-lab DFlash (`DFlashDraftModel`): `block_size`, `num_target_layers`, `dflash_co
 mask_token_id}`; weights `fc`, `hidden_norm`, `norm`, `layers.{i}.*`, embedding and head taken from the
 target. Mask slots predict their own position.
 
+vLLM (`--to vllm`, DFlash only): z-lab's layout, which vLLM's DFlash proposer loads; a reduced draft
+vocabulary stays reduced (`lm_head` rows and vLLM's `d2t` offsets, `draft_vocab_size`). vLLM queries
+[bonus, mask, ...] and samples the mask slots, so only drafters trained with "own" labels export to it;
+its DSpark proposer runs only in its GPU model runner.
+
 Our own folder (`BlockDrafter.save`) keeps a reduced draft vocabulary (`d2t`), the label convention
 and the confidence calibration (temperature and bias per draft, greedy and sampled); `export_block` writes the engine layout from it.
 """
@@ -37,14 +42,19 @@ def _layer_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def export_block(drafter: BlockDrafter, directory: str | Path, target_head: Tensor,
-                 dtype: torch.dtype = torch.float32) -> Path:
+                 dtype: torch.dtype = torch.float32, engine: str | None = None) -> Path:
     """Write `drafter` in DeepSpec's layout ("next" labels) or z-lab's ("own" labels, DFlash only), with
-    floating-point weights in `dtype`.
+    floating-point weights in `dtype`; `engine` "vllm": the z-lab layout as vLLM's DFlash proposer reads it.
 
     A reduced draft vocabulary is widened to the full one: head rows outside it are the target's own
     (frozen in training, so unchanged) and their Markov bias is zero; engines then draft over the full
     vocabulary, which can differ from ours only where the restriction mattered (outputs stay lossless)."""
     c = drafter.config
+    if engine == "vllm" and (c["label_convention"] != "own" or drafter.markov_head is not None
+                             or drafter.confidence_head is not None):
+        raise ValueError("export --to vllm: vLLM's DFlash proposer feeds [bonus, mask, ...] and samples the mask "
+                         "slots, each for its own position: train a dflash drafter with label_convention: own "
+                         "(vLLM 0.32 runs DSpark's Markov and confidence heads only in its GPU model runner)")
     if hasattr(drafter, "mask_embed"):
         raise ValueError("export: a trained mask embedding has no row in the target's embedding; train with a "
                          "mask_token_id to export")
@@ -82,11 +92,16 @@ def export_block(drafter: BlockDrafter, directory: str | Path, target_head: Tens
         if drafter.markov_head is not None or drafter.confidence_head is not None:
             raise ValueError("export: z-lab's DFlash layout has no Markov or confidence head (train DSpark with "
                              "label_convention: next for DeepSpec's layout)")
-        if not bool((ids == torch.arange(c["vocab_size"])).all()):
-            raise ValueError("export: z-lab's DFlash layout uses the target's head over the full vocabulary; "
-                             "train with draft_vocab: null")
+        full_vocab = ids.numel() == c["vocab_size"] and bool((ids == torch.arange(c["vocab_size"])).all())
         config = {**common, "architectures": ["DFlashDraftModel"],
                   "dflash_config": {"target_layer_ids": c["target_layer_ids"], "mask_token_id": c["mask_token_id"]}}
+        if engine == "vllm" and not full_vocab:  # vLLM maps draft id i to target id i + d2t[i]
+            out["lm_head.weight"] = state["lm_head.weight"]
+            out["d2t"] = drafter.d2t.detach().long().contiguous()
+            config["draft_vocab_size"] = c["draft_vocab_size"]
+        elif not full_vocab:
+            raise ValueError("export: z-lab's DFlash layout uses the target's head over the full vocabulary; "
+                             "train with draft_vocab: null (or export --to vllm, which keeps a reduced one)")
     out = {k: v.to(dtype).contiguous() if v.is_floating_point() else v for k, v in out.items()}
     return io.write_model_folder(directory, out, config)
 
@@ -136,19 +151,23 @@ def import_block(directory: str | Path, target_model, **meta: Any) -> BlockDraft
         config = {**base, "architectures": [arch], "algorithm": "dflash", "label_convention": "own",
                   "mask_token_id": dc.get("mask_token_id", written.get("mask_token_id")),
                   "target_layer_ids": dc.get("target_layer_ids", written.get("target_layer_ids")), "markov_rank": 0}
-        head = target_model.get_output_embeddings().weight.detach()
+        head = state.pop("lm_head.weight", None)  # its own rows where the vLLM layout kept a reduced vocabulary
+        if head is None:
+            head = target_model.get_output_embeddings().weight.detach()
         calibration = None
     if config["mask_token_id"] is None or config["target_layer_ids"] is None:
         raise ValueError(f"{cfg_path}: mask_token_id and target_layer_ids are required")
     bad = [k for k in config["target_layer_ids"] if not -1 <= k < tc.num_hidden_layers - 1]
     if bad:
         raise ValueError(f"{cfg_path}: target_layer_ids {bad} out of range for a {tc.num_hidden_layers}-layer target")
+    d2t = state.pop("d2t", torch.zeros(vocab)).long()  # vLLM's offsets: draft id i is target id i + d2t[i]
+    config["draft_vocab_size"] = d2t.numel()
     model = BlockDrafter(config, embed)
     ours = model.state_dict()
     ours_state = {k: v for k, v in state.items() if k in ours}
     ours_state["lm_head.weight"] = head.float()
-    ours_state["d2t"] = torch.zeros(vocab, dtype=torch.long)
-    ours_state["t2d"] = torch.ones(vocab, dtype=torch.bool)
+    ours_state["d2t"] = d2t
+    ours_state["t2d"] = torch.zeros(vocab, dtype=torch.bool).index_fill_(0, torch.arange(d2t.numel()) + d2t, True)
     if calibration:
         for key, field in (("confidence_temperature", "temperature"), ("confidence_bias", "bias")):
             ours_state[key] = torch.tensor([calibration[rule][field] for rule in CALIBRATION_RULES], dtype=torch.float32)

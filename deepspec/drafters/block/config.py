@@ -79,6 +79,10 @@ class BlockMethod(TrainedMethod):
     tree_top_k: Annotated[int, Field(ge=1)] = 1
     tree_threshold: Annotated[float, Field(gt=0, lt=1)] = 0.5
 
+    def as_chain(self) -> "BlockMethod":
+        """As vLLM's DFlash proposer runs it: the whole block every round, no siblings."""
+        return self.model_copy(update={"length": "fixed", "max_length": None, "tree_top_k": 1})
+
     def check_drafter(self, where: str, drafter: DrafterBase) -> None:
         super().check_drafter(where, drafter)
         if self.length != "fixed" and not getattr(drafter, "confidence_head", False):

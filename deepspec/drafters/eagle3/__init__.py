@@ -63,6 +63,9 @@ class Eagle3Kind(DrafterKind):
 
         return write_export(drafter, fmt, out, dtype)
 
+    def vllm_proposer(self, method, dc):
+        return self.chain_of_depth("eagle3", method)
+
     def proposer(self, method, drafter, target: Any, temperature, seed):
         from deepspec.drafters.eagle3.proposer import Eagle3Proposer
 

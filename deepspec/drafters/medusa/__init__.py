@@ -84,6 +84,9 @@ class MedusaKind(DrafterKind):
 
         return export_medusa(drafter, fmt, out, target_model.get_output_embeddings().weight, dtype)
 
+    def vllm_proposer(self, method, dc):
+        return self.chain_of_depth("medusa", method)
+
     def proposer(self, method, drafter, target: Any, temperature, seed):
         from deepspec.drafters.medusa.proposer import MedusaProposer
         from deepspec.models.lean import normed_final
