@@ -40,5 +40,5 @@ def test_a_failing_step_is_one_line_naming_engine_and_step(fake_engine, monkeypa
     assert msg.startswith("engine fake: step `python -c 'import no_such_module_here'` failed: ") and "\n" not in msg
     assert "No module named 'no_such_module_here'" in msg
     assert engines.find("fake") is None  # no record: not ready
-    with pytest.raises(engines.EngineError, match=r"^engine nope: unknown \(engines: vllm, fake\)$"):
+    with pytest.raises(engines.EngineError, match=r"^engine nope: unknown \(engines: vllm, llamacpp, fake\)$"):
         engines.setup("nope")
