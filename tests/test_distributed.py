@@ -116,26 +116,39 @@ def test_fsdp2_matches_one_process(tmp_path, tiny_target_dir, kind):
     _close([r["loss"] for r in _log(raw)], [r["loss"] for r in reference])
 
 
-def test_deepspeed_zero2_and_zero3_train_as_one_process_and_zero2_resumes(tmp_path, tiny_target_dir):
-    """DeepSpeed (installed by the README's setup; a skip shows in pytest's summary): ZeRO-2 and ZeRO-3 over 2
-    gloo processes follow the one-process loss curve, and a ZeRO-2 run killed after step 10 resumes from its
-    step-8 checkpoint onto its own curve."""
+def _deepspeed_reference(tmp_path, tiny_target_dir) -> tuple[dict, list[dict]]:
     from deepspec.config import load
     from deepspec.training.trainer import train
 
     pytest.importorskip("deepspeed")
     raw = _prepared(tmp_path, tiny_target_dir)
     train(load(_write(tmp_path, raw, "one")), "d")
-    reference = _log(raw)
-    for stage in (3, 2):
-        _reset(raw)
-        config = _write(tmp_path, raw, f"zero{stage}", distributed="deepspeed", processes=2, zero_stage=stage)
-        done = _torchrun(config, 2)
-        assert done.returncode == 0, done.stderr[-3000:]
-        whole = _log(raw)
-        _close([r["loss"] for r in whole], [r["loss"] for r in reference])
+    return raw, _log(raw)
+
+
+def test_deepspeed_zero2_trains_as_one_process_and_resumes(tmp_path, tiny_target_dir):
+    """DeepSpeed (installed by the README's setup; a skip shows in pytest's summary): ZeRO-2 over 2 gloo processes
+    follows the one-process loss curve, and a run killed after step 10 resumes from its step-8 checkpoint onto its
+    own curve."""
+    raw, reference = _deepspeed_reference(tmp_path, tiny_target_dir)
+    _reset(raw)
+    config = _write(tmp_path, raw, "zero2", distributed="deepspeed", processes=2, zero_stage=2)
+    done = _torchrun(config, 2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    whole = _log(raw)
+    _close([r["loss"] for r in whole], [r["loss"] for r in reference])
     _reset(raw)
     assert _torchrun(config, 2, "--stop-after-steps", "10").returncode != 0
     done = _torchrun(config, 2)
     assert done.returncode == 0 and "resuming at step 8" in done.stdout, done.stderr[-3000:]
     _close([r["loss"] for r in _log(raw)], [r["loss"] for r in whole])
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_trains_as_one_process(tmp_path, tiny_target_dir):
+    """ZeRO-3 (parameters sharded too) over 2 gloo processes follows the one-process loss curve."""
+    raw, reference = _deepspeed_reference(tmp_path, tiny_target_dir)
+    _reset(raw)
+    done = _torchrun(_write(tmp_path, raw, "zero3", distributed="deepspeed", processes=2, zero_stage=3), 2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _close([r["loss"] for r in _log(raw)], [r["loss"] for r in reference])

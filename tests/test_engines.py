@@ -163,6 +163,7 @@ def test_exported_dflash_decodes_in_vllm_losslessly_with_our_tau(target_run, vll
                   {"method": "dflash", "model": str(export), "num_speculative_tokens": DEPTH}, "dflash")
 
 
+@pytest.mark.slow  # 4 minutes: CI runs the engine tests without it (`-m "engine and not slow"`)
 def test_smoke_dag_deploys_its_methods_in_vllm(tmp_path, vllm_env):
     """The smoke DAG with an `engines` section, through real Snakemake, asked for its deploy job: the DFlash drafter
     it trains is exported and decodes in real vLLM over MT-bench's two-turn conversations, losslessly against

@@ -103,6 +103,7 @@ def test_jobs_claim_different_devices_and_release_them_on_exit(tmp_path):
     assert claim_slot(keys, tmp_path) == 0  # the lock went with the process
 
 
+@pytest.mark.slow  # ~90 s: run it (`-m slow`) before spending a lent device's minutes on the script
 def test_prepared_gpu_check_runs_end_to_end_on_a_tiny_target():
     from deepspec.gpu_check import gpu_check
 
