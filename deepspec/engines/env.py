@@ -11,6 +11,7 @@ engine and the step.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -44,6 +45,12 @@ ENGINES: dict[str, EngineSpec] = {
     "llamacpp": EngineSpec(packages=("xllamacpp==2026.10.11549",), check="import xllamacpp",
                            versions_of=("xllamacpp",)),
 }
+
+
+def isolated_env(extra: dict[str, str]) -> dict[str, str]:
+    """The environment of a process run by an engine's interpreter: ours without PYTHONPATH / PYTHONHOME (it must
+    not import from our tree, whose top-level `kernels` package would shadow the one vLLM looks for), plus `extra`."""
+    return {**{k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}, **extra}
 
 
 @dataclass

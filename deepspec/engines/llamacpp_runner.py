@@ -10,8 +10,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from deepspec.engines.env import EngineEnv, EngineError
-from deepspec.engines.vllm_runner import process_env
+from deepspec.engines.env import EngineEnv, EngineError, isolated_env
 
 WORKER = Path(__file__).with_name("llamacpp_worker.py")
 
@@ -26,7 +25,7 @@ def decode(env: EngineEnv, gguf: str | Path, prompts: list[list[int]], max_new_t
         sink = open(log, "w") if log is not None else subprocess.DEVNULL
         try:
             done = subprocess.run([str(env.python), str(WORKER), str(request), str(reply)], stdout=sink,
-                                  stderr=subprocess.STDOUT, env=process_env(threads), cwd=tmp)
+                                  stderr=subprocess.STDOUT, env=isolated_env({"OMP_NUM_THREADS": str(threads)}), cwd=tmp)
         finally:
             if log is not None:
                 sink.close()

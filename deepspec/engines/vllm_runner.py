@@ -22,7 +22,7 @@ from typing import Any
 
 from deepspec.config_base import DrafterBase, TrainedMethod
 from deepspec.drafters.registry import KINDS
-from deepspec.engines.env import EngineEnv, EngineError
+from deepspec.engines.env import EngineEnv, EngineError, isolated_env
 
 WORKER = Path(__file__).with_name("vllm_worker.py")
 
@@ -42,11 +42,8 @@ def threads_env(threads: int, env: EngineEnv | None = None) -> dict[str, str]:
 
 
 def process_env(threads: int, env: EngineEnv | None = None) -> dict[str, str]:
-    """The whole environment of a vLLM process: ours without PYTHONPATH / PYTHONHOME (the engine's interpreter must
-    not import from our tree, whose top-level `kernels` package would shadow the one vLLM looks for), plus
-    `threads_env`."""
-    return {**{k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")},
-            **threads_env(threads, env)}
+    """The whole environment of a vLLM process: `isolated_env` plus `threads_env`."""
+    return isolated_env(threads_env(threads, env))
 
 
 class VllmSession:
