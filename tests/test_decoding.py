@@ -180,6 +180,73 @@ def test_dynamic_tree_refuses_bad_shapes():
         dynamic_tree(torch.zeros(8), lambda *a: None, 0, 2, 4)
 
 
+def test_best_cut_maximises_expected_tokens_per_ms():
+    """The cut is the brute-force argmax of (1 + accepted so far) / (draft + verify) over every prefix, including
+    no draft at all; a flat verify cost keeps every draft, a steep one none (or `least`)."""
+    from deepspec.decoding.cost import best_cut
+
+    def brute(accept, draft, verify, least=0):
+        rates = [(1 + sum(accept[:n])) / (draft + verify[min(n, len(verify) - 1)]) for n in range(len(accept) + 1)]
+        return max(range(least, len(accept) + 1), key=lambda n: (rates[n], -n))
+
+    accept = [0.9, 0.6, 0.3, 0.1, 0.02]
+    assert best_cut(accept, 2.0, [40.0] * 6) == 5
+    assert best_cut(accept, 2.0, [40.0 * 3**k for k in range(6)]) == 0
+    assert best_cut(accept, 2.0, [40.0 * 3**k for k in range(6)], least=1) == 1
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        verify = (40.0 + torch.rand(6, generator=gen).cumsum(0) * 20).tolist()
+        draft = float(torch.rand((), generator=gen) * 30)
+        least = int(torch.randint(0, 3, (), generator=gen))
+        assert best_cut(accept, draft, verify, least) == brute(accept, draft, verify, least)
+    assert best_cut(accept, 2.0, [40.0, 41.0]) == 5, "past the curve, longer drafts cost its last entry"
+
+
+def test_dynamic_tree_cut_keeps_the_best_prefix_and_stops_growing():
+    """With a cut the tree is the best-scored prefix of the uncut one (so closed under ancestors), and it does not
+    expand a depth none of whose nodes would be kept."""
+    from deepspec.decoding.tree import dynamic_tree
+
+    gen = torch.Generator().manual_seed(0)
+    root = torch.log_softmax(torch.randn(32, generator=gen) * 3, -1)
+    calls = []
+
+    def expand(nodes, tokens, parents):
+        calls.append(len(nodes))
+        return torch.log_softmax(torch.randn(len(nodes), 32, generator=gen) * 3, -1)
+
+    full = dynamic_tree(root, expand, 4, 3, 10)
+    assert len(calls) == 3
+    for keep in range(0, 11):
+        calls.clear()
+        gen.manual_seed(1)
+        uncut = dynamic_tree(root, expand, 4, 3, 10)
+        gen.manual_seed(1)
+        seen = []
+        cut = dynamic_tree(root, expand, 4, 3, 10, cut=lambda probs: seen.append(probs) or min(keep, len(probs)))
+        assert all(a >= b for probs in seen for a, b in zip(probs, probs[1:])), "probabilities offered falling"
+        if keep >= len(uncut):
+            assert (cut.tokens, cut.parents) == (uncut.tokens, uncut.parents)
+            continue
+        kept = {(tuple(_path(cut, i))) for i in range(len(cut))}
+        assert len(cut) == keep and kept <= {tuple(_path(uncut, i)) for i in range(len(uncut))}
+    assert full.depths and max(full.depths) == 4
+    calls.clear()
+    none = dynamic_tree(root, expand, 4, 3, 10, cut=lambda probs: 0)
+    assert len(none) == 0 and calls == [], "nothing kept at depth 1: no expansion at all"
+    calls.clear()
+    shallow = dynamic_tree(root, expand, 4, 3, 10, cut=lambda probs: 1)
+    assert len(shallow) == 1 and len(calls) == 1, "the depth-2 children were cut: depth 3 is never grown"
+
+
+def _path(tree, i):
+    path = []
+    while i >= 0:
+        path.append(tree.tokens[i])
+        i = tree.parents[i]
+    return path[::-1]
+
+
 @pytest.mark.slow
 def test_every_method_is_lossless_on_long_outputs(real_target):
     """256 new tokens on real prompts: prompt lookup (chain, tree) and the int8 draft LM (chain, tree)."""

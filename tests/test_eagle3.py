@@ -151,6 +151,42 @@ def test_chain_drafting_on_the_device_equals_the_top_1_tree(overfit):
     assert proposer.rounds > 10
 
 
+@pytest.mark.parametrize("top_k", [1, 3])
+def test_cost_length_keeps_what_pays_and_stays_lossless(overfit, top_k):
+    """`length: cost` on the overfit drafter: where verifying is free the cut keeps whole trees (long accepted paths);
+    where each row costs far more than a draft can earn it drafts nothing (a plain step every round, no expansion);
+    on a curve between, the trees are smaller than the fixed ones and still accepted. Always lossless."""
+    from deepspec.decoding.engine import Engine
+    from deepspec.drafters.eagle3.proposer import Eagle3Proposer
+    from deepspec.models import make_backend
+
+    class Counting(Eagle3Proposer):
+        def _tree(self, *args):
+            tree = super()._tree(*args)
+            self.sizes.append(len(tree))
+            return tree
+
+    target, prompts, drafter = overfit
+    engine = Engine(make_backend(target, "lean", 256), stop_ids=[], max_nodes=16)
+    total = 4 if top_k == 1 else 10
+    curves = {"free": [10.0] * (total + 1), "steep": [10.0 * 4**k for k in range(total + 1)],
+              "between": [10.0 + 3.0 * k for k in range(total + 1)]}
+    tau, sizes = {}, {}
+    for name, verify_ms in curves.items():
+        proposer = Counting(drafter, 256, depth=4, top_k=top_k, total_tokens=total, verify_ms=verify_ms)
+        proposer.sizes = []
+        committed = forwards = 0
+        for prompt in prompts:
+            spec = engine.generate(prompt, 40, proposer)
+            assert spec.tokens == engine.generate(prompt, 40).tokens
+            committed += len(spec.tokens)
+            forwards += spec.forwards
+        tau[name], sizes[name] = committed / forwards, proposer.sizes
+    assert tau["free"] > 2.0 and max(sizes["free"]) == total
+    assert tau["steep"] <= 1.0 and set(sizes["steep"]) == {0}
+    assert 1.3 < tau["between"] < tau["free"] and sum(sizes["between"]) < sum(sizes["free"])
+
+
 def test_sharegpt_reader_recovers_truncated_file(tmp_path):
     from deepspec.data.regenerate import load_conversations, read_sharegpt
     from deepspec.config import TrainDataConfig

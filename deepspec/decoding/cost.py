@@ -1,7 +1,8 @@
-"""The verify-cost curve: what one target forward costs as the number of new tokens grows.
+"""The verify-cost curve: what one target forward costs as the number of new tokens grows, and the draft size
+chosen against it.
 
-Draft lengths are chosen against it (a block cut where committed tokens per second peak), and the decode
-benchmark reports it, so it lives with decoding rather than with either user.
+Draft sizes are cut where expected committed tokens per second peak (a block's drafts, an EAGLE tree's nodes),
+and the decode benchmark reports the curve, so both live with decoding rather than with any one drafter.
 """
 
 from __future__ import annotations
@@ -44,3 +45,27 @@ def verify_cost_curve(backend, context: int = 256, sizes=(1, 2, 4, 8, 16, 32, 64
     out["tree_16"] = timed(lambda: backend.forward(ids, tree.positions(context), mask=mask))
     cache.reset()
     return out
+
+
+def proposer_verify_ms(backend, max_rows: int) -> list[float]:
+    """This machine's verify cost of 1 .. `max_rows` new rows (ms), as a proposer's cost cut reads it."""
+    sizes = tuple(range(1, max_rows + 1))
+    curve = verify_cost_curve(backend, context=128, sizes=sizes, reps=5)
+    return [curve[f"chain_{n}"] for n in sizes]
+
+
+def best_cut(accept: list[float], draft_ms: float, verify_ms: list[float], least: int = 0) -> int:
+    """How many drafts to verify: argmax_n (1 + sum_{i<n} accept_i) / (draft_ms + verify_ms[n]), n >= `least`.
+
+    `accept` are the drafts' probabilities of being accepted, each no larger than the one before (a chain's running
+    product; an ancestor-closed tree's nodes by falling score), so every prefix is a draft the verifier can take;
+    `verify_ms[k]` is the cost of k + 1 rows, and longer drafts than the curve reaches cost its last entry's.
+    """
+    best, best_rate, expected = least, -1.0, 1.0 + sum(accept[:least])
+    for n in range(least, len(accept) + 1):
+        if n > least:
+            expected += accept[n - 1]
+        rate = expected / (draft_ms + verify_ms[min(n, len(verify_ms) - 1)])
+        if rate > best_rate:
+            best, best_rate = n, rate
+    return best

@@ -6,7 +6,9 @@ node i is row i + 1. A chain is the degenerate tree whose parents are -1, 0, 1, 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -127,14 +129,16 @@ def scratch_mask(nodes: list[int], parents: list[int], row_of: dict[int, int], b
     return mask.to(torch.get_default_device()), depths
 
 
-def dynamic_tree(root_logp: Tensor, expand, depth: int, top_k: int, total_tokens: int) -> DraftTree:
+def dynamic_tree(root_logp: Tensor, expand, depth: int, top_k: int, total_tokens: int,
+                 cut: Callable[[list[float]], int] | None = None) -> DraftTree:
     """EAGLE-2 dynamic tree: expand the `top_k` best frontier nodes per step, rerank all candidates.
 
     `root_logp` [V] are the drafter's log-probs after the last committed token. `expand(nodes, tokens,
     parents)` returns log-probs [len(nodes), V] of the children of `nodes`, given the tree so far. A
     node's score is its cumulative draft log-prob; the final tree is the `total_tokens` best scores,
     which is closed under ancestors because scores only fall along a path (ties go to the shallower,
-    earlier node).
+    earlier node). `cut(probs)`, given the best nodes' draft probabilities (falling), says how many to
+    keep (possibly none); the tree stops growing once no node of its newest depth is kept.
     """
     if depth < 1 or top_k < 1 or total_tokens < 1:
         raise TreeError(f"depth ({depth}), top_k ({top_k}) and total_tokens ({total_tokens}) must be >= 1")
@@ -144,7 +148,14 @@ def dynamic_tree(root_logp: Tensor, expand, depth: int, top_k: int, total_tokens
     parents: list[int] = [-1] * len(tokens)
     depths: list[int] = [1] * len(tokens)
     frontier = list(range(len(tokens)))
+
+    def best() -> list[int]:
+        order = sorted(range(len(tokens)), key=lambda i: (-scores[i], depths[i], i))[:total_tokens]
+        return order if cut is None else order[: cut([math.exp(scores[i]) for i in order])]
+
     for d in range(2, depth + 1):
+        if cut is not None and not any(depths[i] == d - 1 for i in best()):
+            break  # the newest depth is cut: its children would be too
         logp = expand(frontier, tokens, parents)
         cand = torch.topk(logp, top_k, dim=-1)
         cand_scores = torch.tensor([scores[f] for f in frontier], dtype=cand.values.dtype)[:, None] + cand.values
@@ -156,9 +167,8 @@ def dynamic_tree(root_logp: Tensor, expand, depth: int, top_k: int, total_tokens
             scores.append(s)
             parents.append(frontier[j // top_k])
             depths.append(d)
-        best = sorted(range(len(flat_scores)), key=lambda j: -flat_scores[j])[:top_k]
-        frontier = sorted(first_new + j for j in best)
-    keep = sorted(range(len(tokens)), key=lambda i: (-scores[i], depths[i], i))[:total_tokens]
-    keep.sort()  # parents precede children in the original order
+        ranked = sorted(range(len(flat_scores)), key=lambda j: -flat_scores[j])[:top_k]
+        frontier = sorted(first_new + j for j in ranked)
+    keep = sorted(best())  # parents precede children in the original order
     remap = {old: new for new, old in enumerate(keep)}
     return DraftTree([tokens[i] for i in keep], [remap[parents[i]] if parents[i] >= 0 else -1 for i in keep])

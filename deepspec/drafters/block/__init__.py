@@ -79,11 +79,9 @@ class BlockKind(DrafterKind):
 
         verify_ms = None
         if method.length == "cost":  # this machine's verify cost of 1 .. drafts + 1 rows
-            from deepspec.decoding.cost import verify_cost_curve
+            from deepspec.decoding.cost import proposer_verify_ms
 
-            sizes = tuple(range(1, drafter.drafts + 2))
-            curve = verify_cost_curve(target.backend, context=128, sizes=sizes, reps=5)
-            verify_ms = [curve[f"chain_{n}"] for n in sizes]
+            verify_ms = proposer_verify_ms(target.backend, drafter.drafts + 1)
         return BlockProposer(drafter, target.backend.cache.max_len, length=method.length,
                              max_length=method.max_length, threshold=method.threshold, temperature=temperature,
                              verify_ms=verify_ms, tree_top_k=method.tree_top_k, tree_threshold=method.tree_threshold,

@@ -24,6 +24,7 @@ import time
 import torch
 from torch import Tensor
 
+from deepspec.decoding.cost import best_cut
 from deepspec.decoding.tree import DraftTree
 from deepspec.drafters.block.model import BlockDrafter
 
@@ -160,13 +161,9 @@ class BlockProposer:
                 torch.stack(alts) if alts else None)
 
     def _cost_length(self, conf: list[float]) -> int:
-        """argmax_L (1 + sum_{j<L} prod_{i<=j} c_i) / (draft + verify(L + 1 rows)), L >= 1."""
-        best, best_rate, expected, alive = 1, -1.0, 1.0, 1.0
-        for L in range(1, len(conf) + 1):
-            alive *= conf[L - 1]
-            expected += alive
-            rows = min(L + 1, len(self.verify_ms)) - 1
-            rate = expected / (self.draft_ms + self.verify_ms[rows])
-            if rate > best_rate:
-                best, best_rate = L, rate
-        return best
+        """The cost cut over the block's drafts, each accepted with the product of the confidences up to it."""
+        alive, accept = 1.0, []
+        for c in conf:
+            alive *= c
+            accept.append(alive)
+        return best_cut(accept, self.draft_ms, self.verify_ms, least=1)

@@ -29,10 +29,21 @@ hash_default(Eagle3Config, head_loss="auto")
 
 class Eagle3Method(TrainedMethod):
     """Decoding with an EAGLE-3 drafter: EAGLE-2 dynamic tree, or a chain with top_k 1. A published checkpoint
-    may be in our, vLLM's, SGLang's or the EAGLE authors' layout."""
+    may be in our, vLLM's, SGLang's or the EAGLE authors' layout.
+
+    `length`: fixed (the `total_tokens` best nodes) or cost (of those, the best-scored prefix that maximises
+    expected committed tokens per second from the draft probabilities and the verify cost measured on this
+    machine, down to no draft at all; the tree stops growing once its newest depth would be cut)."""
 
     decodes: ClassVar[tuple[str, ...]] = ("eagle3",)
     kind: Literal["eagle3"]
     depth: Annotated[int, Field(ge=1)] = 5
     top_k: Annotated[int, Field(ge=1)] = 4
     total_tokens: Annotated[int, Field(ge=1)] = 12
+    length: Literal["fixed", "cost"] = "fixed"
+
+    def as_chain(self) -> "Eagle3Method":
+        return super().as_chain().model_copy(update={"length": "fixed"})
+
+
+hash_default(Eagle3Method, length="fixed")

@@ -3,9 +3,12 @@ committed tokens, the drafter's own K/V kept across rounds."""
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import Tensor
 
+from deepspec.decoding.cost import best_cut
 from deepspec.decoding.tree import DraftTree, dynamic_tree, scratch_mask
 from deepspec.drafters.eagle3.model import DraftCache, Eagle3Drafter
 
@@ -19,12 +22,16 @@ class Eagle3Proposer:
 
     name = "eagle3"
 
-    def __init__(self, drafter: Eagle3Drafter, max_len: int, depth: int = 5, top_k: int = 4, total_tokens: int = 12):
+    def __init__(self, drafter: Eagle3Drafter, max_len: int, depth: int = 5, top_k: int = 4, total_tokens: int = 12,
+                 verify_ms: list[float] | None = None):
+        """`verify_ms`: the verify cost of 1, 2, ... rows; given, each round keeps the nodes that pay for their rows
+        (`decoding.cost.best_cut`) instead of all `total_tokens`."""
         from deepspec.models.lean import pack_linears
 
         self.drafter = pack_linears(drafter.eval())  # inference only from here: weights prepacked for oneDNN
         self.capture_layers = tuple(drafter.config["aux_layers"])
         self.depth, self.top_k, self.total_tokens = depth, top_k, total_tokens
+        self.verify_ms = verify_ms
         self.cache = DraftCache(drafter, max_len)
         self._d2t = drafter.draft_to_target
         self._features: list[Tensor] = []  # fused features of committed positions not yet in the draft cache
@@ -44,6 +51,7 @@ class Eagle3Proposer:
     def propose(self, tokens: list[int], max_nodes: int) -> DraftTree | None:
         if max_nodes < 1 or not self._features:
             return None
+        t0 = time.perf_counter()
         d, cache = self.drafter, self.cache
         start = self._covered  # draft row t reads (token t+1, feature t); the last token has no feature yet
         n = sum(f.shape[0] for f in self._features)
@@ -57,12 +65,20 @@ class Eagle3Proposer:
                          cache, start, None if n == 1 else _causal(n, start, feats.dtype))
         self._covered = cache.length = start + n
         base = cache.length
-        if self.top_k == 1:  # a chain (the paper's protocol): nothing to rank, so no host sync until the end
+        if self.top_k == 1 and self.verify_ms is None:  # a chain (the paper's protocol): no host sync until the end
             return DraftTree.chain(self._chain(logp[-1], h[-1], base, min(self.depth, self.total_tokens, max_nodes)))
-        return self._tree(logp[-1], h[-1], base, min(self.total_tokens, max_nodes))
+        cut = None
+        if self.verify_ms is not None:  # the drafting spent so far is part of this round's cost
+            verify_ms = self.verify_ms
 
-    def _tree(self, root_logp: Tensor, root_h: Tensor, base: int, total: int) -> DraftTree:
-        """An EAGLE-2 dynamic tree grown in the draft cache's scratch rows past `base`."""
+            def cut(probs: list[float]) -> int:
+                return best_cut(probs, (time.perf_counter() - t0) * 1e3, verify_ms)
+
+        tree = self._tree(logp[-1], h[-1], base, min(self.total_tokens, max_nodes), cut)
+        return tree if len(tree) else None
+
+    def _tree(self, root_logp: Tensor, root_h: Tensor, base: int, total: int, cut=None) -> DraftTree:
+        """An EAGLE-2 dynamic tree grown in the draft cache's scratch rows past `base` (`cut`: `dynamic_tree`'s)."""
         d, cache = self.drafter, self.cache
         row_of: dict[int, int] = {}
         hidden_of: dict[int, Tensor] = {}
@@ -82,8 +98,8 @@ class Eagle3Proposer:
             used += m
             return lp
 
-        tree = dynamic_tree(root_logp, expand, self.depth, self.top_k, total)
-        return DraftTree(self._d2t[torch.tensor(tree.tokens)].tolist(), tree.parents)
+        tree = dynamic_tree(root_logp, expand, self.depth, self.top_k, total, cut)
+        return DraftTree(self._d2t[torch.tensor(tree.tokens, dtype=torch.long)].tolist(), tree.parents)
 
     def _chain(self, root_logp: Tensor, root_h: Tensor, base: int, length: int) -> list[int]:
         """Each draft the argmax after the one before, stepped on the drafter's device; what `dynamic_tree` gives
