@@ -39,8 +39,8 @@ class TrainConfig(Strict):
     zero_stage: Literal[2, 3] = Field(2, description="DeepSpeed ZeRO stage")
     wall_budget_s: Annotated[float, Field(gt=0)] | None = Field(
         None, description="size the schedule to end after this much training wall time: the total number of steps "
-                          "is set from the time of the first steps (and kept on resume), so the learning rate anneals "
-                          "by then; null: `epochs` decides")
+                          "is set from the pace of the last 10 steps, every 10 steps until 90% of the budget is spent "
+                          "(and kept on resume), so the learning rate anneals by then; null: `epochs` decides")
     val_sequences: Annotated[int, Field(ge=0)] = 16
     eval_every: Annotated[int, Field(ge=1)] = 50
     save_every: Annotated[int, Field(ge=1)] = 100

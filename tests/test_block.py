@@ -587,6 +587,16 @@ def test_wall_budget_sizes_the_schedule_from_the_timed_steps():
     assert _sized_total(1.0, history, 10, history[-1]["wall_s"]) == 10  # already past the budget: stop here
 
 
+def test_wall_budget_resizes_at_the_recent_pace():
+    """A slow start (1 s a step for 10 steps) sizes a 20 s budget to 20 steps; when steps 11..20 take 0.1 s,
+    the re-size at step 20 reads their pace, not the start's, and fills the 9 s left with 90 more steps."""
+    from deepspec.training.trainer import _sized_total
+
+    history = [{"step": k, "wall_s": float(k) if k <= 10 else 10.0 + 0.1 * (k - 10)} for k in range(1, 21)]
+    assert _sized_total(20.0, history[:10], 10, history[9]["wall_s"]) == 20
+    assert _sized_total(20.0, history, 20, history[-1]["wall_s"]) == 110
+
+
 def test_block_recipe_knobs_through_training_under_a_wall_budget(tmp_path, tiny_target_dir, monkeypatch):
     """A DFlash drafter trained from the pipeline's feature cache with answer anchors, a trainable head,
     the fc input scale and a wall-time budget: the schedule is resized once the first steps are timed (to

@@ -64,6 +64,11 @@ def test_tables_and_report(smoke_run):
     assert "![speedup](plots/speedup.png)" in report and "| pld " in report and "all methods pass" in report
     assert "## Drafter training" in report and "![training eagle3](plots/training_eagle3.png)" in report
     assert report.count("Peak resident memory") == 3  # one line per trained drafter, from its train metrics
+    h2h = (out / "tables/head_to_head.md").read_text().splitlines()  # every drafted method against prompt lookup
+    assert [c.strip() for c in h2h[0].split("|")[1:-1]] == ["method vs pld", "mt_bench", "humaneval"]
+    assert [line.split("|")[1].strip() for line in h2h[2:]] == ["eagle3", "dflash", "dspark"]
+    assert all(re.search(r"\d\.\d\d×.*, faster on [0-2] of 2", line) for line in h2h[2:]), h2h
+    assert "## Against the fastest method without a drafter" in report
 
 
 def test_drafter_pipeline_outputs(smoke_run):

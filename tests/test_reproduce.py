@@ -124,6 +124,30 @@ def test_verdicts(tmp_path):
     assert compare(cfg, lossy, run).verdict == "NOT REPRODUCED: lossless check failed in pld/t"
 
 
+def test_head_to_head_separates_methods_whose_own_intervals_overlap():
+    """Method A 8% faster than B on every sample, samples of very different difficulty: their intervals
+    against the baseline overlap, the paired ratio's does not include 1. Controls: B against itself is 1
+    with no sample faster, and only the samples both ran are compared."""
+    import numpy as np
+
+    from deepspec.evaluation.metrics import head_to_head, summarize
+
+    rng = np.random.default_rng(1)
+    b_speeds = list(rng.uniform(0.9, 1.8, size=10))
+    a_speeds = [s * 1.08 * rng.uniform(0.98, 1.02) for s in b_speeds]
+    a, b = _records(a_speeds), _records(b_speeds)
+    a_lo, a_hi = summarize(a, True, True)["spread"]["speedup_ci95"]
+    b_lo, b_hi = summarize(b, True, True)["spread"]["speedup_ci95"]
+    assert a_lo < b_hi  # overlapping intervals against the baseline
+    h = head_to_head(a, b)
+    assert h["samples"] == 10 and h["faster"] == 10
+    assert 1.05 < h["ci95"][0] <= h["ratio"] <= h["ci95"][1] < 1.11
+    same = head_to_head(b, b)
+    assert same["ratio"] == pytest.approx(1.0) and same["ci95"] == pytest.approx([1.0, 1.0]) and same["faster"] == 0
+    assert head_to_head(a[:4], b[2:])["samples"] == 2
+    assert head_to_head(a[:2], b[5:]) is None
+
+
 def test_tables_carry_spreads(tmp_path):
     from deepspec.reporting.tables import tables
 

@@ -99,6 +99,30 @@ def spread(records: list[dict[str, Any]], paired: bool) -> dict[str, Any]:
     return out
 
 
+def head_to_head(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Method A's speedup over method B's on the samples both ran, each against the baseline of its own job.
+
+    Two methods' intervals against the baseline overlap long before one is no faster than the other: both
+    move with the same hard and easy samples. This is the ratio of their ratio-of-sums speedups with a
+    bootstrap that draws the same samples for both, and the samples on which A was the faster. None when
+    they share no sample."""
+    theirs = {r["question_id"]: r for r in b}
+    pairs = [(r, theirs[r["question_id"]]) for r in a if r["question_id"] in theirs]
+    if not pairs:
+        return None
+    sides = [_per_sample([p[i] for p in pairs], key) for i in (0, 1) for key in ("outputs", "baseline")]
+    n = len(pairs)
+    idx = np.random.default_rng(BOOTSTRAP_SEED).integers(0, n, size=(BOOTSTRAP_RESAMPLES, n))
+
+    def speedup(out: dict[str, np.ndarray], base: dict[str, np.ndarray], take) -> np.ndarray:
+        return (take(out["new_tokens"]) / take(out["wall_time"])) / (take(base["new_tokens"]) / take(base["wall_time"]))
+
+    ratio = speedup(*sides[:2], np.sum) / speedup(*sides[2:], np.sum)
+    resampled = speedup(*sides[:2], lambda x: x[idx].sum(1)) / speedup(*sides[2:], lambda x: x[idx].sum(1))
+    per = speedup(*sides[:2], lambda x: x) / speedup(*sides[2:], lambda x: x)
+    return {"ratio": float(ratio), "ci95": _ci95(resampled), "faster": int((per > 1).sum()), "samples": n}
+
+
 def summarize(records: list[dict[str, Any]], greedy: bool, paired: bool, rule: str = EXACT,
               tie_margin: float = 0.0) -> dict[str, Any]:
     """`rule`: how greedy outputs are judged against the baseline's (`evaluation.lossless`)."""

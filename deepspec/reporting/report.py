@@ -11,8 +11,7 @@ from deepspec.config import Config
 from deepspec.drafters.registry import KINDS
 from deepspec.layout import drafter_dir, eval_dir, plots_dir, report_file, tables_dir, train_data_file
 from deepspec.reporting.reproduce import compare
-from deepspec.reporting.tables import long_frame, tables
-
+from deepspec.reporting.tables import head_to_head_frame, long_frame, tables
 
 
 def lossless_line(metrics: dict, failed: list[str]) -> str:
@@ -43,6 +42,30 @@ def collect(cfg: Config) -> dict[tuple[str, str], dict[str, Any]]:
     if missing:
         raise FileNotFoundError(f"report needs {len(missing)} metrics file(s) that do not exist, e.g. {missing[0]}")
     return found
+
+
+def head_to_head_section(cfg: Config, metrics: dict) -> tuple[list[str], str | None]:
+    """Every method that decodes with a drafter against the fastest one that needs none (prompt lookup,
+    suffix decoding, a draft LM), sample by sample: the question a trained drafter has to answer."""
+    from deepspec.evaluation.metrics import head_to_head
+
+    baseline = cfg.baseline_method()
+    drafted = [m for m in cfg.methods if cfg.method_drafters(m) or cfg.method_checkpoints(m)]
+    free = [m for m in cfg.methods if m != baseline and m not in drafted]
+    if not drafted or not free:
+        return [], None
+    rival = max(free, key=lambda m: sum(metrics[(m, t)]["speedup"] for t in cfg.tasks))
+
+    def records(method: str, task: str) -> list[dict[str, Any]]:
+        return io.read_jsonl(eval_dir(cfg, method, task) / "records.jsonl")
+
+    results = {(m, t): head_to_head(records(m, t), records(rival, t)) for m in drafted for t in cfg.tasks}
+    table = head_to_head_frame(cfg, rival, results).to_markdown(index=False, disable_numparse=True)
+    return ["## Against the fastest method without a drafter", "",
+            f"Each method's speedup divided by `{rival}`'s on the same samples (each against the baseline of "
+            f"its own job), with a 95% bootstrap interval that draws the same samples for both: above 1 it is "
+            f"the faster. Their intervals against the baseline in the table above overlap long before this one "
+            f"includes 1, because both move with the same hard and easy samples.", "", table, ""], table
 
 
 def plots(cfg: Config, metrics: dict, out: Path) -> list[Path]:
@@ -251,6 +274,9 @@ def build_report(cfg: Config) -> Path:
         written += plots(cfg, metrics, plots_out)
         accept = acceptance_plot(cfg, metrics, plots_out)
         written += [accept] if accept else []
+        h2h_lines, h2h_table = head_to_head_section(cfg, metrics)
+        if h2h_table is not None:
+            written.append(io.write_text(tables_out / "head_to_head.md", h2h_table + "\n"))
         train_lines, train_plots = _training_section(cfg)
         written += train_plots
         deployed_lines, deployed_cells = [], {}
@@ -303,6 +329,7 @@ def build_report(cfg: Config) -> Path:
             "",
             tab["details.md"],
             *(["![acceptance by depth](plots/acceptance_by_depth.png)", ""] if accept else []),
+            *h2h_lines,
             *deployed_lines,
             *(["## Drafter training", "", *train_lines] if train_lines else []),
             repro.markdown(),

@@ -265,10 +265,15 @@ class _Training:
         for k in ("l1", "bce"):
             if k in stats[0]:
                 row[k] = sum(s[k] for s in stats) / n
-        if not self.sized and self.step == _PROBE_STEPS:
-            self.total = _sized_total(tc.wall_budget_s, self.history, self.step, self.wall)
-            self.sized = True
-            self.say(f"[train] {self.name}: {self.total} steps fit the {tc.wall_budget_s:.0f} s budget")
+        if not self.sized and self.step % _PROBE_STEPS == 0:
+            # Re-sized every few steps at the recent pace (the first steps of a process are often slow), until
+            # most of the budget is spent; every rank takes rank 0's count, so all stop at the same step.
+            first = self.step == _PROBE_STEPS
+            self.total = world.gather(_sized_total(tc.wall_budget_s, self.history, self.step, self.wall))[0]
+            self.sized = self.wall >= _SIZED_FRACTION * tc.wall_budget_s
+            if first:
+                self.say(f"[train] {self.name}: {self.total} steps fit the {tc.wall_budget_s:.0f} s budget at the "
+                         f"first steps' pace (re-sized as it goes)")
         return row
 
     def validate(self) -> dict[str, Any]:
@@ -337,13 +342,16 @@ class _Training:
         return out
 
 
-_PROBE_STEPS = 10  # steps timed before a wall-time budget fixes the schedule (the first two are left out)
+_PROBE_STEPS = 10  # a wall-time budget re-sizes the schedule every this many steps (the first two not timed)
+_SIZED_FRACTION = 0.9  # ... until this share of the budget is spent
 
 
 def _sized_total(budget_s: float, history: list[dict[str, Any]], step: int, wall: float) -> int:
-    """Total steps that end training after `budget_s` seconds, at the pace of steps 3..`step`."""
-    start = next(r["wall_s"] for r in history if r["step"] == 2)
-    per_step = (wall - start) / (step - 2)
+    """Total steps that end training after `budget_s` seconds, at the pace of the last `_PROBE_STEPS` steps
+    (of steps 3..`step` at the first sizing)."""
+    since = max(2, step - _PROBE_STEPS)
+    start = next(r["wall_s"] for r in history if r["step"] == since)
+    per_step = (wall - start) / (step - since)
     return max(step, round(step + (budget_s - wall) / max(per_step, 1e-9)))
 
 
