@@ -577,6 +577,51 @@ def test_block_input_scale_trains_and_folds_into_the_export(tmp_path):
         assert not torch.allclose(back.context(feats), d.hidden_norm(d.fc(feats)))  # the scale mattered
 
 
+def test_acceptance_weights_follow_the_chance_each_draft_is_reached():
+    """`loss_gamma: acceptance` weights draft j by the product of the earlier drafts' acceptance: a block whose
+    first draft is never accepted trains only that draft; `loss_gamma` a number keeps DeepSpec's decay."""
+    from deepspec.drafters.block.loss import draft_weights
+
+    accept = torch.tensor([[0.5, 0.4, 1.0, 0.3], [0.0, 0.9, 0.9, 0.9]])
+    torch.testing.assert_close(draft_weights(accept, "acceptance"), torch.tensor([[1.0, 0.5, 0.2, 0.2], [1.0, 0.0, 0.0, 0.0]]))
+    torch.testing.assert_close(draft_weights(accept, 2.0), torch.exp(-torch.arange(4.0) / 2)[None].expand(2, 4))
+    assert torch.equal(draft_weights(accept, None), torch.ones(2, 4))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_copied_target_layers_start_from_the_targets_own_context_keys(model_type):
+    """`init_layers: target`: the drafter's layer is the target layer after the deepest fused one, and its
+    context values are exactly what that target layer computes from the fused layer's output. Keys match in
+    direction; a Llama target (no k_norm) gets a k_norm weight that keeps their median scale, a Qwen3 target
+    its own k_norm. A randomly initialised drafter computes neither."""
+    from deepspec.drafters.block.model import BlockDrafter
+
+    target = tiny_llama(vocab=64, layers=3, dtype=torch.float32, model_type=model_type)
+    feats = _features(target, torch.arange(1, 40))
+    fresh = lambda: BlockDrafter.for_target(target, "dflash", LAYERS, torch.arange(64), layers=1, block_size=4,  # noqa: E731
+                                            label_convention="next", mask_token_id=63, seed=1)
+    d, random = fresh(), fresh()
+    assert d.copy_target_layers(target, feats) == [2]
+    theirs = target.model.layers[2]
+    with torch.no_grad():
+        h = theirs.input_layernorm(feats[:, -32:])  # the output of layer 1, layer 2's input
+        for drafter, copied in ((d, True), (random, False)):
+            ctx = drafter.context(feats)
+            mine = drafter.layers[0].self_attn
+            assert torch.allclose(ctx, h, atol=1e-5) == copied
+            assert torch.allclose(mine.v_proj(ctx), theirs.self_attn.v_proj(h), atol=1e-5) == copied
+        mine = d.layers[0].self_attn
+        k_theirs = theirs.self_attn.k_proj(h).view(h.shape[0], -1, mine.head_dim)
+        k_mine = mine.k_norm(mine.k_proj(d.context(feats)).view(h.shape[0], -1, mine.head_dim))
+        if model_type == "qwen3":
+            torch.testing.assert_close(k_mine, theirs.self_attn.k_norm(k_theirs))
+        else:
+            assert torch.allclose(torch.cosine_similarity(k_mine, k_theirs, dim=-1), torch.ones(()), atol=1e-5)
+            ratio = (k_mine.norm(dim=-1) / k_theirs.norm(dim=-1)).median()
+            assert abs(float(ratio) - 1.0) < 0.05
+        torch.testing.assert_close(d.layers[0].mlp.down_proj.weight, theirs.mlp.down_proj.weight)
+
+
 def test_wall_budget_sizes_the_schedule_from_the_timed_steps():
     """Steps 3..10 took 0.5 s each after 2 s for the first two (6 s in all): a 20 s budget leaves 14 s, 28
     more steps."""
@@ -599,7 +644,7 @@ def test_wall_budget_resizes_at_the_recent_pace():
 
 def test_block_recipe_knobs_through_training_under_a_wall_budget(tmp_path, tiny_target_dir, monkeypatch):
     """A DFlash drafter trained from the pipeline's feature cache with answer anchors, a trainable head,
-    the fc input scale and a wall-time budget: the schedule is resized once the first steps are timed (to
+    the fc input scale, its layer copied from the target's, acceptance-weighted drafts and a wall-time budget: the schedule is resized once the first steps are timed (to
     16 steps here, whatever the machine's pace) and anneals by its end, the head moved, and the drafter
     decodes losslessly."""
     from deepspec import io
@@ -616,6 +661,7 @@ def test_block_recipe_knobs_through_training_under_a_wall_budget(tmp_path, tiny_
     raw = pipeline_config(tmp_path, tiny_target_dir).model_dump(mode="json")
     raw["drafters"]["b"] = {"kind": "dflash", "layers": [0, 1, 2], "num_layers": 1, "block_size": 3, "num_anchors": 4,
                             "draft_vocab": 300, "anchors": "answer", "freeze_head": False, "fc_input_scale": True,
+                            "init_layers": "target", "loss_gamma": "acceptance",
                             "train": {"wall_budget_s": 1e-3, "epochs": 50, "batch_sequences": 2, "warmup_steps": 2,
                                       "val_sequences": 1, "eval_every": 4, "save_every": 4}}
     raw["methods"]["b"] = {"kind": "block", "drafter": "b", "tree_top_k": 2}

@@ -34,6 +34,10 @@ class BlockKind(DrafterKind):
         return [k + 1 for k in self.layer_ids(dc, n_layers, where)]
 
     def new_drafter(self, dc, target_model, tokenizer, layers, draft_ids, train_hidden, meta, where, say=print):
+        import itertools
+
+        import torch
+
         from deepspec.drafters.block.model import BlockDrafter, unused_token_id
         from deepspec.drafters.layers import scale_fc_inputs
 
@@ -49,7 +53,12 @@ class BlockKind(DrafterKind):
             markov_rank=dc.markov_rank if dspark else 0, markov_head_type=dc.markov_head_type if dspark else "vanilla",
             confidence_head=dspark and dc.confidence_head, confidence_with_markov=dspark and dc.confidence_with_markov,
             seed=dc.train.seed, **meta, **scaled)
-        scale_fc_inputs(model, train_hidden, where, say)
+        train_hidden = iter(train_hidden)
+        first = [h for _, h in zip(range(8), train_hidden)]  # the sample the copied layers' q / k scale is read on
+        scale_fc_inputs(model, itertools.chain(first, train_hidden), where, say)
+        if dc.init_layers == "target":
+            copied = model.copy_target_layers(target_model, torch.cat([h[1:].flatten(1) for h in first]).float())
+            say(f"[train] {where}: decoder layers copied from the target's layers {copied}")
         model.lm_head.weight.requires_grad_(not dc.freeze_head)  # the target's head rows (DFlash / DSpark freeze them)
         return model
 

@@ -32,8 +32,13 @@ class BlockConfig(DrafterBase):
     freeze_head: bool = Field(True, description="keep the target's head rows fixed (DFlash / DSpark recipe)")
     fc_input_scale: bool = Field(False, description="divide each fused layer by its median RMS on the training split "
                                                     "before fc (folded into fc on export), as EAGLE-3 may")
+    init_layers: Literal["random", "target"] = Field(
+        "random", description="random: decoder layers and fc from noise; target: the decoder layers copied from the "
+                              "target's layers after the deepest fused one, fc passing that fused layer through")
     eval_anchors: Annotated[int, Field(ge=1)] | None = Field(256, description="blocks per validation sequence")
-    loss_gamma: Annotated[float, Field(gt=0)] | None = Field(7.0, description="draft j weighted exp(-j / gamma)")
+    loss_gamma: Annotated[float, Field(gt=0)] | Literal["acceptance"] | None = Field(
+        7.0, description="draft j weighted exp(-j / gamma); acceptance: by the probability that every earlier draft "
+                         "of its block is accepted (1 - TV each, teacher-forced), its share of expected τ; null: equally")
     ce_weight: Annotated[float, Field(ge=0)] = 1.0
     l1_weight: Annotated[float, Field(ge=0)] = 0.0
     confidence_weight: Annotated[float, Field(ge=0)] = 0.0
@@ -58,7 +63,7 @@ class DSparkConfig(BlockConfig):
 
 
 for _kind in (DFlashConfig, DSparkConfig):
-    hash_default(_kind, anchors="supervised", freeze_head=True, fc_input_scale=False)
+    hash_default(_kind, anchors="supervised", freeze_head=True, fc_input_scale=False, init_layers="random")
 
 
 class BlockMethod(TrainedMethod):

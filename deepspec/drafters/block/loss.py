@@ -5,7 +5,8 @@ Per sequence: up to `num_anchors` anchors are drawn from positions whose next to
 from a seeded generator, so a resumed run draws the same ones. All blocks go through one backbone pass,
 each attending to the context before its anchor and to itself. Draft j of anchor a is scored against
 the target's distribution at position a + j (the token at a + 1 + j), while every draft before it is
-scored too (a contiguous prefix). Losses, weighted exp(-j / gamma):
+scored too (a contiguous prefix). Losses, weighted exp(-j / gamma) or by the chance that draft j is reached
+(`draft_weights`):
   ce   soft cross-entropy against the target's cached top-k (restricted to the draft vocabulary)
   l1   sum |p_draft - p_target| = 2 TV (DSpark)
   bce  the confidence head against 1 - TV, the probability that draft j is accepted at T = 1 (DSpark)
@@ -55,7 +56,7 @@ def training_anchors(labels: dict[str, Tensor], dc: Any, generator: torch.Genera
 
 
 def block_terms(model: BlockDrafter, hidden: Tensor, input_ids: Tensor, labels: dict[str, Tensor], anchors: Tensor,
-                gamma: float | None) -> dict[str, Tensor]:
+                gamma: float | str | None) -> dict[str, Tensor]:
     """Per-draft loss sums and counts of one sequence's blocks (see the module docstring)."""
     T = input_ids.shape[0]
     B, D = model.block_size, model.drafts
@@ -69,7 +70,7 @@ def block_terms(model: BlockDrafter, hidden: Tensor, input_ids: Tensor, labels: 
     valid = (labels["trained"][tc] & (t <= T - 2)).long().cumprod(dim=-1).bool()  # a contiguous prefix
     logits, states = model.draft_logits(h, input_ids[tc])  # teacher-forced previous tokens: x_{a+j}
     idx, p_t = labels["target_idx"][tc].long(), labels["target_p"][tc]  # top-k ids outside the draft vocab: p = 0
-    w = valid * labels["weight"][tc] * loss_weights(D, gamma)[None, :]
+    w = valid * labels["weight"][tc]
     with torch.no_grad():  # the argmax of the log-probabilities on CPU, where it must repeat earlier runs bit for bit
         draft_top = (logits if logits.is_cuda else torch.log_softmax(logits.float(), dim=-1)).argmax(-1)
     if logits.is_cuda:  # fused over the vocabulary (Triton where installed): the logits become their gradient
@@ -78,8 +79,9 @@ def block_terms(model: BlockDrafter, hidden: Tensor, input_ids: Tensor, labels: 
                                                            p_t.reshape(A * D, -1)))
     else:
         ce, l1 = reference_losses(logits, idx, p_t)
-    out = {"ce": (ce * w).sum(0), "w": w.sum(0)}
     accept = (1.0 - 0.5 * l1).clamp(0.0, 1.0)
+    w = w * draft_weights(accept.detach(), gamma)
+    out = {"ce": (ce * w).sum(0), "w": w.sum(0)}
     out["l1"] = (l1 * w).sum(0)
     if model.confidence_head is not None:
         z = model.confidence_logit(h, states).float()
@@ -95,8 +97,17 @@ def block_terms(model: BlockDrafter, hidden: Tensor, input_ids: Tensor, labels: 
     return out
 
 
+def draft_weights(accept: Tensor, gamma: float | str | None) -> Tensor:
+    """Each draft's loss weight [A, D]: exp(-j / gamma); or, with gamma "acceptance", the probability that
+    every earlier draft of its block is accepted (the product of their 1 - TV): draft j's share of the
+    expected accepted length, so a drafter that rarely gets draft 0 right spends its updates there."""
+    if gamma != "acceptance":
+        return loss_weights(accept.shape[1], gamma).to(accept.device)[None, :].expand_as(accept)
+    return torch.cumprod(torch.cat([torch.ones_like(accept[:, :1]), accept[:, :-1]], dim=1), dim=1)
+
+
 def batch_terms(model: BlockDrafter, items: list[tuple[Tensor, Tensor, dict[str, Tensor], Tensor]],
-                gamma: float | None) -> list[dict[str, Tensor]]:
+                gamma: float | str | None) -> list[dict[str, Tensor]]:
     """`block_terms` of every (hidden, input_ids, labels, anchors) of a micro-batch: one forward, one backward."""
     return [block_terms(model, hidden.to(model.norm.weight.dtype), ids, labels, anchors, gamma)
             for hidden, ids, labels, anchors in items]

@@ -228,6 +228,40 @@ class BlockDrafter(FolderCheckpoint, nn.Module):
                 model.mask_embed.copy_(model.embed.float().mean(0))
         return model
 
+    @torch.no_grad()
+    def copy_target_layers(self, target_model, sample: Tensor | None = None) -> list[int]:
+        """Start from the target's own computation instead of noise: decoder layer i becomes a copy of the
+        target layer after the deepest fused one (k + 1 + i), fc passes that fused layer through unchanged
+        and hidden_norm takes the copied layer's input norm, so the context keys / values begin as the ones
+        the target itself computes there. A target without q_norm / k_norm (Llama) gets them set to the
+        median per-head RMS of its q / k on `sample` ([n, K*H] fused features), which keeps the copied
+        attention's temperature. Returns the target layers copied."""
+        c = self.config
+        h, k = c["hidden_size"], len(c["target_layer_ids"])
+        first = max(c["target_layer_ids"]) + 1
+        source = [min(first + i, c["target_num_hidden_layers"] - 1) for i in range(len(self.layers))]
+        target_layers = target_model.model.layers
+        self.fc.weight.zero_()
+        self.fc.weight[:, (k - 1) * h:] = torch.eye(h)
+        self.hidden_norm.weight.copy_(target_layers[source[0]].input_layernorm.weight.float())
+        for mine, j in zip(self.layers, source):
+            theirs = target_layers[j]
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                getattr(mine.self_attn, name).weight.copy_(getattr(theirs.self_attn, name).weight.float())
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                getattr(mine.mlp, name).weight.copy_(getattr(theirs.mlp, name).weight.float())
+            mine.input_layernorm.weight.copy_(theirs.input_layernorm.weight.float())
+            mine.post_attention_layernorm.weight.copy_(theirs.post_attention_layernorm.weight.float())
+            for name in ("q_norm", "k_norm"):
+                norm = getattr(theirs.self_attn, name, None)
+                if norm is not None:
+                    getattr(mine.self_attn, name).weight.copy_(norm.weight.float())
+                elif sample is not None and sample.numel():
+                    ctx = self.context(sample.to(self.fc.weight.dtype))
+                    proj = getattr(mine.self_attn, name[0] + "_proj")(ctx).view(ctx.shape[0], -1, self.layers[0].self_attn.head_dim)
+                    getattr(mine.self_attn, name).weight.fill_(float(proj.pow(2).mean(-1).sqrt().median()))
+        return source
+
     @property
     def drafts(self) -> int:
         """Tokens one block proposes."""
