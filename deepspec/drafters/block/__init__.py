@@ -53,11 +53,14 @@ class BlockKind(DrafterKind):
             markov_rank=dc.markov_rank if dspark else 0, markov_head_type=dc.markov_head_type if dspark else "vanilla",
             confidence_head=dspark and dc.confidence_head, confidence_with_markov=dspark and dc.confidence_with_markov,
             seed=dc.train.seed, **meta, **scaled)
-        train_hidden = iter(train_hidden)
-        first = [h for _, h in zip(range(8), train_hidden)]  # the sample the copied layers' q / k scale is read on
-        scale_fc_inputs(model, itertools.chain(first, train_hidden), where, say)
+        sample: list = []
+        if dc.init_layers == "target":  # the sequences the copied layers' q / k scale is read on
+            train_hidden = iter(train_hidden)
+            sample = [h for _, h in zip(range(8), train_hidden)]
+            train_hidden = itertools.chain(sample, train_hidden)
+        scale_fc_inputs(model, train_hidden, where, say)
         if dc.init_layers == "target":
-            copied = model.copy_target_layers(target_model, torch.cat([h[1:].flatten(1) for h in first]).float())
+            copied = model.copy_target_layers(target_model, torch.cat([h[1:].flatten(1) for h in sample]).float())
             say(f"[train] {where}: decoder layers copied from the target's layers {copied}")
         model.lm_head.weight.requires_grad_(not dc.freeze_head)  # the target's head rows (DFlash / DSpark freeze them)
         return model

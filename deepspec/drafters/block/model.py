@@ -244,6 +244,7 @@ class BlockDrafter(FolderCheckpoint, nn.Module):
         self.fc.weight.zero_()
         self.fc.weight[:, (k - 1) * h:] = torch.eye(h)
         self.hidden_norm.weight.copy_(target_layers[source[0]].input_layernorm.weight.float())
+        ctx = self.context(sample.to(self.fc.weight.dtype)) if sample is not None and sample.numel() else None
         for mine, j in zip(self.layers, source):
             theirs = target_layers[j]
             for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
@@ -256,9 +257,8 @@ class BlockDrafter(FolderCheckpoint, nn.Module):
                 norm = getattr(theirs.self_attn, name, None)
                 if norm is not None:
                     getattr(mine.self_attn, name).weight.copy_(norm.weight.float())
-                elif sample is not None and sample.numel():
-                    ctx = self.context(sample.to(self.fc.weight.dtype))
-                    proj = getattr(mine.self_attn, name[0] + "_proj")(ctx).view(ctx.shape[0], -1, self.layers[0].self_attn.head_dim)
+                elif ctx is not None:
+                    proj = getattr(mine.self_attn, name[0] + "_proj")(ctx).view(ctx.shape[0], -1, mine.self_attn.head_dim)
                     getattr(mine.self_attn, name).weight.fill_(float(proj.pow(2).mean(-1).sqrt().median()))
         return source
 
