@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipes", default="config/bench_train.yaml", help="train: recipe name -> drafter overrides")
     p.add_argument("--drafter", help="train: the base drafter (default: the first one a method decodes with)")
     p.add_argument("--epochs", type=float, help="train: epochs for every recipe (default: each recipe's own)")
+    p.add_argument("--probe-pace", type=int, default=0, metavar="ROUNDS",
+                   help="train, families: time every run with a wall budget in ROUNDS interleaved probes first, and "
+                        "train it for its budget's steps at that pace (the machine's drift then moves no run's length)")
     p.add_argument("--bench", default="config/bench_families.yaml", help="families: families, seeds, decode shapes, budgets")
     p.add_argument("--budget", action="append", help="families: only this budget of the bench file (repeatable)")
     p.add_argument("--rows", type=int, default=3584, help="loss: logit rows (DSpark: 512 blocks of 7)")
@@ -254,11 +257,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "bench" and args.what == "train":
         from deepspec.training.bench import bench_train
 
-        bench_train(cfg, args.recipes, args.drafter, args.epochs, args.prompts, args.max_new_tokens, args.threads)
+        bench_train(cfg, args.recipes, args.drafter, args.epochs, args.prompts, args.max_new_tokens, args.threads,
+                    args.probe_pace)
     elif args.command == "bench" and args.what == "families":
         from deepspec.training.families import bench_families
 
-        bench_families(cfg, args.bench, args.budget, args.prompts, args.max_new_tokens, args.threads)
+        bench_families(cfg, args.bench, args.budget, args.prompts, args.max_new_tokens, args.threads, args.probe_pace)
     elif args.command == "bench" and args.what == "loss":
         from deepspec.kernels.bench import bench_loss
 

@@ -325,8 +325,9 @@ def test_feature_cache_training_and_exact_resume(tmp_path, tiny_target_dir):
     assert engine.generate(prompt, 24, proposer).tokens == engine.generate(prompt, 24).tokens
 
 
-def test_bench_train_compares_recipes_on_one_feature_cache(tmp_path, tiny_target_dir):
-    """Two recipes from the same cache: both trained, read at equal wall time, decoded losslessly."""
+def test_bench_train_compares_recipes_on_one_feature_cache(tmp_path, tiny_target_dir, monkeypatch):
+    """Two recipes from the same cache: both trained, read at equal wall time, decoded losslessly; then
+    two with wall budgets pinned to steps by probes."""
     from deepspec.config import ConfigError
     from deepspec.data.regenerate import regenerate
     from deepspec.features.extract import extract_all
@@ -356,6 +357,21 @@ def test_bench_train_compares_recipes_on_one_feature_cache(tmp_path, tiny_target
         bench_train(cfg, str(bad))
     with pytest.raises(ConfigError, match=r"recipes file not found"):
         load_recipes(tmp_path / "none.yaml")
+
+    # Budgets pinned to steps (the probes run; their seconds are fixed here so the sizing is exact): each
+    # recipe is read at its budget on its clock, whatever its steps really took.
+    from deepspec.training import trainer
+
+    real = trainer.step_seconds
+    monkeypatch.setattr(trainer, "step_seconds", lambda c, n: (0.5 if n.endswith("slow") else 0.25, real(c, n)[1]))
+    timed = tmp_path / "bench_timed.yaml"
+    timed.write_text("fast: {train: {wall_budget_s: 2.0}}\nslow: {ttt_length: 2, train: {wall_budget_s: 2.0}}\n")
+    rows = bench_train(cfg, str(timed), n_prompts=1, max_new_tokens=6, probe_rounds=1)["recipes"]
+    assert (rows["fast"]["steps"], rows["slow"]["steps"]) == (8, 4)
+    assert all(r["wall_s"] == pytest.approx(2.0) and r["tau_chain_at_common"] == r["final_tau_chain"]
+               for r in rows.values())
+    table = (cfg.out_dir / "bench/timed.md").read_text()
+    assert "probed s/step" in table and "pinned to a step count" in table
 
 
 def test_chunked_head_loss_trains_as_the_naive_one():

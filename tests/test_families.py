@@ -92,3 +92,36 @@ def test_bench_families_refuses_a_bad_bench_file_before_any_work(tiny_cfg):
         bench_families(cfg, _bench_file(tmp_path / "b5.yaml", lookup="e3"))
     with pytest.raises(ConfigError, match=r"bench file not found"):
         bench_families(cfg, str(tmp_path / "none.yaml"))
+
+
+def test_pinned_budgets_train_every_seed_for_the_steps_its_probed_pace_buys(tiny_cfg, monkeypatch):
+    from deepspec.training import trainer
+    from deepspec.training.families import bench_families
+
+    cfg, tmp_path = tiny_cfg
+    # The real probe runs (its steps per epoch are used); its seconds are replaced by fixed paces, so the
+    # sizing is checked exactly: a 2 s budget is 8 steps at 0.25 s/step and 4 at 0.5 s/step.
+    real, probed = trainer.step_seconds, []
+
+    def fixed_pace(run_cfg, name):
+        seconds, per_epoch = real(run_cfg, name)
+        assert seconds > 0 and per_epoch > 0
+        probed.append(name)
+        return {"b": 0.25, "d": 0.5}[name.split("-")[2]], per_epoch
+
+    monkeypatch.setattr(trainer, "step_seconds", fixed_pace)
+    budgets = {"timed": {"d": {"train": {"wall_budget_s": 2.0}}, "b": {"train": {"wall_budget_s": 2.0}}}}
+    result = bench_families(cfg, _bench_file(tmp_path / "timed.yaml", budgets=budgets), n_prompts=1,
+                            max_new_tokens=6, probe_rounds=2)
+    # Two interleaved rounds over the first seed of each family; the second seed shares its count.
+    assert probed == ["bench-timed-b-s0", "bench-timed-d-s0"] * 2
+    runs = result["runs"]
+    for family, steps, pace in (("b", 8, 0.25), ("d", 4, 0.5)):
+        for seed in (0, 1):
+            row = runs[f"timed/{family}/{seed}"]
+            assert row["steps"] == steps and row["probe_s_per_step"] == pace
+            assert row["wall_s"] == pytest.approx(steps * pace) and row["measured_wall_s"] > 0
+            state = json.loads((cfg.out_dir / f"drafters/bench-timed-{family}-s{seed}/checkpoint/train_state/"
+                                "state.json").read_text())
+            assert state["step"] == state["total"] == steps
+    assert "pinned to a step count" in (cfg.out_dir / "bench/families.md").read_text()

@@ -5,7 +5,9 @@ feature cache, so the data is held fixed and only the recipe changes. Per recipe
 validation step-0 top-1 accuracy and teacher-forced chain τ against training wall time and tokens, and
 the real decode τ of the finished drafter: the engine, lossless, on a fixed held-out prompt set (the
 benchmark tasks, never seen in training), with tokens/s against our autoregressive decoding in the same
-run. Recipes are read at equal wall time (the shortest recipe's training time) and at their end.
+run. Recipes are read at equal wall time (the shortest recipe's training time) and at their end; with
+`--probe-pace`, every wall budget is first pinned to a step count at a pace timed before training
+(`pinned_budgets`), and read on that clock.
 A recipe already trained with the same config resumes from (or reuses) its checkpoint.
 """
 
@@ -15,7 +17,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import yaml
@@ -48,6 +50,48 @@ def recipe_config(cfg: Config, base: str, recipe: str, overrides: dict[str, Any]
         return validate(raw), name
     except ConfigError as err:
         raise ConfigError(str(err).replace(f"drafters.{name}", f"recipe {recipe}")) from None
+
+
+def pinned_budgets(configs: dict[Any, tuple[Config, str]], rebuild: Callable[[Any, dict[str, Any]], tuple[Config, str]],
+                   rounds: int, paced_as: Callable[[Any], Any] = lambda key: key) -> dict[Any, tuple[float, float]]:
+    """Every run of `configs` with a wall budget (`train.wall_budget_s`) timed in `rounds` interleaved probes,
+    then re-configured by `rebuild(key, train overrides)` to a fixed step count: its budget over its lower
+    median seconds per step (of two probes the faster: a neighbour only ever slows a probe down). The probes
+    run minutes apart at most, so the machine's pace drifting over a long benchmark moves every run's clock
+    alike instead of deciding which run gets a fast slot. Runs that differ only where the pace cannot (a
+    seed) name one probed run in `paced_as` and share its step count. Returns, per pinned run, the probed
+    seconds per step and its clock (budget / steps: the probed pace give or take the rounding to whole
+    steps, so that the last step lands on the budget); `configs` is updated in place."""
+    from deepspec.training.trainer import step_seconds
+
+    timed = [k for k, (rcfg, name) in configs.items() if rcfg.drafters[name].train.wall_budget_s is not None]
+    probed = list(dict.fromkeys(paced_as(k) for k in timed))
+    probes: dict[Any, list[float]] = {k: [] for k in probed}
+    per_epoch: dict[Any, float] = {}
+    for i in range(rounds):
+        for key in probed:
+            seconds, per_epoch[key] = step_seconds(*configs[key])
+            probes[key].append(seconds)
+            print(f"[bench] pace probe {i + 1}/{rounds}, {configs[key][1]}: {seconds:.3f} s/step")
+    pinned = {}
+    for key in timed:
+        rcfg, name = configs[key]
+        budget = rcfg.drafters[name].train.wall_budget_s
+        pace = float(torch.tensor(probes[paced_as(key)]).median())  # torch: the lower median
+        steps = max(1, round(budget / pace))
+        epochs = (steps - 0.5) / per_epoch[paced_as(key)]  # the schedule's ceil(epochs x steps per epoch) = steps
+        configs[key] = rebuild(key, {"train": {"wall_budget_s": None, "epochs": epochs}})
+        pinned[key] = (pace, budget / steps)
+        print(f"[bench] {name}: {steps} steps (its {budget:.0f} s budget at {pace:.3f} s/step)")
+    return pinned
+
+
+def clocked(log: list[dict[str, Any]], pinned: tuple[float, float] | None) -> list[dict[str, Any]]:
+    """A pinned run's log on its clock (step x its clock's seconds per step, from `pinned_budgets`; the
+    measured time kept as `measured_wall_s`), so it is read and plotted at the pace its steps were sized for."""
+    if pinned is None:
+        return log
+    return [{**r, "wall_s": r["step"] * pinned[1], "measured_wall_s": r["wall_s"]} for r in log]
 
 
 def _at_wall(log: list[dict[str, Any]], wall: float) -> dict[str, Any]:
@@ -105,7 +149,9 @@ def autoregressive_runs(target, prompts: list[list[int]], max_new_tokens: int) -
 
 
 def bench_train(cfg: Config, recipes_path: str, drafter: str | None = None, epochs: float | None = None,
-                n_prompts: int = 4, max_new_tokens: int = 64, threads: int | None = None) -> dict[str, Any]:
+                n_prompts: int = 4, max_new_tokens: int = 64, threads: int | None = None,
+                probe_rounds: int = 0) -> dict[str, Any]:
+    """`probe_rounds` > 0 pins every wall budget to steps at a pace timed before training (`pinned_budgets`)."""
     from deepspec.evaluation.bench import bench_prompts
     from deepspec.models import load_target
     from deepspec.training.trainer import train
@@ -125,15 +171,19 @@ def bench_train(cfg: Config, recipes_path: str, drafter: str | None = None, epoc
         target = load_target(cfg.target.model, cfg.target.dtype, cfg.target.backend, cfg.target.max_len)
         prompts = bench_prompts(target.tokenizer, n_prompts, cfg.eval.seed, cfg.target.chat_template_kwargs)
         ar = autoregressive_runs(target, prompts, max_new_tokens)
+        pinned = pinned_budgets(configs, lambda r, extra: recipe_config(cfg, base, r, merge(recipes[r], extra), None),
+                                probe_rounds) if probe_rounds else {}
         rows, logs = {}, {}
         for recipe, (rcfg, name) in configs.items():
             print(f"[bench train] recipe {recipe}: {recipes[recipe] or 'the base recipe'}")
             out = train(rcfg, name)
-            logs[recipe] = io.read_jsonl(out / "train_log.jsonl")
+            logs[recipe] = clocked(io.read_jsonl(out / "train_log.jsonl"), pinned.get(recipe))
             summary = json.loads((out / "metrics.json").read_text())
             last = logs[recipe][-1]
             rows[recipe] = {"overrides": recipes[recipe], "steps": summary["steps"], "train_tokens": summary["train_tokens"],
                             "draft_vocab": summary["draft_vocab"], "wall_s": last["wall_s"],
+                            "measured_wall_s": last.get("measured_wall_s", last["wall_s"]),
+                            "probe_s_per_step": pinned[recipe][0] if recipe in pinned else None,
                             "tokens_seen": last["train_tokens_seen"], "final_acc0": summary["val_acc"][0],
                             "final_tau_chain": summary["val_tau_chain"],
                             **decode_tau(rcfg, name, method, target, prompts, max_new_tokens, ar)}
@@ -142,7 +192,7 @@ def bench_train(cfg: Config, recipes_path: str, drafter: str | None = None, epoc
             at = _at_wall(logs[recipe], common)
             row.update({"acc0_at_common": at.get("val_acc_0"), "tau_chain_at_common": at.get("val_tau_chain")})
         result = {"drafter": base, "common_wall_s": common, "prompts": len(prompts), "max_new_tokens": max_new_tokens,
-                  "recipes": rows}
+                  "probe_rounds": probe_rounds, "recipes": rows}
         out = bench_dir(cfg)
         stem = Path(recipes_path).stem.removeprefix("bench_")  # bench_train.yaml -> train.{md,json,png}
         text = format_table(result, f"{stem}.png")
@@ -159,15 +209,21 @@ def bench_train(cfg: Config, recipes_path: str, drafter: str | None = None, epoc
 def format_table(result: dict[str, Any], plot_name: str = "train.png") -> str:
     import pandas as pd
 
-    t = result["common_wall_s"]
+    t, pinned = result["common_wall_s"], result.get("probe_rounds", 0)
     df = pd.DataFrame([{
         "recipe": r, "overrides": yaml.safe_dump(row["overrides"], default_flow_style=True, width=10_000).strip() if row["overrides"] else "–",
         "steps": row["steps"], "train s": f"{row['wall_s']:.0f}",
+        **({"probed s/step": _fmt(row["probe_s_per_step"]), "measured train s": f"{row['measured_wall_s']:.0f}"}
+           if pinned else {}),
         f"val acc₀ @ {t:.0f} s": _fmt(row["acc0_at_common"]), f"chain τ @ {t:.0f} s": _fmt(row["tau_chain_at_common"]),
         "final val acc₀": _fmt(row["final_acc0"]), "final chain τ": _fmt(row["final_tau_chain"]),
         "decode τ": f"{row['decode_tau']:.2f}", "decode vs AR": f"{row['decode_speedup']:.2f}×",
         "lossless": "yes" if row["lossless"] else "**NO**"} for r, row in result["recipes"].items()])
-    return (f"# Training recipes for drafter `{result['drafter']}`\n\nSame feature cache for every recipe. Validation "
+    clock = (f" Each wall budget was pinned to a step count before training, at the recipe's pace timed in "
+             f"{pinned} interleaved probes (`probed s/step`), and the curves are read on that clock (`train s`), so "
+             f"a drift of the machine's speed during the run does not change how far a recipe trains (`measured "
+             f"train s` is what its steps took).") if pinned else ""
+    return (f"# Training recipes for drafter `{result['drafter']}`\n\nSame feature cache for every recipe.{clock} Validation "
             f"metrics are teacher-forced on the held-out split, read at equal training wall time ({t:.0f} s, the "
             f"shortest recipe) and at each recipe's end; decode τ and speed come from the engine on "
             f"{result['prompts']} benchmark prompts ({result['max_new_tokens']} new tokens), against our "

@@ -4,8 +4,10 @@ The bench file names the families (drafters of the experiment that some method d
 paper's order, best first), the seeds, the decode shapes (the chain every family decodes, and each
 family's best tree, as overrides of the method that decodes with it), overrides common to every
 drafter (the validation split, so every family is judged on the same sequences) and one or more
-budgets: per family, overrides of its drafter section, e.g. equal training wall time (`train.wall_budget_s`: every schedule sized to end at the same second,
-learning rate annealed) or DeepSpec's "same data" (every answer position an anchor, 2 epochs). Every
+budgets: per family, overrides of its drafter section, e.g. equal training wall time (`train.wall_budget_s`:
+every schedule sized to end at the same second, learning rate annealed; with `--probe-pace`, pinned to each
+family's steps at a pace timed before any training, shared by its seeds) or DeepSpec's "same data" (every
+answer position an anchor, 2 epochs). Every
 family and seed trains from the same feature cache, so the training split (a function of the seed)
 and the supervised region are shared. Each finished drafter then decodes the same held-out benchmark
 prompts through the engine in the shared chain, greedy and sampled at T = 1, and in its family's best
@@ -29,7 +31,7 @@ import yaml
 from deepspec import io, tracking
 from deepspec.config import Config, ConfigError, NgramMethod, merge, validate
 from deepspec.layout import bench_dir
-from deepspec.training.bench import autoregressive_runs, decode_tau, recipe_config
+from deepspec.training.bench import clocked, autoregressive_runs, decode_tau, pinned_budgets, recipe_config
 
 SHAPES = ("chain_t0", "chain_t1", "tree_t0")
 LOOKUP_SHAPES = ("hybrid_t0", "lookup_t0")  # with a `lookup` method: it first, the family's tree where it finds nothing
@@ -84,7 +86,7 @@ def shape_method(cfg: Config, family: str, overrides: dict[str, Any], where: str
 
 
 def bench_families(cfg: Config, bench_path: str, budgets: list[str] | None = None, n_prompts: int = 8,
-                   max_new_tokens: int = 64, threads: int | None = None) -> dict[str, Any]:
+                   max_new_tokens: int = 64, threads: int | None = None, probe_rounds: int = 0) -> dict[str, Any]:
     from deepspec.evaluation.bench import bench_prompts
     from deepspec.models import load_target
     from deepspec.training.trainer import train
@@ -100,26 +102,30 @@ def bench_families(cfg: Config, bench_path: str, budgets: list[str] | None = Non
     shapes = SHAPES + (LOOKUP_SHAPES if lookup is not None else ())
     methods = {(f, shape): shape_method(cfg, f, bench[shape][f], f"{shape}.{f}") for f in families
                for shape in ("chains", "trees")}
-    runs = {}  # every drafter config validated before any work starts
+    runs, overrides = {}, {}  # every drafter config validated before any work starts
     for budget in budgets:
         for family in families:
             for seed in seeds:
-                over = merge(merge(bench.get("common") or {}, bench["budgets"][budget][family] or {}),
-                             {"train": {"seed": seed}})
-                runs[(budget, family, seed)] = recipe_config(cfg, family, f"{budget}-{family}-s{seed}", over, None)
+                key = (budget, family, seed)
+                overrides[key] = merge(merge(bench.get("common") or {}, bench["budgets"][budget][family] or {}),
+                                       {"train": {"seed": seed}})
+                runs[key] = recipe_config(cfg, family, f"{budget}-{family}-s{seed}", overrides[key], None)
     torch.set_num_threads(threads or os.cpu_count() or 1)
     with tracking.stage_run(cfg, "bench", "bench families", bench="families") as run:
         run.params({"families": families, "seeds": seeds, "budgets": budgets, "prompts": n_prompts,
                     "max_new_tokens": max_new_tokens, "bench_file": bench_path})
         target = load_target(cfg.target.model, cfg.target.dtype, cfg.target.backend, cfg.target.max_len)
         prompts = bench_prompts(target.tokenizer, n_prompts, cfg.eval.seed, cfg.target.chat_template_kwargs)
+        pinned = pinned_budgets(runs, lambda k, extra: recipe_config(cfg, k[1], f"{k[0]}-{k[1]}-s{k[2]}",
+                                                                     merge(overrides[k], extra), None),
+                                probe_rounds, lambda k: (k[0], k[1], seeds[0])) if probe_rounds else {}
         rows: dict[str, dict[str, Any]] = {}
         logs: dict[str, list[dict[str, Any]]] = {}
         for (budget, family, seed), (rcfg, name) in runs.items():
             print(f"[bench families] {budget}: {family}, seed {seed}")
             out = train(rcfg, name)
             torch.set_num_threads(threads or os.cpu_count() or 1)  # training set its own
-            log = io.read_jsonl(out / "train_log.jsonl")
+            log = clocked(io.read_jsonl(out / "train_log.jsonl"), pinned.get((budget, family, seed)))
             summary = json.loads((out / "metrics.json").read_text())
             ar = autoregressive_runs(target, prompts, max_new_tokens)  # next to each drafter: machine drift hits both
             runs_of = {"chain_t0": (methods[family, "chains"], 0.0, None), "chain_t1": (methods[family, "chains"], 1.0, None),
@@ -130,10 +136,13 @@ def bench_families(cfg: Config, bench_path: str, budgets: list[str] | None = Non
             key = f"{budget}/{family}/{seed}"
             logs[key] = log
             rows[key] = {"budget": budget, "family": family, "seed": seed, "steps": summary["steps"],
-                         "wall_s": log[-1]["wall_s"], "tokens_seen": log[-1]["train_tokens_seen"],
+                         "wall_s": log[-1]["wall_s"], "measured_wall_s": log[-1].get("measured_wall_s", log[-1]["wall_s"]),
+                         "probe_s_per_step": pinned[budget, family, seed][0] if (budget, family, seed) in pinned else None,
+                         "tokens_seen": log[-1]["train_tokens_seen"],
                          "val_tau_chain": summary["val_tau_chain"], "val_acc0": summary["val_acc"][0],
                          **{f"{shape}.{k}": v for shape, d in decoded.items() for k, v in d.items()}}
         result = {"families": families, "seeds": seeds, "budgets": budgets, "prompts": len(prompts), "shapes": list(shapes),
+                  "probe_rounds": probe_rounds,
                   "max_new_tokens": max_new_tokens, "runs": rows, "summary": summarise(rows, families, budgets, shapes),
                   "order": order_holds(rows, families, budgets, seeds)}
         out = bench_dir(cfg)
@@ -192,7 +201,11 @@ def format_families(result: dict[str, Any], plot_name: str = "families.png") -> 
              f"mean over seeds with the range in brackets. Validation τ is teacher-forced (chain) on the held-out split; "
              f"decoded τ and speed come from the engine on {result['prompts']} benchmark prompts "
              f"({result['max_new_tokens']} new tokens, {result['threads']} threads), against our autoregressive "
-             f"decoding in the same run.\n"]
+             f"decoding in the same run."
+             + (f" Each wall budget was pinned to a step count before training, at the family's pace timed in "
+                f"{result['probe_rounds']} interleaved probes, and read on that clock (`train s`): the machine's speed "
+                f"drifting during the run does not change how far a family trains." if result.get("probe_rounds") else "")
+             + "\n"]
     shapes = result["shapes"]
     for budget in result["budgets"]:
         training, decoding = [], []

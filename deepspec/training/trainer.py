@@ -83,6 +83,25 @@ def train(cfg: Config, name: str, on_step: Callable[[int], None] | None = None) 
         leave()
 
 
+def step_seconds(cfg: Config, name: str, steps: int = 12, untimed: int = 2) -> tuple[float, float]:
+    """Seconds per optimizer step of drafter `name` on this machine now, timed over `steps` steps after
+    `untimed` ones (one process; nothing saved or logged), and its optimizer steps per epoch. A benchmark turns
+    a budget in seconds into a fixed step count with them, so that the machine's pace while a run trains
+    cannot change how far it gets."""
+    world = join("none")
+    try:
+        t = _Training(cfg, name, world, tracking.NoRun())
+        t.sized = True  # a fixed number of steps: no re-sizing from a log this probe does not keep
+        for _ in range(untimed):
+            t.optimize()
+        start = t.wall
+        for _ in range(steps):
+            t.optimize()
+        return (t.wall - start) / steps, t.per_epoch
+    finally:
+        leave()
+
+
 class _Training:
     """One training run's state, and the steps the loop in `train` takes over it."""
 
@@ -164,7 +183,8 @@ class _Training:
         self.per = min(tc.batch_sequences, len(self.train_idx))
         self.n_micro = tc.sequences_per_step // tc.batch_sequences  # micro-batches of `per` sequences per step
         self.mine = micro_plan(self.n_micro, world)
-        self.total = max(1, math.ceil(tc.epochs * max(1, len(self.train_idx) // self.per) / self.n_micro))
+        self.per_epoch = max(1, len(self.train_idx) // self.per) / self.n_micro  # optimizer steps per epoch
+        self.total = max(1, math.ceil(tc.epochs * self.per_epoch))
         self.sized = tc.wall_budget_s is None  # a wall budget fixes `total` once the first steps are timed
         if not self.sized:
             self.total = max(self.total, _PROBE_STEPS + 1)
