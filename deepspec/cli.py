@@ -254,6 +254,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         from deepspec.evaluation.deployed import deploy
 
         deploy(cfg, args.engine, args.method, args.task, args.threads)
+    elif args.command == "bench" and args.probe_pace < 0:
+        raise ValueError(f"--probe-pace: {args.probe_pace} rounds; 0 (no pinning) or more")
     elif args.command == "bench" and args.what == "train":
         from deepspec.training.bench import bench_train
 

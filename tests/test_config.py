@@ -103,6 +103,16 @@ def test_cli_error_is_one_line_and_writes_nothing(tmp_path):
     assert not res.exists()
 
 
+def test_bench_refuses_a_negative_probe_count_before_any_work(tmp_path):
+    res = tmp_path / "res"
+    path = write_config(tmp_path / "c.yaml", res)
+    proc = subprocess.run([sys.executable, "-m", "deepspec.cli", "bench", "train", "--config", str(path),
+                           "--probe-pace", "-1"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "deepspec bench: error: --probe-pace: -1 rounds; 0 (no pinning) or more"
+    assert not res.exists()
+
+
 @pytest.mark.parametrize("how", ["flag", "env"])
 def test_cli_debug_shows_the_traceback(tmp_path, how):
     """A missing file is one line by default; with --debug (or DEEPSPEC_DEBUG=1) the whole stack, so a

@@ -64,6 +64,8 @@ def pinned_budgets(configs: dict[Any, tuple[Config, str]], rebuild: Callable[[An
     steps, so that the last step lands on the budget); `configs` is updated in place."""
     from deepspec.training.trainer import step_seconds
 
+    if rounds < 1:
+        raise ValueError(f"--probe-pace: {rounds} rounds; pinning budgets needs at least 1 probe round")
     timed = [k for k, (rcfg, name) in configs.items() if rcfg.drafters[name].train.wall_budget_s is not None]
     probed = list(dict.fromkeys(paced_as(k) for k in timed))
     probes: dict[Any, list[float]] = {k: [] for k in probed}

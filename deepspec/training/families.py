@@ -31,7 +31,7 @@ import yaml
 from deepspec import io, tracking
 from deepspec.config import Config, ConfigError, NgramMethod, merge, validate
 from deepspec.layout import bench_dir
-from deepspec.training.bench import clocked, autoregressive_runs, decode_tau, pinned_budgets, recipe_config
+from deepspec.training.bench import autoregressive_runs, clocked, decode_tau, pinned_budgets, recipe_config
 
 SHAPES = ("chain_t0", "chain_t1", "tree_t0")
 LOOKUP_SHAPES = ("hybrid_t0", "lookup_t0")  # with a `lookup` method: it first, the family's tree where it finds nothing
