@@ -125,3 +125,12 @@ def test_pinned_budgets_train_every_seed_for_the_steps_its_probed_pace_buys(tiny
                                 "state.json").read_text())
             assert state["step"] == state["total"] == steps
     assert "pinned to a step count" in (cfg.out_dir / "bench/families.md").read_text()
+
+
+def test_bench_train_defaults_to_the_first_drafter_in_the_configs_order(tiny_cfg):
+    """Not the first by name: `b` sorts before the config's first drafter `d`."""
+    from deepspec.training.bench import default_drafter
+
+    cfg, _ = tiny_cfg
+    assert list(cfg.drafters)[0] == "d" and sorted(cfg.drafters_in_use())[0] == "b"
+    assert default_drafter(cfg) == "d"

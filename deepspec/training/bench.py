@@ -150,6 +150,12 @@ def autoregressive_runs(target, prompts: list[list[int]], max_new_tokens: int) -
     return ar
 
 
+def default_drafter(cfg: Config) -> str | None:
+    """The first drafter, in the config's own order, that some method decodes with (else the first one)."""
+    in_use = cfg.drafters_in_use()
+    return next((d for d in cfg.drafters if d in in_use), next(iter(cfg.drafters), None))
+
+
 def bench_train(cfg: Config, recipes_path: str, drafter: str | None = None, epochs: float | None = None,
                 n_prompts: int = 4, max_new_tokens: int = 64, threads: int | None = None,
                 probe_rounds: int = 0) -> dict[str, Any]:
@@ -159,7 +165,7 @@ def bench_train(cfg: Config, recipes_path: str, drafter: str | None = None, epoc
     from deepspec.training.trainer import train
 
     recipes = load_recipes(recipes_path)
-    base = drafter or (cfg.drafters_in_use() or list(cfg.drafters) or [None])[0]
+    base = drafter or default_drafter(cfg)
     if base not in cfg.drafters:
         raise ValueError(f"--drafter: no drafter named {base!r} (drafters: {', '.join(cfg.drafters) or 'none'})")
     method = next((m for m in cfg.methods.values() if isinstance(m, TrainedMethod) and m.drafter == base), None)
