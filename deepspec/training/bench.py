@@ -150,6 +150,23 @@ def autoregressive_runs(target, prompts: list[list[int]], max_new_tokens: int) -
     return ar
 
 
+def pinned_fields(log: list[dict[str, Any]], pinned: tuple[float, float] | None) -> dict[str, Any]:
+    """A run's row fields from its `clocked` log: wall time on its clock, the time its steps really took and
+    the probed seconds per step (None when its budget was not pinned)."""
+    last = log[-1]
+    return {"wall_s": last["wall_s"], "measured_wall_s": last.get("measured_wall_s", last["wall_s"]),
+            "probe_s_per_step": pinned[0] if pinned is not None else None}
+
+
+def pinned_sentence(rounds: int, what: str) -> str:
+    """The tables' sentence on pinned budgets (empty when nothing was pinned)."""
+    if not rounds:
+        return ""
+    return (f" Each wall budget was pinned to a step count before training, at each {what}'s pace timed in {rounds} "
+            f"interleaved probes, and the curves are read on that clock (`train s`): a drift of the machine's speed "
+            f"during the run does not change how far a {what} trains.")
+
+
 def default_drafter(cfg: Config) -> str | None:
     """The first drafter, in the config's own order, that some method decodes with (else the first one)."""
     in_use = cfg.drafters_in_use()
@@ -189,9 +206,7 @@ def bench_train(cfg: Config, recipes_path: str, drafter: str | None = None, epoc
             summary = json.loads((out / "metrics.json").read_text())
             last = logs[recipe][-1]
             rows[recipe] = {"overrides": recipes[recipe], "steps": summary["steps"], "train_tokens": summary["train_tokens"],
-                            "draft_vocab": summary["draft_vocab"], "wall_s": last["wall_s"],
-                            "measured_wall_s": last.get("measured_wall_s", last["wall_s"]),
-                            "probe_s_per_step": pinned[recipe][0] if recipe in pinned else None,
+                            "draft_vocab": summary["draft_vocab"], **pinned_fields(logs[recipe], pinned.get(recipe)),
                             "tokens_seen": last["train_tokens_seen"], "final_acc0": summary["val_acc"][0],
                             "final_tau_chain": summary["val_tau_chain"],
                             **decode_tau(rcfg, name, method, target, prompts, max_new_tokens, ar)}
@@ -227,11 +242,8 @@ def format_table(result: dict[str, Any], plot_name: str = "train.png") -> str:
         "final val acc₀": _fmt(row["final_acc0"]), "final chain τ": _fmt(row["final_tau_chain"]),
         "decode τ": f"{row['decode_tau']:.2f}", "decode vs AR": f"{row['decode_speedup']:.2f}×",
         "lossless": "yes" if row["lossless"] else "**NO**"} for r, row in result["recipes"].items()])
-    clock = (f" Each wall budget was pinned to a step count before training, at the recipe's pace timed in "
-             f"{pinned} interleaved probes (`probed s/step`), and the curves are read on that clock (`train s`), so "
-             f"a drift of the machine's speed during the run does not change how far a recipe trains (`measured "
-             f"train s` is what its steps took).") if pinned else ""
-    return (f"# Training recipes for drafter `{result['drafter']}`\n\nSame feature cache for every recipe.{clock} Validation "
+    return (f"# Training recipes for drafter `{result['drafter']}`\n\nSame feature cache for every recipe."
+            f"{pinned_sentence(pinned, 'recipe')} Validation "
             f"metrics are teacher-forced on the held-out split, read at equal training wall time ({t:.0f} s, the "
             f"shortest recipe) and at each recipe's end; decode τ and speed come from the engine on "
             f"{result['prompts']} benchmark prompts ({result['max_new_tokens']} new tokens), against our "

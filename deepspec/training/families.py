@@ -31,7 +31,8 @@ import yaml
 from deepspec import io, tracking
 from deepspec.config import Config, ConfigError, NgramMethod, merge, validate
 from deepspec.layout import bench_dir
-from deepspec.training.bench import autoregressive_runs, clocked, decode_tau, pinned_budgets, recipe_config
+from deepspec.training.bench import (autoregressive_runs, clocked, decode_tau, pinned_budgets, pinned_fields,
+                                     pinned_sentence, recipe_config)
 
 SHAPES = ("chain_t0", "chain_t1", "tree_t0")
 LOOKUP_SHAPES = ("hybrid_t0", "lookup_t0")  # with a `lookup` method: it first, the family's tree where it finds nothing
@@ -121,11 +122,12 @@ def bench_families(cfg: Config, bench_path: str, budgets: list[str] | None = Non
                                 probe_rounds, lambda k: (k[0], k[1], seeds[0])) if probe_rounds else {}
         rows: dict[str, dict[str, Any]] = {}
         logs: dict[str, list[dict[str, Any]]] = {}
-        for (budget, family, seed), (rcfg, name) in runs.items():
+        for run_key, (rcfg, name) in runs.items():
+            budget, family, seed = run_key
             print(f"[bench families] {budget}: {family}, seed {seed}")
             out = train(rcfg, name)
             torch.set_num_threads(threads or os.cpu_count() or 1)  # training set its own
-            log = clocked(io.read_jsonl(out / "train_log.jsonl"), pinned.get((budget, family, seed)))
+            log = clocked(io.read_jsonl(out / "train_log.jsonl"), pinned.get(run_key))
             summary = json.loads((out / "metrics.json").read_text())
             ar = autoregressive_runs(target, prompts, max_new_tokens)  # next to each drafter: machine drift hits both
             runs_of = {"chain_t0": (methods[family, "chains"], 0.0, None), "chain_t1": (methods[family, "chains"], 1.0, None),
@@ -136,9 +138,7 @@ def bench_families(cfg: Config, bench_path: str, budgets: list[str] | None = Non
             key = f"{budget}/{family}/{seed}"
             logs[key] = log
             rows[key] = {"budget": budget, "family": family, "seed": seed, "steps": summary["steps"],
-                         "wall_s": log[-1]["wall_s"], "measured_wall_s": log[-1].get("measured_wall_s", log[-1]["wall_s"]),
-                         "probe_s_per_step": pinned[budget, family, seed][0] if (budget, family, seed) in pinned else None,
-                         "tokens_seen": log[-1]["train_tokens_seen"],
+                         **pinned_fields(log, pinned.get(run_key)), "tokens_seen": log[-1]["train_tokens_seen"],
                          "val_tau_chain": summary["val_tau_chain"], "val_acc0": summary["val_acc"][0],
                          **{f"{shape}.{k}": v for shape, d in decoded.items() for k, v in d.items()}}
         result = {"families": families, "seeds": seeds, "budgets": budgets, "prompts": len(prompts), "shapes": list(shapes),
@@ -201,11 +201,7 @@ def format_families(result: dict[str, Any], plot_name: str = "families.png") -> 
              f"mean over seeds with the range in brackets. Validation τ is teacher-forced (chain) on the held-out split; "
              f"decoded τ and speed come from the engine on {result['prompts']} benchmark prompts "
              f"({result['max_new_tokens']} new tokens, {result['threads']} threads), against our autoregressive "
-             f"decoding in the same run."
-             + (f" Each wall budget was pinned to a step count before training, at the family's pace timed in "
-                f"{result['probe_rounds']} interleaved probes, and read on that clock (`train s`): the machine's speed "
-                f"drifting during the run does not change how far a family trains." if result.get("probe_rounds") else "")
-             + "\n"]
+             f"decoding in the same run.{pinned_sentence(result.get('probe_rounds', 0), 'family')}\n"]
     shapes = result["shapes"]
     for budget in result["budgets"]:
         training, decoding = [], []
