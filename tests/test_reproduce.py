@@ -167,7 +167,9 @@ def test_promote_copies_only_small_results(tmp_path):
     from deepspec import io
     from deepspec.reporting.reproduce import promote
 
-    cfg = _cfg(tmp_path, tmp_path / "ref")
+    cfg = validate({"experiment": "exp", "results_dir": str(tmp_path / "results"),
+                    "reproduce": {"reference": str(tmp_path / "ref")}, "tasks": {"t": {"kind": "humaneval"}},
+                    "methods": {"ar": {"kind": "autoregressive"}}, "drafters": {"d": {"kind": "eagle3"}}})
     with pytest.raises(FileNotFoundError, match="no finished run to promote"):
         promote(cfg)
     out = cfg.out_dir
@@ -176,11 +178,22 @@ def test_promote_copies_only_small_results(tmp_path):
     io.write_text(out / "eval/pld/t/records.jsonl", "{}\n")
     io.write_text(out / "drafters/d/model/model.safetensors", "weights")
     io.write_json(out / "drafters/d/metrics.json", {"steps": 3})
+    io.write_json(out / "drafters/bench-d-s0/metrics.json", {"steps": 2})  # a bench's, not the DAG's
     io.write_text(out / "plots/tau.png", "png")
     dst = promote(cfg)
     files = sorted(str(p.relative_to(dst)) for p in dst.rglob("*") if p.is_file())
     assert files == ["drafters/d/metrics.json", "eval/pld/t/metrics.json", "plots/tau.png", "report.md"]
     assert json.loads((dst / "eval/pld/t/metrics.json").read_text()) == {"tau": 2.0}
+
+    # a second promotion replaces the DAG's outputs and keeps the committed benchmarks as they are
+    io.write_text(dst / "bench/curated.md", "re-read\n")
+    io.write_text(out / "bench/curated.md", "as the run wrote it\n")
+    io.write_text(out / "bench/stale.md", "an old bench of the run folder\n")
+    (out / "plots/tau.png").unlink()
+    dst = promote(cfg)
+    files = sorted(str(p.relative_to(dst)) for p in dst.rglob("*") if p.is_file())
+    assert files == ["bench/curated.md", "drafters/d/metrics.json", "eval/pld/t/metrics.json", "report.md"]
+    assert (dst / "bench/curated.md").read_text() == "re-read\n"
 
 
 def test_a_run_may_not_write_over_its_reference(tmp_path):

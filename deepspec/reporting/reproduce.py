@@ -24,7 +24,7 @@ from deepspec.reporting.tables import Metrics, fmt_interval, spread_of
 
 # What a reference holds: small, human-readable results, never records or weights.
 REFERENCE_FILES = ("report.md", "tables/*", "plots/*.png", "eval/*/*/metrics.json", "drafters/*/metrics.json",
-                   "drafters/*/train_log.jsonl", "bench/*", "deployed/*/*/*/metrics.json", "engines/*.json")
+                   "drafters/*/train_log.jsonl", "deployed/*/*/*/metrics.json", "engines/*.json")
 
 
 @dataclass
@@ -120,7 +120,13 @@ def _failing(table: pd.DataFrame, column: str) -> list[str]:
 
 
 def promote(cfg: Config) -> Path:
-    """`deepspec reference`: copy this run's small results over the experiment's reference folder."""
+    """`deepspec reference`: copy this run's small results over the experiment's reference folder.
+
+    The DAG's outputs are replaced (of the drafters, the config's own: benches train theirs in the same folder);
+    the committed benchmark results (`bench/`) are kept as they are. A bench's
+    tables are committed by copying them there: they come from runs of their own, some renamed or re-read, and
+    a run folder also holds every bench ever run in it, so promoting a run for its DAG must neither drop nor
+    overwrite them."""
     src = cfg.out_dir
     if not (src / "report.md").is_file():
         raise FileNotFoundError(f"{src / 'report.md'}: no finished run to promote; run the DAG first")
@@ -130,11 +136,19 @@ def promote(cfg: Config) -> Path:
     copied = 0
     for pattern in REFERENCE_FILES:
         for path in sorted(src.glob(pattern)):
-            if path.is_file() and not path.name.startswith("."):
-                target = tmp / path.relative_to(src)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(path, target)
+            of_bench = path.parts[len(src.parts)] == "drafters" and path.parent.name not in cfg.drafters
+            if path.is_file() and not path.name.startswith(".") and not of_bench:
+                _copy(path, tmp / path.relative_to(src))
                 copied += 1
+    kept = [path for path in sorted((dst / "bench").rglob("*")) if path.is_file()]
+    for path in kept:
+        _copy(path, tmp / path.relative_to(dst))
     io.replace_dir(tmp, dst)
-    print(f"[reference] {copied} files from {src} are now the reference in {dst}")
+    print(f"[reference] {copied} files from {src} are now the reference in {dst}; its {len(kept)} committed "
+          f"benchmark files (bench/) kept as they were")
     return dst
+
+
+def _copy(path: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(path, target)
