@@ -22,9 +22,11 @@ from deepspec import io
 from deepspec.config import Config
 from deepspec.reporting.tables import Metrics, fmt_interval, spread_of
 
-# What a reference holds: small, human-readable results, never records or weights.
-REFERENCE_FILES = ("report.md", "tables/*", "plots/*.png", "eval/*/*/metrics.json", "drafters/*/metrics.json",
-                   "drafters/*/train_log.jsonl", "deployed/*/*/*/metrics.json", "engines/*.json")
+# What a reference holds: small, human-readable results, never records or weights; and of each of the config's
+# drafters (benches train theirs in the same folder), its metrics and curve.
+REFERENCE_FILES = ("report.md", "tables/*", "plots/*.png", "eval/*/*/metrics.json", "deployed/*/*/*/metrics.json",
+                   "engines/*.json")
+DRAFTER_FILES = ("metrics.json", "train_log.jsonl")
 
 
 @dataclass
@@ -122,8 +124,7 @@ def _failing(table: pd.DataFrame, column: str) -> list[str]:
 def promote(cfg: Config) -> Path:
     """`deepspec reference`: copy this run's small results over the experiment's reference folder.
 
-    The DAG's outputs are replaced (of the drafters, the config's own: benches train theirs in the same folder);
-    the committed benchmark results (`bench/`) are kept as they are. A bench's
+    The DAG's outputs are replaced; the committed benchmark results (`bench/`) are kept as they are. A bench's
     tables are committed by copying them there: they come from runs of their own, some renamed or re-read, and
     a run folder also holds every bench ever run in it, so promoting a run for its DAG must neither drop nor
     overwrite them."""
@@ -134,10 +135,10 @@ def promote(cfg: Config) -> Path:
     tmp = dst.with_name(f".{dst.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     copied = 0
-    for pattern in REFERENCE_FILES:
+    drafter_files = tuple(f"drafters/{name}/{file}" for name in cfg.drafters for file in DRAFTER_FILES)
+    for pattern in REFERENCE_FILES + drafter_files:
         for path in sorted(src.glob(pattern)):
-            of_bench = path.parts[len(src.parts)] == "drafters" and path.parent.name not in cfg.drafters
-            if path.is_file() and not path.name.startswith(".") and not of_bench:
+            if path.is_file() and not path.name.startswith("."):
                 _copy(path, tmp / path.relative_to(src))
                 copied += 1
     kept = [path for path in sorted((dst / "bench").rglob("*")) if path.is_file()]
