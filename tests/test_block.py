@@ -17,14 +17,14 @@ from tests.conftest import greedy_distillation_data, lossless_tau, pipeline_conf
 LAYERS = [0, 1]  # output-of-layer ids: HF hidden_states[1], [2]
 
 
-def _drafter(target, algorithm="dspark", convention="next", block=4, rank=8, seed=0, dtype=torch.float64):
+def _drafter(target, algorithm="dspark", convention="next", block=4, rank=8, seed=0, dtype=torch.float64, **meta):
     from deepspec.drafters.block.model import BlockDrafter
 
     vocab = target.config.vocab_size
     return BlockDrafter.for_target(
         target, algorithm, LAYERS, torch.arange(vocab), layers=1, block_size=block, label_convention=convention,
         mask_token_id=vocab - 1, markov_rank=rank if algorithm == "dspark" else 0,
-        confidence_head=algorithm == "dspark", seed=seed).to(dtype)
+        confidence_head=algorithm == "dspark", seed=seed, **meta).to(dtype)
 
 
 def _features(target, ids: torch.Tensor) -> torch.Tensor:
@@ -40,22 +40,25 @@ def _dc(**over):
     return SimpleNamespace(**base)
 
 
-def test_blocks_never_see_features_at_or_after_their_anchor():
+@pytest.mark.parametrize("anchor_context", [False, True])
+def test_blocks_never_see_features_at_or_after_their_anchor(anchor_context):
     """Anchors closer than the block size: changing the target features at or after an anchor must not
-    change that block's outputs (keying visibility on block index instead of position would leak)."""
+    change that block's outputs (keying visibility on block index instead of position would leak), with
+    or without the state before the anchor added to its row."""
     from deepspec.drafters.block.model import block_positions
 
     target = tiny_llama(vocab=64, layers=3)
-    d = _drafter(target, block=4)
+    d = _drafter(target, block=4, anchor_context=anchor_context)
     T = 14
     ids = torch.randint(0, 64, (T,), generator=torch.Generator().manual_seed(0))
     feats = _features(target, ids)
     anchors = torch.tensor([3, 5, 6, 10])  # 5 and 6 are closer than B = 4 to their neighbours
 
     def outputs(f):
-        ctx_kv = d.context_kv(d.context(f), torch.arange(T))
+        ctx = d.context(f)
+        ctx_kv = d.context_kv(ctx, torch.arange(T))
         with torch.no_grad():
-            h = d.backbone(d.block_inputs(ids[anchors]), block_positions(anchors, 4), ctx_kv, anchors)
+            h = d.backbone(d.block_inputs(ids[anchors], ctx[anchors - 1]), block_positions(anchors, 4), ctx_kv, anchors)
         return h.view(len(anchors), 4, -1)
 
     base = outputs(feats)
@@ -69,39 +72,42 @@ def test_blocks_never_see_features_at_or_after_their_anchor():
         assert not torch.allclose(outputs(earlier)[i], base[i])  # but it does read the position just before
 
 
-@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (4, 4)])
-def test_training_blocks_equal_one_block_at_a_time(heads, kv_heads):
+@pytest.mark.parametrize("heads,kv_heads,anchor_context", [(4, 2, False), (4, 4, False), (4, 2, True)])
+def test_training_blocks_equal_one_block_at_a_time(heads, kv_heads, anchor_context):
     """All blocks of a sequence in one training pass (per-block attention over the context before each
     anchor and the block itself) give exactly what the inference path gives for each block alone, with
-    the context cut at its anchor: with and without grouped-query heads, anchors closer than B apart."""
+    the context cut at its anchor: with and without grouped-query heads, anchors closer than B apart, and
+    with the state before each anchor added to its row."""
     from deepspec.drafters.block.model import block_positions
 
     target = tiny_llama(vocab=64, layers=3, heads=heads, kv_heads=kv_heads)
-    d = _drafter(target, block=4)
+    d = _drafter(target, block=4, anchor_context=anchor_context)
     T = 20
     ids = torch.randint(0, 64, (T,), generator=torch.Generator().manual_seed(3))
     feats = _features(target, ids)
     anchors = torch.tensor([1, 4, 5, 11, 18])
     with torch.no_grad():
-        ctx_kv = d.context_kv(d.context(feats), torch.arange(T))
-        together = d.backbone(d.block_inputs(ids[anchors]), block_positions(anchors, 4), ctx_kv, anchors)
+        ctx = d.context(feats)
+        ctx_kv = d.context_kv(ctx, torch.arange(T))
+        together = d.backbone(d.block_inputs(ids[anchors], ctx[anchors - 1]), block_positions(anchors, 4), ctx_kv, anchors)
         for i, a in enumerate(anchors.tolist()):
             kv = [(k[:, :a], v[:, :a]) for k, v in ctx_kv]
-            alone = d.backbone(d.block_inputs(ids[a : a + 1]), torch.arange(a, a + 4), kv, None)
+            alone = d.backbone(d.block_inputs(ids[a : a + 1], ctx[a - 1 : a]), torch.arange(a, a + 4), kv, None)
             torch.testing.assert_close(together[4 * i : 4 * i + 4], alone)
 
 
-@pytest.mark.parametrize("convention", ["next", "own"])
-def test_training_labels_line_up_with_inference(convention):
+@pytest.mark.parametrize("convention,anchor_context", [("next", False), ("own", False), ("next", True)])
+def test_training_labels_line_up_with_inference(convention, anchor_context):
     """What training scores draft j on (the target's distribution at anchor + j, i.e. the token at
-    anchor + 1 + j) is what the proposer's draft j is verified against, with the same logits."""
+    anchor + 1 + j) is what the proposer's draft j is verified against, with the same logits; with
+    `anchor_context`, training and the proposer add the same state (the one before the anchor) to its row."""
     from deepspec.decoding.engine import Engine
     from deepspec.drafters.block.loss import block_terms
     from deepspec.drafters.block.proposer import BlockProposer
     from deepspec.models import make_backend
 
     target = tiny_llama(vocab=64, layers=3)
-    d = _drafter(target, "dflash", convention, block=4).eval()
+    d = _drafter(target, "dflash", convention, block=4, anchor_context=anchor_context).eval()
     T, a = 16, 9
     ids = torch.randint(0, 64, (T,), generator=torch.Generator().manual_seed(1))
     feats = _features(target, ids)
@@ -114,7 +120,7 @@ def test_training_labels_line_up_with_inference(convention):
     with torch.no_grad():
         terms = block_terms(d, feats, ids, labels, torch.tensor([a]), None)
     # Inference: the committed prefix is ids[: a + 1]; the anchor ids[a] has no feature yet.
-    proposer = BlockProposer(_drafter(target, "dflash", convention, block=4).eval(), 64)
+    proposer = BlockProposer(_drafter(target, "dflash", convention, block=4, anchor_context=anchor_context).eval(), 64)
     proposer.observe([feats[:a, : 32], feats[:a, 32:]])
     tree = proposer.propose(ids[: a + 1].tolist(), 16)
     assert len(tree) == D and tree.is_chain()
@@ -122,9 +128,13 @@ def test_training_labels_line_up_with_inference(convention):
     assert positions.tolist() == [a + 1 + j for j in range(D)]
     # The training path's draft logits are the proposer's (same block, same context, same rows).
     with torch.no_grad():
-        ctx_kv = d.context_kv(d.context(feats[:a]), torch.arange(a))
-        h = d.backbone(d.block_inputs(ids[a : a + 1]), torch.arange(a, a + 4), ctx_kv, None)[d.draft_rows]
+        ctx = d.context(feats[:a])
+        ctx_kv = d.context_kv(ctx, torch.arange(a))
+        h = d.backbone(d.block_inputs(ids[a : a + 1], ctx[-1:]), torch.arange(a, a + 4), ctx_kv, None)[d.draft_rows]
+        plain = d.backbone(d.block_inputs(ids[a : a + 1], torch.zeros_like(ctx[-1:])), torch.arange(a, a + 4), ctx_kv,
+                           None)[d.draft_rows]
     assert tree.tokens == d.lm_head(h).argmax(-1).tolist()
+    assert torch.equal(h, plain) != anchor_context  # the option adds the state, and only with it
     # A drafter that output exactly tree.tokens would be scored as hitting where they equal the labels.
     hits = [int(tree.tokens[j] == int(ids[a + 1 + j])) for j in range(D)]
     assert terms["hit"][0].int().tolist() == hits
@@ -500,8 +510,9 @@ def test_markov_head_teacher_forcing_equals_sequential_drafting(kind):
     drafted = proposer.propose(ids[: a + 1].tolist(), 8).tokens
     assert len(drafted) == d.drafts
     with torch.no_grad():
-        ctx_kv = d.context_kv(d.context(feats[:a]), torch.arange(a))
-        h = d.backbone(d.block_inputs(ids[a : a + 1]), torch.arange(a, a + 5), ctx_kv, None)[d.draft_rows]
+        ctx = d.context(feats[:a])
+        ctx_kv = d.context_kv(ctx, torch.arange(a))
+        h = d.backbone(d.block_inputs(ids[a : a + 1], ctx[-1:]), torch.arange(a, a + 5), ctx_kv, None)[d.draft_rows]
         teacher, states = d.draft_logits(h, torch.tensor([int(ids[a])] + drafted[:-1]))  # draft j follows draft j-1
         assert teacher.argmax(-1).tolist() == drafted
         free = d.lm_head(h).argmax(-1).tolist()  # the Markov head must matter for this test to mean anything
@@ -644,8 +655,8 @@ def test_wall_budget_resizes_at_the_recent_pace():
 
 def test_block_recipe_knobs_through_training_under_a_wall_budget(tmp_path, tiny_target_dir, monkeypatch):
     """A DFlash drafter trained from the pipeline's feature cache with answer anchors, a trainable head,
-    the fc input scale, its layer copied from the target's, acceptance-weighted drafts and a wall-time
-    budget: the schedule is resized once the first steps are timed (to 16 steps here, whatever the
+    the fc input scale, the state before each anchor in its row (which no export layout holds), its layer
+    copied from the target's, acceptance-weighted drafts and a wall-time budget: the schedule is resized once the first steps are timed (to 16 steps here, whatever the
     machine's pace) and anneals by its end, the head moved, and the drafter decodes losslessly."""
     from deepspec import io
     from deepspec.training import trainer
@@ -661,7 +672,7 @@ def test_block_recipe_knobs_through_training_under_a_wall_budget(tmp_path, tiny_
     raw = pipeline_config(tmp_path, tiny_target_dir).model_dump(mode="json")
     raw["drafters"]["b"] = {"kind": "dflash", "layers": [0, 1, 2], "num_layers": 1, "block_size": 3, "num_anchors": 4,
                             "draft_vocab": 300, "anchors": "answer", "freeze_head": False, "fc_input_scale": True,
-                            "init_layers": "target", "loss_gamma": "acceptance",
+                            "init_layers": "target", "loss_gamma": "acceptance", "anchor_context": True,
                             "train": {"wall_budget_s": 1e-3, "epochs": 50, "batch_sequences": 2, "warmup_steps": 2,
                                       "val_sequences": 1, "eval_every": 4, "save_every": 4}}
     raw["methods"]["b"] = {"kind": "block", "drafter": "b", "tree_top_k": 2}
@@ -678,6 +689,7 @@ def test_block_recipe_knobs_through_training_under_a_wall_budget(tmp_path, tiny_
     saved = json.loads((out / "model" / "config.json").read_text())
     weights = load_file(str(out / "model" / "model.safetensors"))
     assert saved["fc_input_scale"] and weights["fc_in_scale"].unique().numel() == 3  # one scale per fused layer
+    assert saved["anchor_context"]
     target = load_target(str(tiny_target_dir), max_len=256)
     head = target.loaded.model.get_output_embeddings().weight.detach()
     d2t = torch.arange(weights["d2t"].numel()) + weights["d2t"]
@@ -686,3 +698,8 @@ def test_block_recipe_knobs_through_training_under_a_wall_budget(tmp_path, tiny_
     engine = Engine(target.backend, target.loaded.eos_ids, max_nodes=16)
     prompt = list(range(100, 120))
     assert engine.generate(prompt, 24, proposer).tokens == engine.generate(prompt, 24).tokens
+    from deepspec.drafters.block.checkpoint import export_block
+
+    with pytest.raises(ValueError, match="anchor_context .* has no place in DeepSpec's"):
+        export_block(proposer.drafter, tmp_path / "export", head)
+    assert not (tmp_path / "export").exists()

@@ -143,8 +143,11 @@ class Trainable:
             self.module = loss_module
         params = [p for p in self.module.parameters() if p.requires_grad]
         self.params = params
+        # One fused kernel over all parameters where they are plain tensors: the per-tensor loop costs a
+        # quarter of a small drafter's CPU step; sharded (FSDP2) and DeepSpeed-wrapped parameters keep the default.
+        fused = {"fused": True} if launcher in ("none", "ddp") else {}
         self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=(0.9, 0.95),
-                                                                  weight_decay=tc.weight_decay)
+                                                                  weight_decay=tc.weight_decay, **fused)
         if launcher == "deepspeed":
             import deepspeed
 

@@ -47,6 +47,7 @@ class BlockKind(DrafterKind):
             raise ValueError(f"{where}.mask_token_id: {mask} is outside the target's {vocab}-row embedding")
         dspark = dc.kind == "dspark"
         scaled = {"fc_input_scale": True} if dc.fc_input_scale else {}
+        scaled |= {"anchor_context": True} if dc.anchor_context else {}
         model = BlockDrafter.for_target(
             target_model, dc.kind, [k - 1 for k in layers], draft_ids, layers=dc.num_layers,
             block_size=dc.block_size, label_convention=dc.label_convention, mask_token_id=mask,

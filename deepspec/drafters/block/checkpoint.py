@@ -58,6 +58,9 @@ def export_block(drafter: BlockDrafter, directory: str | Path, target_head: Tens
     if hasattr(drafter, "mask_embed"):
         raise ValueError("export: a trained mask embedding has no row in the target's embedding; train with a "
                          "mask_token_id to export")
+    if c.get("anchor_context"):
+        raise ValueError("export: anchor_context (the context state added to the anchor row) has no place in "
+                         "DeepSpec's, z-lab's or vLLM's layout; train without it to export")
     state = {k: v.detach().float().contiguous() for k, v in drafter.state_dict().items()}
     scale = state.pop("fc_in_scale", None)
     if scale is not None:  # the fixed input scale folded into fc's columns: the plain layout engines read

@@ -32,6 +32,9 @@ class BlockConfig(DrafterBase):
     freeze_head: bool = Field(True, description="keep the target's head rows fixed (DFlash / DSpark recipe)")
     fc_input_scale: bool = Field(False, description="divide each fused layer by its median RMS on the training split "
                                                     "before fc (folded into fc on export), as EAGLE-3 may")
+    anchor_context: bool = Field(False, description="add the context state before the anchor (C at a - 1, the newest "
+                                                    "position the target has computed) to the anchor row's input, as "
+                                                    "EAGLE-3 pairs a token with the state before it; outside DeepSpec's layout")
     init_layers: Literal["random", "target"] = Field(
         "random", description="random: decoder layers and fc from noise; target: the decoder layers copied from the "
                               "target's layers after the deepest fused one, fc passing that fused layer through")
@@ -63,7 +66,8 @@ class DSparkConfig(BlockConfig):
 
 
 for _kind in (DFlashConfig, DSparkConfig):
-    hash_default(_kind, anchors="supervised", freeze_head=True, fc_input_scale=False, init_layers="random")
+    hash_default(_kind, anchors="supervised", freeze_head=True, fc_input_scale=False, init_layers="random",
+                 anchor_context=False)
 
 
 class BlockMethod(TrainedMethod):

@@ -62,7 +62,7 @@ def block_terms(model: BlockDrafter, hidden: Tensor, input_ids: Tensor, labels: 
     B, D = model.block_size, model.drafts
     ctx = model.context(hidden)
     ctx_kv = model.context_kv(ctx, torch.arange(T))
-    x = model.block_inputs(input_ids[anchors])
+    x = model.block_inputs(input_ids[anchors], ctx[anchors - 1])  # anchors >= 1: some context before each
     h = model.backbone(x, block_positions(anchors, B), ctx_kv, anchors)
     h = h.view(anchors.shape[0], B, -1)[:, model.draft_rows]  # [A, D, H]
     t = anchors[:, None] + torch.arange(D)[None, :]  # where draft j's target distribution lives

@@ -294,8 +294,9 @@ class BlockDrafter(FolderCheckpoint, nn.Module):
         cos, sin = rope(positions, self.inv_freq)
         return [layer.self_attn.keys_values(ctx, cos, sin) for layer in self.layers]
 
-    def block_inputs(self, anchors: Tensor) -> Tensor:
-        """[A * B, H]: per anchor, the anchor token's embedding then B-1 mask embeddings."""
+    def block_inputs(self, anchors: Tensor, before: Tensor) -> Tensor:
+        """[A * B, H]: per anchor, the anchor token's embedding then B-1 mask embeddings. With `anchor_context`
+        the anchor row also gets `before` [A, H], the context state C of the position before each anchor."""
         a = anchors.shape[0]
         if hasattr(self, "mask_embed"):
             mask = self.mask_embed
@@ -303,6 +304,8 @@ class BlockDrafter(FolderCheckpoint, nn.Module):
             mask = self.embed[self.config["mask_token_id"]]
         x = mask.to(self.norm.weight.dtype).expand(a, self.block_size, -1).clone()
         x[:, 0] = F.embedding(anchors, self.embed).to(x.dtype)
+        if self.config.get("anchor_context"):
+            x[:, 0] += before.to(x.dtype)
         return x.reshape(a * self.block_size, -1)
 
     def backbone(self, x: Tensor, positions: Tensor, ctx_kv: list[tuple[Tensor, Tensor]], visible: Tensor | None) -> Tensor:

@@ -67,9 +67,11 @@ class BlockProposer:
         self._vocab = drafter.config["vocab_size"]
         self._generator = torch.Generator(device=drafter.norm.weight.device).manual_seed(seed)
         self.draft_ms = 0.0  # running estimate of one drafting round, for the cost model
+        self._newest: Tensor | None = None  # context state C of the newest committed position, the anchor's before
 
     def reset(self) -> None:
         self.cache.length = 0
+        self._newest = None
 
     @torch.inference_mode()
     def observe(self, captured: list[Tensor]) -> None:
@@ -78,7 +80,9 @@ class BlockProposer:
         n = feats.shape[0]
         if c.length + n > c.max_len:
             raise RuntimeError(f"{self.name}: context cache full ({c.max_len} positions)")
-        for i, (k, v) in enumerate(d.context_kv(d.context(feats), torch.arange(c.length, c.length + n))):
+        ctx = d.context(feats)
+        self._newest = ctx[-1:]
+        for i, (k, v) in enumerate(d.context_kv(ctx, torch.arange(c.length, c.length + n))):
             c.k[i, :, c.length : c.length + n] = k
             c.v[i, :, c.length : c.length + n] = v
         c.length += n
@@ -92,7 +96,7 @@ class BlockProposer:
             raise RuntimeError(f"{self.name}: features for {c.length} positions, but {len(tokens)} committed tokens")
         t0 = time.perf_counter()
         n = c.length  # the anchor (last committed token) sits at position n
-        x = d.block_inputs(torch.tensor([tokens[-1]]))
+        x = d.block_inputs(torch.tensor([tokens[-1]]), self._newest)
         kv = [(c.k[i, :, :n], c.v[i, :, :n]) for i in range(len(d.layers))]
         h = d.backbone(x, torch.arange(n, n + d.block_size), kv, None)[self._rows]  # [D, H]
         limit = min(self.max_length, max_nodes)
