@@ -656,8 +656,9 @@ def test_wall_budget_resizes_at_the_recent_pace():
 def test_block_recipe_knobs_through_training_under_a_wall_budget(tmp_path, tiny_target_dir, monkeypatch):
     """A DFlash drafter trained from the pipeline's feature cache with answer anchors, a trainable head,
     the fc input scale, the state before each anchor in its row (which no export layout holds), its layer
-    copied from the target's, acceptance-weighted drafts and a wall-time budget: the schedule is resized once the first steps are timed (to 16 steps here, whatever the
-    machine's pace) and anneals by its end, the head moved, and the drafter decodes losslessly."""
+    copied from the target's, acceptance-weighted drafts and a wall-time budget: the schedule is resized
+    once the first steps are timed (to 16 steps here, whatever the machine's pace) and anneals by its end,
+    the head moved, the drafter decodes losslessly, and export refuses it."""
     from deepspec import io
     from deepspec.training import trainer
     from deepspec.config import validate
