@@ -357,17 +357,30 @@ def test_bench_train_compares_recipes_on_one_feature_cache(tmp_path, tiny_target
         bench_train(cfg, str(bad))
     with pytest.raises(ConfigError, match=r"recipes file not found"):
         load_recipes(tmp_path / "none.yaml")
+    bad.write_text("a: {paced_as: b}\nb: {paced_as: a}\n")
+    with pytest.raises(ConfigError, match=r"recipe a: paced_as must name another recipe of the file that is paced by "
+                                          r"its own probes, not 'b'"):
+        load_recipes(bad)
 
     # Budgets pinned to steps (the probes run; their seconds are fixed here so the sizing is exact): each
     # recipe is read at its budget on its clock, whatever its steps really took.
     from deepspec.training import trainer
 
     real = trainer.step_seconds
-    monkeypatch.setattr(trainer, "step_seconds", lambda c, n: (0.5 if n.endswith("slow") else 0.25, real(c, n)[1]))
+    probed = []
+
+    def probe(c, n):
+        probed.append(n)
+        return 0.5 if n.endswith("slow") else 0.25, real(c, n)[1]
+
+    monkeypatch.setattr(trainer, "step_seconds", probe)
     timed = tmp_path / "bench_timed.yaml"
-    timed.write_text("fast: {train: {wall_budget_s: 2.0}}\nslow: {ttt_length: 2, train: {wall_budget_s: 2.0}}\n")
+    # `twin` would probe fast, but trains at slow's pace: it is never probed and gets slow's steps
+    timed.write_text("fast: {train: {wall_budget_s: 2.0}}\nslow: {ttt_length: 2, train: {wall_budget_s: 2.0}}\n"
+                     "twin: {paced_as: slow, ttt_length: 2, train: {wall_budget_s: 2.0, seed: 1}}\n")
     rows = bench_train(cfg, str(timed), n_prompts=1, max_new_tokens=6, probe_rounds=1)["recipes"]
-    assert (rows["fast"]["steps"], rows["slow"]["steps"]) == (8, 4)
+    assert (rows["fast"]["steps"], rows["slow"]["steps"], rows["twin"]["steps"]) == (8, 4, 4)
+    assert probed == ["bench-fast", "bench-slow"] and "paced_as" not in rows["twin"]["overrides"]
     assert all(r["wall_s"] == pytest.approx(2.0) and r["tau_chain_at_common"] == r["final_tau_chain"]
                for r in rows.values())
     table = (cfg.out_dir / "bench/timed.md").read_text()

@@ -125,3 +125,20 @@ def test_head_soft_ce_equals_the_naive_loss_and_gradients(rows):
     assert torch.equal(top, logp.argmax(-1))
     with pytest.raises(ValueError, match=r"head_soft_ce: x \[N, H\], weight \[V, H\]"):
         head_soft_ce(x, w[:, :3], idx, p)
+
+
+def test_the_repository_root_does_not_shadow_the_kernels_distribution():
+    """Python started in the repository root sees this folder first as a top-level `kernels`; transformers
+    imports the `kernels` distribution (hub kernels) when it is installed, and must get that one."""
+    from importlib.metadata import PackageNotFoundError, version
+    from pathlib import Path
+
+    try:
+        version("kernels")
+    except PackageNotFoundError:
+        pytest.skip("the kernels distribution is not installed")
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-c", "import kernels, transformers.integrations.hub_kernels; "
+                           "print(kernels.__file__)"], cwd=root, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert Path(proc.stdout.strip()).resolve().parent != root / "kernels"

@@ -121,3 +121,13 @@ def test_no_kind_switch_outside_drafters():
     rules = [ROOT / "Snakefile", *(ROOT / "workflow" / "rules").glob("*.smk")]
     assert [f"{f.name}:{i + 1}" for f in rules for i, line in enumerate(f.read_text().splitlines())
             if switch.search(line)] == []
+
+
+def test_every_package_is_installed():
+    """pyproject lists its packages by name (kernels/ is mapped to deepspec.kernels), so a package left off
+    the list would be missing from a wheel while an editable install still finds it."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(f.parent.relative_to(ROOT).parts) for f in (ROOT / "deepspec").rglob("__init__.py")}
+    assert listed == found | {"deepspec.kernels"}

@@ -28,14 +28,25 @@ from deepspec.config_base import TrainedMethod
 from deepspec.layout import bench_dir, drafters_root
 
 
-def load_recipes(path: str | Path) -> dict[str, dict[str, Any]]:
+def load_recipes(path: str | Path) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """(recipe -> drafter overrides, recipe -> the recipe whose probed pace it trains at).
+
+    A recipe's `paced_as: <recipe>` shares that recipe's step count under `--probe-pace`: for runs that
+    differ only where the pace cannot (a seed, an option that adds no work), so probe noise does not give
+    one of them more steps than the other."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config error: recipes file not found: {path}")
     raw = yaml.safe_load(path.read_text()) or {}
     if not isinstance(raw, dict) or not raw or not all(isinstance(v, dict) for v in raw.values()):
         raise ConfigError(f"config error: {path}: a mapping of recipe name -> drafter overrides is needed")
-    return raw
+    recipes = {name: {k: v for k, v in over.items() if k != "paced_as"} for name, over in raw.items()}
+    paced = {name: over["paced_as"] for name, over in raw.items() if "paced_as" in over}
+    for name, other in paced.items():
+        if other not in raw or "paced_as" in raw[other] or other == name:
+            raise ConfigError(f"config error: {path}: recipe {name}: paced_as must name another recipe of the file "
+                              f"that is paced by its own probes, not {other!r}")
+    return recipes, paced
 
 
 def recipe_config(cfg: Config, base: str, recipe: str, overrides: dict[str, Any], epochs: float | None) -> tuple[Config, str]:
@@ -181,7 +192,7 @@ def bench_train(cfg: Config, recipes_path: str, drafter: str | None = None, epoc
     from deepspec.models import load_target
     from deepspec.training.trainer import train
 
-    recipes = load_recipes(recipes_path)
+    recipes, paced = load_recipes(recipes_path)
     base = drafter or default_drafter(cfg)
     if base not in cfg.drafters:
         raise ValueError(f"--drafter: no drafter named {base!r} (drafters: {', '.join(cfg.drafters) or 'none'})")
@@ -197,7 +208,7 @@ def bench_train(cfg: Config, recipes_path: str, drafter: str | None = None, epoc
         prompts = bench_prompts(target.tokenizer, n_prompts, cfg.eval.seed, cfg.target.chat_template_kwargs)
         ar = autoregressive_runs(target, prompts, max_new_tokens)
         pinned = pinned_budgets(configs, lambda r, extra: recipe_config(cfg, base, r, merge(recipes[r], extra), None),
-                                probe_rounds) if probe_rounds else {}
+                                probe_rounds, lambda r: paced.get(r, r)) if probe_rounds else {}
         rows, logs = {}, {}
         for recipe, (rcfg, name) in configs.items():
             print(f"[bench train] recipe {recipe}: {recipes[recipe] or 'the base recipe'}")
