@@ -43,7 +43,7 @@ def load_recipes(path: str | Path) -> tuple[dict[str, dict[str, Any]], dict[str,
     recipes = {name: {k: v for k, v in over.items() if k != "paced_as"} for name, over in raw.items()}
     paced = {name: over["paced_as"] for name, over in raw.items() if "paced_as" in over}
     for name, other in paced.items():
-        if other not in raw or "paced_as" in raw[other] or other == name:
+        if other not in raw or "paced_as" in raw[other]:  # itself included: it is paced
             raise ConfigError(f"config error: {path}: recipe {name}: paced_as must name another recipe of the file "
                               f"that is paced by its own probes, not {other!r}")
     return recipes, paced
