@@ -202,6 +202,69 @@ def test_best_cut_maximises_expected_tokens_per_ms():
     assert best_cut(accept, 2.0, [40.0, 41.0]) == 5, "past the curve, longer drafts cost its last entry"
 
 
+def test_acceptance_calibration_starts_at_the_identity_and_learns_a_nondecreasing_map():
+    """Unseen, the map is the identity (up to the last knot); fed nodes whose probability overstates how often they
+    are taken, it reads them at their rate; fed rates that fall as probability rises, it pools them, so a falling
+    list stays falling. The pooling is what a bin-by-bin rate lacks (the control below)."""
+    from deepspec.decoding.cost import AcceptanceCalibration
+
+    cal = AcceptanceCalibration(bins=10, prior=8.0)
+    probe = [0.01, 0.05, 0.2, 0.45, 0.7, 0.9, 0.95]
+    assert cal(probe) == pytest.approx(probe)
+    gen = torch.Generator().manual_seed(0)
+    probs = (torch.rand(4000, generator=gen) * 0.5 + 0.5).tolist()  # 0.5 .. 1, taken at 0.6 x their probability
+    taken = (torch.rand(4000, generator=gen) < 0.6 * torch.tensor(probs)).tolist()
+    cal.update(probs, taken)
+    assert cal([0.75])[0] == pytest.approx(0.45, abs=0.04)
+    assert cal([0.1])[0] == pytest.approx(0.1, abs=1e-9), "bins without data keep the identity"
+    grid = [i / 100 for i in range(101)]
+    assert all(a <= b + 1e-12 for a, b in zip(cal(grid), cal(grid)[1:]))
+
+    falling = AcceptanceCalibration(bins=10, prior=8.0)
+    falling.update([0.65] * 200 + [0.85] * 200, [True] * 180 + [False] * 20 + [True] * 20 + [False] * 180)
+    low, high = falling([0.65, 0.85])
+    assert low == pytest.approx(high) and 0.45 < high < 0.55, "the two bins pooled to their joint rate"
+    raw = [(falling.taken[b] + 8.0 * (b + 0.5) / 10) / (falling.seen[b] + 8.0) for b in (6, 8)]
+    assert raw[0] > raw[1], "control: per bin, the rates fall as probability rises"
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_taken_by_reads_the_acceptance_rule_from_the_commits(greedy):
+    """`taken_by` on the tokens committed after a tree marks exactly the path the acceptance rule took, at T = 0
+    and under rejection sampling (a rejected node's token is never the bonus), and nothing past the commits."""
+    from deepspec.decoding.verify import greedy_accept, sample_accept
+
+    gen = torch.Generator().manual_seed(1)
+    lengths = []
+    for _ in range(300):
+        n = int(torch.randint(1, 12, (), generator=gen))
+        parents = [int(torch.randint(-1, i, (), generator=gen)) for i in range(n)]
+        tokens, used = [], {}
+        for p in parents:  # siblings draw distinct tokens from a small vocabulary (often the target's)
+            tok = int(torch.randint(0, 4, (), generator=gen))
+            while tok in used.setdefault(p, set()):
+                tok = (tok + 1) % 6
+            used[p].add(tok)
+            tokens.append(tok)
+        tree = DraftTree(tokens, parents)
+        if greedy:
+            path, bonus = greedy_accept(tree, torch.randint(0, 4, (n + 1,), generator=gen).tolist())
+        else:
+            probs = torch.softmax(torch.randn(n + 1, 6, generator=gen) * 2, -1).double()
+            path, bonus = sample_accept(tree, probs, gen)
+        committed = [tokens[i] for i in path] + [bonus]
+        assert tree.taken_by(committed) == [i in path for i in range(n)]
+        lengths.append(len(path))
+        first = tree.taken_by(committed[:1])  # the generation ended after one token
+        for i, t in enumerate(first):
+            p = parents[i]
+            if p < 0:
+                assert t == (tokens[i] == committed[0])
+            else:
+                assert t == (None if first[p] is not False else False), "deeper than the commits: unknown"
+    assert max(lengths) >= 3 and sum(lengths) > 100, "long paths were accepted, so the labels were exercised"
+
+
 def test_dynamic_tree_cut_keeps_the_best_prefix_and_stops_growing():
     """With a cut the tree is the best-scored prefix of the uncut one (so closed under ancestors), and it does not
     expand a depth none of whose nodes would be kept."""

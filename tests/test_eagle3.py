@@ -187,6 +187,37 @@ def test_cost_length_keeps_what_pays_and_stays_lossless(overfit, top_k):
     assert 1.3 < tau["between"] < tau["free"] and sum(sizes["between"]) < sum(sizes["free"])
 
 
+def test_calibrated_length_learns_from_every_verified_node_and_stays_lossless(overfit):
+    """`length: calibrated`: the calibration counts each verified node once, as taken exactly when the engine
+    accepted it (a generation's last tree is never labelled: its commits end the sequence), and the cut reads the
+    learned map: a calibration that has seen nothing taken drafts nothing, where the identity drafts trees."""
+    from deepspec.decoding.cost import AcceptanceCalibration
+    from deepspec.decoding.engine import Engine
+    from deepspec.drafters.eagle3.proposer import Eagle3Proposer
+    from deepspec.models import make_backend
+
+    target, prompts, drafter = overfit
+    engine = Engine(make_backend(target, "lean", 256), stop_ids=[], max_nodes=16)
+    between = [10.0 + 3.0 * k for k in range(11)]
+    proposer = Eagle3Proposer(drafter, 256, depth=4, top_k=3, total_tokens=10, verify_ms=between,
+                              calibration=AcceptanceCalibration())
+    cal = proposer.calibration
+    for prompt in prompts:
+        seen, taken = sum(cal.seen), sum(cal.taken)
+        spec = engine.generate(prompt, 40, proposer)
+        assert spec.tokens == engine.generate(prompt, 40).tokens
+        assert sum(cal.seen) - seen == sum(spec.proposed[:-1])
+        assert sum(cal.taken) - taken == sum(spec.accepted_depth[:-1])
+    assert sum(cal.taken) > 20 and sum(cal.seen) > sum(cal.taken), "long paths accepted, and some nodes rejected"
+
+    never = AcceptanceCalibration()
+    never.update([(b + 0.5) / 10 for b in range(10)] * 1000, [False] * 10000)
+    pessimist = Eagle3Proposer(drafter, 256, depth=4, top_k=3, total_tokens=10, verify_ms=between,
+                               calibration=never)
+    spec = engine.generate(prompts[0], 40, pessimist)
+    assert spec.tokens == engine.generate(prompts[0], 40).tokens and set(spec.proposed) == {0}
+
+
 def test_sharegpt_reader_recovers_truncated_file(tmp_path):
     from deepspec.data.regenerate import load_conversations, read_sharegpt
     from deepspec.config import TrainDataConfig
@@ -385,6 +416,13 @@ def test_bench_train_compares_recipes_on_one_feature_cache(tmp_path, tiny_target
                for r in rows.values())
     table = (cfg.out_dir / "bench/timed.md").read_text()
     assert "probed s/step" in table and "pinned to a step count" in table
+    probed.clear()
+    timed.write_text("slow: {ttt_length: 2, train: {wall_budget_s: 2.0}}\n"
+                     "twin: {paced_as: slow, ttt_length: 2, train: {wall_budget_s: 2.0, batch_sequences: 1}}\n")
+    with pytest.raises(ConfigError, match=r"^config error: bench-twin: paced as bench-slow, but its steps per epoch "
+                                          r"differ \(batch_sequences, sequences per step, val_sequences: \(1, 1, 1\) against \(2, 2, 1\)\)"):
+        bench_train(cfg, str(timed), n_prompts=1, max_new_tokens=6, probe_rounds=1)
+    assert probed == [], "refused before any probe ran"
 
 
 def test_chunked_head_loss_trains_as_the_naive_one():

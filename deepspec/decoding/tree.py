@@ -25,6 +25,9 @@ class DraftTree:
     # For sampling: the draft distribution each node was drawn from (siblings share one and are taken
     # to be drawn without replacement, in order). None: deterministic choices (q is one-hot).
     q: list[Tensor | None] | None = None
+    # The drafter's probability of each node's whole path, where it scores paths (a dynamic tree): what a cost
+    # cut and its calibration read. None: not scored.
+    path_probs: list[float] | None = None
     depths: list[int] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -32,6 +35,8 @@ class DraftTree:
             raise TreeError(f"tree has {len(self.tokens)} tokens but {len(self.parents)} parents")
         if self.q is not None and len(self.q) != len(self.tokens):
             raise TreeError(f"tree has {len(self.tokens)} tokens but {len(self.q)} draft distributions")
+        if self.path_probs is not None and len(self.path_probs) != len(self.tokens):
+            raise TreeError(f"tree has {len(self.tokens)} tokens but {len(self.path_probs)} path probabilities")
         depths = []
         for i, p in enumerate(self.parents):
             if not -1 <= p < i:
@@ -96,6 +101,23 @@ class DraftTree:
         mask[:, prefix_len:].masked_fill_(~allowed.to(device), float("-inf"))
         return mask
 
+    def taken_by(self, committed: list[int]) -> list[bool | None]:
+        """Which nodes the verifier took, read from the tokens `committed` after this tree's root: a node was
+        taken exactly when its path starts them, because a rejected node's token is never the bonus drawn in its
+        place (greedy: the target's own choice differs; sampled: the residual excludes it). None: not knowable,
+        since the commits stop inside the node's path (the generation ended there)."""
+        out: list[bool | None] = []
+        for i, p in enumerate(self.parents):
+            above = True if p < 0 else out[p]
+            d = self.depths[i]
+            if above is not True:
+                out.append(above)
+            elif d > len(committed):
+                out.append(None)
+            else:
+                out.append(committed[d - 1] == self.tokens[i])
+        return out
+
     def paths(self) -> list[list[int]]:
         """Root-to-leaf paths as node-index lists."""
         kids = self.children()
@@ -138,7 +160,8 @@ def dynamic_tree(root_logp: Tensor, expand, depth: int, top_k: int, total_tokens
     node's score is its cumulative draft log-prob; the final tree is the `total_tokens` best scores,
     which is closed under ancestors because scores only fall along a path (ties go to the shallower,
     earlier node). `cut(probs)`, given the best nodes' draft probabilities (falling), says how many to
-    keep (possibly none); the tree stops growing once no node of its newest depth is kept.
+    keep (possibly none); the tree stops growing once no node of its newest depth is kept. The tree carries its
+    nodes' probabilities (`path_probs`).
     """
     if depth < 1 or top_k < 1 or total_tokens < 1:
         raise TreeError(f"depth ({depth}), top_k ({top_k}) and total_tokens ({total_tokens}) must be >= 1")
@@ -171,4 +194,5 @@ def dynamic_tree(root_logp: Tensor, expand, depth: int, top_k: int, total_tokens
         frontier = sorted(first_new + j for j in ranked)
     keep = sorted(best())  # parents precede children in the original order
     remap = {old: new for new, old in enumerate(keep)}
-    return DraftTree([tokens[i] for i in keep], [remap[parents[i]] if parents[i] >= 0 else -1 for i in keep])
+    return DraftTree([tokens[i] for i in keep], [remap[parents[i]] if parents[i] >= 0 else -1 for i in keep],
+                     path_probs=[math.exp(scores[i]) for i in keep])

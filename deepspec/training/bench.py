@@ -33,7 +33,7 @@ def load_recipes(path: str | Path) -> tuple[dict[str, dict[str, Any]], dict[str,
 
     A recipe's `paced_as: <recipe>` shares that recipe's step count under `--probe-pace`: for runs that
     differ only where the pace cannot (a seed, an option that adds no work), so probe noise does not give
-    one of them more steps than the other."""
+    one of them more steps than the other (`pinned_budgets` refuses one with another batch shape)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config error: recipes file not found: {path}")
@@ -78,6 +78,12 @@ def pinned_budgets(configs: dict[Any, tuple[Config, str]], rebuild: Callable[[An
     if rounds < 1:
         raise ValueError(f"--probe-pace: {rounds} rounds; pinning budgets needs at least 1 probe round")
     timed = [k for k, (rcfg, name) in configs.items() if rcfg.drafters[name].train.wall_budget_s is not None]
+    for key in timed:  # a shared pace is turned into epochs with the pacer's steps per epoch: they must agree
+        mine, theirs = (_epoch_shape(*configs[k]) for k in (key, paced_as(key)))
+        if mine != theirs:
+            raise ConfigError(f"config error: {configs[key][1]}: paced as {configs[paced_as(key)][1]}, but its steps per "
+                              f"epoch differ (batch_sequences, sequences per step, val_sequences: {mine} against "
+                              f"{theirs}); give it the same batch or its own probes")
     probed = list(dict.fromkeys(paced_as(k) for k in timed))
     probes: dict[Any, list[float]] = {k: [] for k in probed}
     per_epoch: dict[Any, float] = {}
@@ -97,6 +103,12 @@ def pinned_budgets(configs: dict[Any, tuple[Config, str]], rebuild: Callable[[An
         pinned[key] = (pace, budget / steps)
         print(f"[bench] {name}: {steps} steps (its {budget:.0f} s budget at {pace:.3f} s/step)")
     return pinned
+
+
+def _epoch_shape(cfg: Config, name: str) -> tuple[int, int, int]:
+    """What a run's optimizer steps per epoch depend on besides the shared data."""
+    tc = cfg.drafters[name].train
+    return tc.batch_sequences, tc.sequences_per_step, tc.val_sequences
 
 
 def clocked(log: list[dict[str, Any]], pinned: tuple[float, float] | None) -> list[dict[str, Any]]:

@@ -69,13 +69,14 @@ class Eagle3Kind(DrafterKind):
     def proposer(self, method, drafter, target: Any, temperature, seed):
         from deepspec.drafters.eagle3.proposer import Eagle3Proposer
 
-        verify_ms = None
-        if method.length == "cost":  # this machine's verify cost of 1 .. total_tokens + 1 rows
-            from deepspec.decoding.cost import proposer_verify_ms
+        verify_ms = calibration = None
+        if method.length != "fixed":  # this machine's verify cost of 1 .. total_tokens + 1 rows
+            from deepspec.decoding.cost import AcceptanceCalibration, proposer_verify_ms
 
             verify_ms = proposer_verify_ms(target.backend, method.total_tokens + 1)
+            calibration = AcceptanceCalibration() if method.length == "calibrated" else None
         return Eagle3Proposer(drafter, target.backend.cache.max_len, method.depth,
-                              method.top_k, method.total_tokens, verify_ms=verify_ms)
+                              method.top_k, method.total_tokens, verify_ms=verify_ms, calibration=calibration)
 
 
 KINDS = (Eagle3Kind(),)

@@ -31,16 +31,17 @@ class Eagle3Method(TrainedMethod):
     """Decoding with an EAGLE-3 drafter: EAGLE-2 dynamic tree, or a chain with top_k 1. A published checkpoint
     may be in our, vLLM's, SGLang's or the EAGLE authors' layout.
 
-    `length`: fixed (the `total_tokens` best nodes) or cost (of those, the best-scored prefix that maximises
+    `length`: fixed (the `total_tokens` best nodes), cost (of those, the best-scored prefix that maximises
     expected committed tokens per second from the draft probabilities and the verify cost measured on this
-    machine, down to no draft at all; the tree stops growing once its newest depth would be cut)."""
+    machine, down to no draft at all; the tree stops growing once its newest depth would be cut) or calibrated
+    (cost, reading the probabilities through a map learned during the run from which nodes the verifier took)."""
 
     decodes: ClassVar[tuple[str, ...]] = ("eagle3",)
     kind: Literal["eagle3"]
     depth: Annotated[int, Field(ge=1)] = 5
     top_k: Annotated[int, Field(ge=1)] = 4
     total_tokens: Annotated[int, Field(ge=1)] = 12
-    length: Literal["fixed", "cost"] = "fixed"
+    length: Literal["fixed", "cost", "calibrated"] = "fixed"
 
     def as_chain(self) -> "Eagle3Method":
         return super().as_chain().model_copy(update={"length": "fixed"})

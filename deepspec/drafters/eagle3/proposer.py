@@ -8,7 +8,7 @@ import time
 import torch
 from torch import Tensor
 
-from deepspec.decoding.cost import best_cut
+from deepspec.decoding.cost import AcceptanceCalibration, best_cut
 from deepspec.decoding.tree import DraftTree, dynamic_tree, scratch_mask
 from deepspec.drafters.eagle3.model import DraftCache, Eagle3Drafter
 
@@ -23,21 +23,25 @@ class Eagle3Proposer:
     name = "eagle3"
 
     def __init__(self, drafter: Eagle3Drafter, max_len: int, depth: int = 5, top_k: int = 4, total_tokens: int = 12,
-                 verify_ms: list[float] | None = None):
+                 verify_ms: list[float] | None = None, calibration: AcceptanceCalibration | None = None):
         """`verify_ms`: the verify cost of 1, 2, ... rows; given, each round keeps the nodes that pay for their rows
-        (`decoding.cost.best_cut`) instead of all `total_tokens`."""
+        (`decoding.cost.best_cut`) instead of all `total_tokens`. `calibration`: the cut reads the nodes' path
+        probabilities through it, and it learns from which nodes the verifier took (kept across sequences)."""
         from deepspec.models.lean import pack_linears
 
         self.drafter = pack_linears(drafter.eval())  # inference only from here: weights prepacked for oneDNN
         self.capture_layers = tuple(drafter.config["aux_layers"])
         self.depth, self.top_k, self.total_tokens = depth, top_k, total_tokens
         self.verify_ms = verify_ms
+        self.calibration = calibration
+        self._pending: tuple[int, DraftTree] | None = None  # the last tree drafted, after how many tokens
         self.cache = DraftCache(drafter, max_len)
         self._d2t = drafter.draft_to_target
         self._features: list[Tensor] = []  # fused features of committed positions not yet in the draft cache
         self._covered = 0  # committed positions whose draft step is in the cache
 
     def reset(self) -> None:
+        self._pending = None  # its commits, if any, ended the sequence
         self.cache.length = 0
         self._features = []
         self._covered = 0
@@ -49,6 +53,8 @@ class Eagle3Proposer:
 
     @torch.inference_mode()
     def propose(self, tokens: list[int], max_nodes: int) -> DraftTree | None:
+        if self._pending is not None:
+            self._learn(tokens)
         if max_nodes < 1 or not self._features:
             return None
         t0 = time.perf_counter()
@@ -69,13 +75,25 @@ class Eagle3Proposer:
             return DraftTree.chain(self._chain(logp[-1], h[-1], base, min(self.depth, self.total_tokens, max_nodes)))
         cut = None
         if self.verify_ms is not None:  # the drafting spent so far is part of this round's cost
-            verify_ms = self.verify_ms
+            verify_ms, calibrated = self.verify_ms, self.calibration or (lambda probs: probs)
 
             def cut(probs: list[float]) -> int:
-                return best_cut(probs, (time.perf_counter() - t0) * 1e3, verify_ms)
+                return best_cut(calibrated(probs), (time.perf_counter() - t0) * 1e3, verify_ms)
 
         tree = self._tree(logp[-1], h[-1], base, min(self.total_tokens, max_nodes), cut)
-        return tree if len(tree) else None
+        if not len(tree):
+            return None
+        if self.calibration is not None:
+            self._pending = (len(tokens), tree)
+        return tree
+
+    def _learn(self, tokens: list[int]) -> None:
+        """Hand the calibration which nodes of the last tree the verifier took (the tokens committed since)."""
+        after, tree = self._pending
+        self._pending = None
+        taken = tree.taken_by(tokens[after:])
+        known = [i for i, t in enumerate(taken) if t is not None]
+        self.calibration.update([tree.path_probs[i] for i in known], [taken[i] for i in known])
 
     def _tree(self, root_logp: Tensor, root_h: Tensor, base: int, total: int, cut=None) -> DraftTree:
         """An EAGLE-2 dynamic tree grown in the draft cache's scratch rows past `base` (`cut`: `dynamic_tree`'s)."""
@@ -99,7 +117,8 @@ class Eagle3Proposer:
             return lp
 
         tree = dynamic_tree(root_logp, expand, self.depth, self.top_k, total, cut)
-        return DraftTree(self._d2t[torch.tensor(tree.tokens, dtype=torch.long)].tolist(), tree.parents)
+        return DraftTree(self._d2t[torch.tensor(tree.tokens, dtype=torch.long)].tolist(), tree.parents,
+                         path_probs=tree.path_probs)
 
     def _chain(self, root_logp: Tensor, root_h: Tensor, base: int, length: int) -> list[int]:
         """Each draft the argmax after the one before, stepped on the drafter's device; what `dynamic_tree` gives
