@@ -124,6 +124,50 @@ def test_verdicts(tmp_path):
     assert compare(cfg, lossy, run).verdict == "NOT REPRODUCED: lossless check failed in pld/t"
 
 
+def test_cost_cut_cells_are_judged_by_their_drafters(tmp_path):
+    """A method that cuts drafts on this machine's measured costs (and a hybrid of it) is judged by its drafter's
+    validation chain τ, not by its own τ, which moves with the machine; a fixed-length method on the same drafter
+    is still judged by τ. Without the drafters' metrics the cost-cut cells fall back to τ (the control)."""
+    from deepspec.layout import drafter_dir
+    from deepspec.reporting.reproduce import compare
+
+    ref_dir = tmp_path / "ref"
+    cfg = validate({"experiment": "exp", "results_dir": str(tmp_path / "results"),
+                    "reproduce": {"reference": str(ref_dir)}, "tasks": {"t": {"kind": "humaneval"}},
+                    "drafters": {"e3": {"kind": "eagle3"}},
+                    "methods": {"ar": {"kind": "autoregressive"}, "pld": {"kind": "ngram"},
+                                "fixed": {"kind": "eagle3", "drafter": "e3"},
+                                "cut": {"kind": "eagle3", "drafter": "e3", "length": "cost"},
+                                "both": {"kind": "hybrid", "methods": ["pld", "cut"]}}})
+    run = _metrics(cfg)
+    for name in ("fixed", "cut", "both"):
+        run[(name, "t")] = copy.deepcopy(run[("pld", "t")])
+    ref = copy.deepcopy(run)
+    for name in ("cut", "both"):
+        ref[(name, "t")]["tau"] *= 1.06  # more nodes verified where verifying was cheaper
+    fallback = compare(cfg, run, ref)
+    assert fallback.passed is False and fallback.verdict == "NOT REPRODUCED: τ differs by more than 3% in cut/t, both/t"
+
+    def drafter_tau(folder, tau):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "metrics.json").write_text(json.dumps({"val_tau_chain": tau}))
+
+    drafter_tau(drafter_dir(cfg, "e3"), 1.60)
+    drafter_tau(cfg.reference_dir / "drafters" / "e3", 1.61)
+    judged = compare(cfg, run, ref)
+    assert judged.passed is True and judged.verdict.startswith(
+        "REPRODUCED: τ matches in all 5 cells (3 identical; 2 judged by their drafters' validation τ)")
+    assert dict(zip(judged.table["method"], judged.table["τ judged by"])) == {
+        "ar": "τ", "pld": "τ", "fixed": "τ", "cut": "drafter validation τ", "both": "drafter validation τ"}
+    assert any(n.startswith("both, cut: drafts cut on this machine's measured costs") for n in judged.notes)
+    ref[("fixed", "t")]["tau"] *= 1.06
+    assert compare(cfg, run, ref).verdict == "NOT REPRODUCED: τ differs by more than 3% in fixed/t"
+    ref[("fixed", "t")]["tau"] = run[("fixed", "t")]["tau"]
+    drafter_tau(cfg.reference_dir / "drafters" / "e3", 1.70)
+    assert compare(cfg, run, ref).verdict == ("NOT REPRODUCED: τ differs by more than 3% in cut/t (drafter validation "
+                                              "τ), both/t (drafter validation τ)")
+
+
 def test_head_to_head_separates_methods_whose_own_intervals_overlap():
     """Method A 8% faster than B on every sample, samples of very different difficulty: their intervals
     against the baseline overlap, the paired ratio's does not include 1. Controls: B against itself is 1
