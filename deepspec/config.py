@@ -336,6 +336,14 @@ class Config(Strict):
             return sorted({d for part in m.methods for d in self.method_drafters(part)})
         return [m.drafter] if isinstance(m, TrainedMethod) and m.drafter is not None else []
 
+    def method_cuts_on_costs(self, method: str) -> bool:
+        """Whether a method's draft lengths follow this machine's measured costs (a hybrid: through any of its
+        methods), so that its τ moves with the machine."""
+        m = self.methods[method]
+        if isinstance(m, HybridMethod):
+            return any(self.method_cuts_on_costs(part) for part in m.methods)
+        return isinstance(m, TrainedMethod) and m.cuts_on_costs
+
     def method_checkpoints(self, method: str) -> list[str]:
         """Published checkpoint folders a method decodes with (a hybrid: those of its methods)."""
         m = self.methods[method]

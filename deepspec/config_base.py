@@ -135,6 +135,11 @@ class TrainedMethod(Strict):
             raise ValueError("set exactly one of 'drafter' (trained here) or 'checkpoint' (a published folder)")
         return self
 
+    @property
+    def cuts_on_costs(self) -> bool:
+        """Whether draft lengths are cut on this machine's measured costs (`length: cost` / `calibrated`)."""
+        return getattr(self, "length", "fixed") in ("cost", "calibrated")
+
     def as_chain(self) -> "TrainedMethod":
         """This method as an engine that drafts one chain per round runs it (vLLM): a tree becomes the chain of its
         depth, one candidate per draft."""

@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from deepspec import io
-from deepspec.config import Config, HybridMethod
+from deepspec.config import Config
 from deepspec.layout import drafter_dir
 from deepspec.reporting.tables import Metrics, fmt_interval, spread_of
 
@@ -82,7 +82,7 @@ def compare(cfg: Config, metrics: Metrics, reference: Metrics | None = None) -> 
         if len(acc_run) != len(acc_ref):
             d_acc = max(d_acc, 1.0)  # a depth reached in one run only: acceptance did not reproduce
         speed_ok = _overlap((ms["speedup_lo"], ms["speedup_hi"]), (rs["speedup_lo"], rs["speedup_hi"]))
-        judged = by_drafter.get(method) if _cuts_on_cost(method, cfg.methods) else None
+        judged = by_drafter.get(method)
         tau_ok = abs(d_tau) <= tol * abs(r["tau"]) + 1e-12
         rows.append({"method": method, "task": task, "τ reference": round(r["tau"], 4), "τ this run": round(m["tau"], 4),
                      "Δτ": round(d_tau, 4), "max Δ acceptance": round(d_acc, 4),
@@ -136,20 +136,13 @@ def compare(cfg: Config, metrics: Metrics, reference: Metrics | None = None) -> 
     return Reproduction(verdict, table, notes, passed)
 
 
-def _cuts_on_cost(method: str, methods: dict) -> bool:
-    """Whether a method's draft lengths follow this machine's measured costs (a hybrid's, through any part)."""
-    m = methods.get(method)
-    if isinstance(m, HybridMethod):
-        return any(_cuts_on_cost(part, methods) for part in m.methods)
-    return getattr(m, "length", "fixed") in ("cost", "calibrated")
-
-
 def _drafter_checks(cfg: Config, ref_dir: Path, tol: float) -> dict[str, tuple[str, bool]]:
-    """Per method with drafters trained here: ("drafter validation τ", whether every one of them is within `tol`
-    of the reference's). Methods whose drafters lack either side's metrics are left out (judged by τ)."""
+    """Per method whose drafts are cut on this machine's costs, with drafters trained here: ("drafter validation τ",
+    whether every one of them is within `tol` of the reference's). Methods whose drafters lack either side's
+    metrics are left out (judged by τ)."""
     out = {}
     for method in cfg.methods:
-        names = cfg.method_drafters(method)
+        names = cfg.method_drafters(method) if cfg.method_cuts_on_costs(method) else []
         pairs = [(drafter_dir(cfg, d) / "metrics.json", ref_dir / "drafters" / d / "metrics.json") for d in names]
         if not names or not all(a.is_file() and b.is_file() for a, b in pairs):
             continue

@@ -70,7 +70,7 @@ class Eagle3Kind(DrafterKind):
         from deepspec.drafters.eagle3.proposer import Eagle3Proposer
 
         verify_ms = calibration = None
-        if method.length != "fixed":  # this machine's verify cost of 1 .. total_tokens + 1 rows
+        if method.cuts_on_costs:  # this machine's verify cost of 1 .. total_tokens + 1 rows
             from deepspec.decoding.cost import AcceptanceCalibration, proposer_verify_ms
 
             verify_ms = proposer_verify_ms(target.backend, method.total_tokens + 1)
