@@ -130,7 +130,3 @@ class AcceptanceCalibration:
             x0, r0 = (xs[k - 1], rates[k - 1]) if k else (0.0, 0.0)
             out.append(r0 + (rates[k] - r0) * (p - x0) / (xs[k] - x0) if xs[k] > x0 else rates[k])
         return out
-
-    def summary(self) -> str:
-        """Verified nodes per bin and their acceptance rate, for logs."""
-        return " ".join(f"{b / self.bins:.1f}+:{self.taken[b]}/{self.seen[b]}" for b in range(self.bins) if self.seen[b])

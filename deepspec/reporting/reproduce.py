@@ -83,11 +83,10 @@ def compare(cfg: Config, metrics: Metrics, reference: Metrics | None = None) -> 
             d_acc = max(d_acc, 1.0)  # a depth reached in one run only: acceptance did not reproduce
         speed_ok = _overlap((ms["speedup_lo"], ms["speedup_hi"]), (rs["speedup_lo"], rs["speedup_hi"]))
         judged = by_drafter.get(method)
-        tau_ok = abs(d_tau) <= tol * abs(r["tau"]) + 1e-12
         rows.append({"method": method, "task": task, "τ reference": round(r["tau"], 4), "τ this run": round(m["tau"], 4),
                      "Δτ": round(d_tau, 4), "max Δ acceptance": round(d_acc, 4),
                      "τ judged by": "τ" if judged is None else judged[0],
-                     "τ match": tau_ok if judged is None else judged[1], "τ identical": d_tau == 0,
+                     "τ match": _within(m["tau"], r["tau"], tol) if judged is None else judged[1], "τ identical": d_tau == 0,
                      "speedup reference": fmt_interval(r["speedup"], rs["speedup_lo"], rs["speedup_hi"], "×"),
                      "speedup this run": fmt_interval(m["speedup"], ms["speedup_lo"], ms["speedup_hi"], "×"),
                      "speedup within spread": speed_ok,
@@ -136,22 +135,26 @@ def compare(cfg: Config, metrics: Metrics, reference: Metrics | None = None) -> 
     return Reproduction(verdict, table, notes, passed)
 
 
+def _within(value: float, reference: float, tol: float) -> bool:
+    """`value` within the relative tolerance `tol` of `reference`."""
+    return abs(value - reference) <= tol * abs(reference) + 1e-12
+
+
 def _drafter_checks(cfg: Config, ref_dir: Path, tol: float) -> dict[str, tuple[str, bool]]:
     """Per method whose drafts are cut on this machine's costs, with drafters trained here: ("drafter validation τ",
     whether every one of them is within `tol` of the reference's). Methods whose drafters lack either side's
     metrics are left out (judged by τ)."""
-    out = {}
-    for method in cfg.methods:
-        names = cfg.method_drafters(method) if cfg.method_cuts_on_costs(method) else []
-        pairs = [(drafter_dir(cfg, d) / "metrics.json", ref_dir / "drafters" / d / "metrics.json") for d in names]
-        if not names or not all(a.is_file() and b.is_file() for a, b in pairs):
-            continue
-        ok = True
-        for a, b in pairs:
-            run_tau, ref_tau = (json.loads(p.read_text()).get("val_tau_chain") for p in (a, b))
-            ok &= run_tau is not None and ref_tau is not None and abs(run_tau - ref_tau) <= tol * abs(ref_tau) + 1e-12
-        out[method] = ("drafter validation τ", ok)
-    return out
+    methods = {m: cfg.method_drafters(m) for m in cfg.methods if cfg.method_cuts_on_costs(m)}
+    matched: dict[str, bool | None] = {}  # drafter -> validation τ within tol; None: a side has no metrics
+    for d in {d for names in methods.values() for d in names}:
+        run, ref = drafter_dir(cfg, d) / "metrics.json", ref_dir / "drafters" / d / "metrics.json"
+        if run.is_file() and ref.is_file():
+            run_tau, ref_tau = (json.loads(p.read_text()).get("val_tau_chain") for p in (run, ref))
+            matched[d] = run_tau is not None and ref_tau is not None and _within(run_tau, ref_tau, tol)
+        else:
+            matched[d] = None
+    return {m: ("drafter validation τ", all(matched[d] for d in names))
+            for m, names in methods.items() if names and all(matched[d] is not None for d in names)}
 
 
 def _failing(table: pd.DataFrame, column: str) -> list[str]:

@@ -91,7 +91,7 @@ class BlockKind(DrafterKind):
         from deepspec.drafters.block.proposer import BlockProposer
 
         verify_ms = None
-        if method.length == "cost":  # this machine's verify cost of 1 .. drafts + 1 rows
+        if method.cuts_on_costs:  # this machine's verify cost of 1 .. drafts + 1 rows
             from deepspec.decoding.cost import proposer_verify_ms
 
             verify_ms = proposer_verify_ms(target.backend, drafter.drafts + 1)
