@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from deepspec.decoding.verify import Sampling, target_probs
-from deepspec.models.attention import attend, sdpa_scope
+from deepspec.models.attention import attend, fold_mask, sdpa_scope
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -311,6 +311,7 @@ class LeanLlama:
         cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)  # [B, 1, n, hd]
         captured: list[Tensor] = []
         nh, nkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        mask = fold_mask(mask, nh // nkv)  # once here, not in every layer
         q_size, kv_size = nh * hd, nkv * hd
         for i, layer in enumerate(self.layers):
             if i in capture_layers:
