@@ -57,6 +57,8 @@ def test_bench_families_races_every_family_over_seeds(tiny_cfg):
         assert row["hybrid_t0.lossless"] and row["lookup_t0.lossless"]
         shapes = ("chain_t0", "chain_t1", "tree_t0", "hybrid_t0", "lookup_t0")
         assert all(row[f"{s}.decode_tau"] >= 1.0 and 0 <= row[f"{s}.draft_share"] < 1 for s in shapes), key
+        # Scored on the prompts' greedy answers: at most 3 drafts (d's 3 TTT steps, b's block of 3) plus one.
+        assert 1.0 <= row["answers_tau_chain"] <= 4 and 0 <= row["answers_acc0"] <= 1, key
     # Each family / seed trained its own drafter with the budget's overrides and the common split.
     saved = json.loads((cfg.out_dir / "drafters/bench-short-b-s1/checkpoint/train_state/state.json").read_text())
     assert saved["step"] == runs["short/b/1"]["steps"]
@@ -72,6 +74,9 @@ def test_bench_families_races_every_family_over_seeds(tiny_cfg):
     table = (cfg.out_dir / "bench/families.md").read_text()
     assert "## Budget `short`" in table and "| b " in table and "Order b ≥ d" in table
     assert "lookup + tree, T = 0" in table and "lookup alone, T = 0" in table
+    assert "chain τ on the prompts' answers" in table and "τ on the prompts' answers: " in table
+    assert set(result["order"]["short"]) == {"val_tau_chain", "answers_tau_chain", "chain_t0.decode_tau",
+                                             "chain_t1.decode_tau"}
     assert (cfg.out_dir / "bench/families.png").is_file()
 
 

@@ -20,19 +20,14 @@ from deepspec import io, tracking
 from deepspec.config import Config
 
 
-def _sequences(cfg: Config, target, task: str, layers: list[int]) -> list[dict[str, torch.Tensor]]:
-    from deepspec.data.tasks import chat_ids
-    from deepspec.layout import eval_dir
+def answer_sequences(target, prompts: list[list[int]], answers: list[list[int]], layers: list[int]) -> list[dict[str, torch.Tensor]]:
+    """Prompt + answer sequences with the target's features at `layers` captured over them; the answer
+    positions are the ones scored."""
     from deepspec.features.extract import capture
 
-    path = next((eval_dir(cfg, m, task) / "records.jsonl" for m in cfg.methods
-                 if (eval_dir(cfg, m, task) / "records.jsonl").is_file() and m != cfg.baseline_method()), None)
-    if path is None:
-        raise FileNotFoundError(f"no evaluation records for task {task!r} under {cfg.out_dir / 'eval'}; run the DAG first")
     seqs = []
-    for rec in io.read_jsonl(path):
-        prompt = chat_ids(target.tokenizer, [{"role": "user", "content": rec["turns"][0]}], cfg.target.chat_template_kwargs)
-        ids = prompt + rec["baseline"][0]["token_ids"]  # first turn, the target's own greedy answer
+    for prompt, answer in zip(prompts, answers):
+        ids = list(prompt) + list(answer)
         caps = capture(target.backend, ids, layers)
         mask = torch.zeros(len(ids), dtype=torch.bool)
         mask[len(prompt):] = True
@@ -41,12 +36,50 @@ def _sequences(cfg: Config, target, task: str, layers: list[int]) -> list[dict[s
     return seqs
 
 
-def bench_drafters(cfg: Config) -> dict[str, Any]:
+def _sequences(cfg: Config, target, task: str, layers: list[int]) -> list[dict[str, torch.Tensor]]:
+    from deepspec.data.tasks import chat_ids
+    from deepspec.layout import eval_dir
+
+    path = next((eval_dir(cfg, m, task) / "records.jsonl" for m in cfg.methods
+                 if (eval_dir(cfg, m, task) / "records.jsonl").is_file() and m != cfg.baseline_method()), None)
+    if path is None:
+        raise FileNotFoundError(f"no evaluation records for task {task!r} under {cfg.out_dir / 'eval'}; run the DAG first")
+    records = list(io.read_jsonl(path))
+    prompts = [chat_ids(target.tokenizer, [{"role": "user", "content": rec["turns"][0]}], cfg.target.chat_template_kwargs)
+               for rec in records]
+    answers = [rec["baseline"][0]["token_ids"] for rec in records]  # first turn, the target's own greedy answer
+    return answer_sequences(target, prompts, answers, layers)
+
+
+def score_answers(cfg: Config, name: str, model_hf, seqs: list[dict[str, torch.Tensor]], cached: list[dict[str, torch.Tensor]],
+                  layers: list[int]) -> dict[str, Any]:
+    """Drafter `name` scored teacher-forced on `answer_sequences` (`cached`: their `soft_targets`) with its own
+    loss code: chain τ and top-1 accuracy by draft."""
     from deepspec.drafters.kind import Direct
     from deepspec.drafters.registry import KINDS
-    from deepspec.features.extract import drafter_layers, feature_layers, layer_columns
+    from deepspec.features.extract import drafter_layers, layer_columns
+    from deepspec.layout import drafter_model
+    from deepspec.training.targets import training_targets
+
+    dc = cfg.drafters[name]
+    kind = KINDS[dc.kind]
+    model = kind.load(drafter_model(cfg, name), model_hf)
+    model.eval()
+    n_layers = model_hf.config.num_hidden_layers
+    cols = layer_columns(layers, drafter_layers(cfg, name, n_layers), n_layers)
+    mine = [{**s, "hidden": s["hidden_all"][:, cols]} for s in seqs]
+    lookup = torch.full((model_hf.get_output_embeddings().weight.shape[0],), -1, dtype=torch.long)
+    lookup[model.draft_to_target] = torch.arange(model.d2t.numel())
+    labels = [training_targets(c, s["loss_mask"], lookup, "assistant") for c, s in zip(cached, mine)]
+    with torch.no_grad():
+        r = kind.run_batch(Direct(model), dc, mine, labels, False, None)
+    return {"tau_chain": r["tau_chain"], "acc": r["acc_step"]}
+
+
+def bench_drafters(cfg: Config) -> dict[str, Any]:
+    from deepspec.features.extract import feature_layers
     from deepspec.models import load_target
-    from deepspec.training.targets import soft_targets, training_targets
+    from deepspec.training.targets import soft_targets
     from deepspec.layout import bench_dir, drafter_model, drafters_root, eval_dir
 
     names = [n for n in cfg.drafters_in_use() if (drafter_model(cfg, n) / "config.json").is_file()]
@@ -54,8 +87,7 @@ def bench_drafters(cfg: Config) -> dict[str, Any]:
         raise FileNotFoundError(f"no trained drafters under {drafters_root(cfg)}; run the DAG first")
     target = load_target(cfg.target.model, cfg.target.dtype, "auto", cfg.target.max_len)
     model_hf = target.loaded.model
-    n_layers = model_hf.config.num_hidden_layers
-    layers = feature_layers(cfg, n_layers)
+    layers = feature_layers(cfg, model_hf.config.num_hidden_layers)
     head = model_hf.get_output_embeddings().weight.detach().float()
     result: dict[str, Any] = {"tasks": {}}
     with tracking.stage_run(cfg, "bench", "bench drafters") as run:
@@ -64,21 +96,11 @@ def bench_drafters(cfg: Config) -> dict[str, Any]:
             cached = soft_targets(seqs, head, 64)
             rows = {}
             for name in names:
-                dc = cfg.drafters[name]
-                kind = KINDS[dc.kind]
-                model = kind.load(drafter_model(cfg, name), model_hf)
-                model.eval()
-                cols = layer_columns(layers, drafter_layers(cfg, name, n_layers), n_layers)
-                mine = [{**s, "hidden": s["hidden_all"][:, cols]} for s in seqs]
-                lookup = torch.full((head.shape[0],), -1, dtype=torch.long)
-                lookup[model.draft_to_target] = torch.arange(model.d2t.numel())
-                labels = [training_targets(c, s["loss_mask"], lookup, "assistant") for c, s in zip(cached, mine)]
-                with torch.no_grad():
-                    r = kind.run_batch(Direct(model), dc, mine, labels, False, None)
+                r = score_answers(cfg, name, model_hf, seqs, cached, layers)
                 done = [eval_dir(cfg, m, task) / "metrics.json" for m, mc in cfg.methods.items()
                         if getattr(mc, "drafter", None) == name]
                 decoded = [json.loads(path.read_text())["tau"] for path in done if path.is_file()]
-                rows[name] = {"kind": dc.kind, "tau_teacher_forced": r["tau_chain"], "acc": r["acc_step"],
+                rows[name] = {"kind": cfg.drafters[name].kind, "tau_teacher_forced": r["tau_chain"], "acc": r["acc"],
                               "tau_decoded": decoded}
                 run.metrics({f"{task}.{name}.tau_teacher_forced": r["tau_chain"]})
             result["tasks"][task] = rows
