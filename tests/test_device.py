@@ -16,7 +16,7 @@ from deepspec.decoding.timing import RegionTimer
 from deepspec.evaluation.lossless import EXACT, NEAR_TIE, divergence, judge, lossless_rule
 from deepspec.evaluation.metrics import summarize
 from deepspec.models import make_backend
-from deepspec.models.attention import attend, sdpa_label
+from deepspec.models.attention import attend, fold_mask, sdpa_label
 from deepspec.models.lean import KVCache
 from tests.conftest import tiny_llama
 from tests.test_decoding import OracleTreeProposer
@@ -37,6 +37,8 @@ def test_folded_gqa_attention_matches_grouped(n, S):
     expanded = F.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1),
                                               attn_mask=mask[None, None])
     torch.testing.assert_close(attend(q, k, v, mask[None, None]), expanded)  # head h reads kv head h // 3
+    once = fold_mask(mask[None, None], 3)  # what a forward hands every layer: the same rows as folding per call
+    assert once.shape == (1, 1, 3 * n, S) and torch.equal(attend(q, k, v, once), folded)
 
 
 def test_caches_are_module_buffers_that_move_with_to():

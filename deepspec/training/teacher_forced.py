@@ -6,7 +6,8 @@ each task (the baseline's token ids, identical to the target's greedy output), c
 features over prompt + output, and scores each drafter with its own training loss code on the output
 positions. Per-draft top-1 accuracy and the teacher-forced chain τ then line up with the decoded τ
 (a gap between them would be a train / inference mismatch); their differences across drafters show
-which draft positions each one wins.
+which draft positions each one wins. `bench families` scores its drafters the same way on its prompts'
+answers (`answer_sequences`, `score_answers`).
 """
 
 from __future__ import annotations
