@@ -93,7 +93,6 @@ def bench_families(cfg: Config, bench_path: str, budgets: list[str] | None = Non
     from deepspec.evaluation.bench import bench_prompts
     from deepspec.features.extract import feature_layers
     from deepspec.models import load_target
-    from deepspec.training.targets import soft_targets
     from deepspec.training.teacher_forced import answer_sequences, score_answers
     from deepspec.training.trainer import train
 
@@ -142,10 +141,8 @@ def bench_families(cfg: Config, bench_path: str, budgets: list[str] | None = Non
             decoded = {shape: decode_tau(rcfg, name, runs_of[shape][0], target, prompts, max_new_tokens, ar,
                                          runs_of[shape][1], seed, runs_of[shape][2]) for shape in shapes}
             if answers is None:
-                hf = target.loaded.model
-                layers = feature_layers(cfg, hf.config.num_hidden_layers)
-                seqs = answer_sequences(target, prompts, [tokens for tokens, _ in ar], layers)
-                answers = (seqs, soft_targets(seqs, hf.get_output_embeddings().weight.detach().float(), 64), layers)
+                layers = feature_layers(cfg, target.loaded.model.config.num_hidden_layers)
+                answers = (*answer_sequences(target, prompts, [tokens for tokens, _ in ar], layers), layers)
             on_answers = score_answers(rcfg, name, target.loaded.model, *answers)
             key = f"{budget}/{family}/{seed}"
             logs[key] = log

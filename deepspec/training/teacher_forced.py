@@ -21,10 +21,12 @@ from deepspec import io, tracking
 from deepspec.config import Config
 
 
-def answer_sequences(target, prompts: list[list[int]], answers: list[list[int]], layers: list[int]) -> list[dict[str, torch.Tensor]]:
-    """Prompt + answer sequences with the target's features at `layers` captured over them; the answer
-    positions are the ones scored."""
+def answer_sequences(target, prompts: list[list[int]], answers: list[list[int]],
+                     layers: list[int]) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:
+    """Prompt + answer sequences with the target's features at `layers` captured over them (the answer
+    positions are the ones scored), and their soft targets, as `score_answers` takes them."""
     from deepspec.features.extract import capture
+    from deepspec.training.targets import soft_targets
 
     seqs = []
     for prompt, answer in zip(prompts, answers):
@@ -34,10 +36,10 @@ def answer_sequences(target, prompts: list[list[int]], answers: list[list[int]],
         mask[len(prompt):] = True
         seqs.append({"input_ids": torch.tensor(ids), "hidden_all": caps.float(), "final": caps[:, -1].float(),
                      "loss_mask": mask})
-    return seqs
+    return seqs, soft_targets(seqs, target.loaded.model.get_output_embeddings().weight.detach().float(), 64)
 
 
-def _sequences(cfg: Config, target, task: str, layers: list[int]) -> list[dict[str, torch.Tensor]]:
+def _sequences(cfg: Config, target, task: str, layers: list[int]) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:
     from deepspec.data.tasks import chat_ids
     from deepspec.layout import eval_dir
 
@@ -80,7 +82,6 @@ def score_answers(cfg: Config, name: str, model_hf, seqs: list[dict[str, torch.T
 def bench_drafters(cfg: Config) -> dict[str, Any]:
     from deepspec.features.extract import feature_layers
     from deepspec.models import load_target
-    from deepspec.training.targets import soft_targets
     from deepspec.layout import bench_dir, drafter_model, drafters_root, eval_dir
 
     names = [n for n in cfg.drafters_in_use() if (drafter_model(cfg, n) / "config.json").is_file()]
@@ -89,12 +90,10 @@ def bench_drafters(cfg: Config) -> dict[str, Any]:
     target = load_target(cfg.target.model, cfg.target.dtype, "auto", cfg.target.max_len)
     model_hf = target.loaded.model
     layers = feature_layers(cfg, model_hf.config.num_hidden_layers)
-    head = model_hf.get_output_embeddings().weight.detach().float()
     result: dict[str, Any] = {"tasks": {}}
     with tracking.stage_run(cfg, "bench", "bench drafters") as run:
         for task in cfg.tasks:
-            seqs = _sequences(cfg, target, task, layers)
-            cached = soft_targets(seqs, head, 64)
+            seqs, cached = _sequences(cfg, target, task, layers)
             rows = {}
             for name in names:
                 r = score_answers(cfg, name, model_hf, seqs, cached, layers)
