@@ -78,7 +78,7 @@ def _train_rows(model, shape, device, steps: int, trained: dict[str, torch.nn.Mo
     """Each drafter kind's training steps; the drafters that trained go to `trained` (the decode rows use them)."""
     from deepspec.drafters.registry import KINDS
     from deepspec.training.distributed import Trainable, World
-    from deepspec.training.targets import soft_targets, training_targets
+    from deepspec.training.targets import soft_targets, target_to_draft, training_targets
 
     amp = device.type == "cuda"
     seqs = _data(model, shape, device)
@@ -100,8 +100,7 @@ def _train_rows(model, shape, device, steps: int, trained: dict[str, torch.nn.Mo
             kind = KINDS[name]
             dc = kind.config(kind=name, **fields)
             draft_ids = torch.arange(vocab)
-            lookup = torch.full((V,), -1, dtype=torch.long)
-            lookup[draft_ids] = torch.arange(vocab)
+            lookup = target_to_draft(draft_ids, V)
             labels = [training_targets({k: v.cpu() for k, v in c.items()}, s["loss_mask"].cpu(), lookup, "all")
                       for c, s in zip(cached, seqs)]
             labels = [{k: v.to(device) for k, v in t.items()} for t in labels]

@@ -114,6 +114,14 @@ def draft_vocab(targets: Iterable[dict[str, Tensor]], masks: Iterable[Tensor], v
     return ids, float(counts[ids].sum()) / total
 
 
+def target_to_draft(draft_ids: Tensor, vocab_size: int) -> Tensor:
+    """The inverse of a draft vocabulary [vocab_size]: each target id's draft id, -1 outside it (what
+    `training_targets` reads the cached top-k through)."""
+    lookup = torch.full((vocab_size,), -1, dtype=torch.long)
+    lookup[draft_ids] = torch.arange(draft_ids.numel())
+    return lookup
+
+
 def training_targets(st: dict[str, Tensor], loss_mask: Tensor, target_to_draft: Tensor, mode: Supervise) -> dict[str, Tensor]:
     """Labels of one sequence for `Eagle3Drafter.ttt_loss`.
 

@@ -62,7 +62,7 @@ def score_answers(cfg: Config, name: str, model_hf, seqs: list[dict[str, torch.T
     from deepspec.drafters.registry import KINDS
     from deepspec.features.extract import drafter_layers, layer_columns
     from deepspec.layout import drafter_model
-    from deepspec.training.targets import training_targets
+    from deepspec.training.targets import target_to_draft, training_targets
 
     dc = cfg.drafters[name]
     kind = KINDS[dc.kind]
@@ -71,8 +71,7 @@ def score_answers(cfg: Config, name: str, model_hf, seqs: list[dict[str, torch.T
     n_layers = model_hf.config.num_hidden_layers
     cols = layer_columns(layers, drafter_layers(cfg, name, n_layers), n_layers)
     mine = [{**s, "hidden": s["hidden_all"][:, cols]} for s in seqs]
-    lookup = torch.full((model_hf.get_output_embeddings().weight.shape[0],), -1, dtype=torch.long)
-    lookup[model.draft_to_target] = torch.arange(model.d2t.numel())
+    lookup = target_to_draft(model.draft_to_target, model_hf.get_output_embeddings().weight.shape[0])
     labels = [training_targets(c, s["loss_mask"], lookup, "assistant") for c, s in zip(cached, mine)]
     with torch.no_grad():
         r = kind.run_batch(Direct(model), dc, mine, labels, False, None)

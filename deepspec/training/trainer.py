@@ -29,7 +29,7 @@ from deepspec.drafters.registry import KINDS
 from deepspec.features.extract import LAYER_CONVENTION, FeatureStore, drafter_layers, load_manifest
 from deepspec.layout import drafter_dir, drafter_model, features_dir, train_data_file
 from deepspec.training.distributed import Trainable, World, join, leave, micro_plan, save_checkpoint
-from deepspec.training.targets import cached_soft_targets, draft_vocab, supervised, training_targets
+from deepspec.training.targets import cached_soft_targets, draft_vocab, supervised, target_to_draft, training_targets
 
 
 def lr_at(step: int, total: int, dc) -> float:
@@ -169,8 +169,7 @@ class _Training:
                                       (store.sequence(i)["hidden"] for i in self.train_idx), meta, f"drafters.{name}",
                                       self.say)
         self.steps = self.kind.steps(dc, model)
-        self.lookup = torch.full((vocab_size,), -1, dtype=torch.long)
-        self.lookup[self.draft_ids] = torch.arange(self.draft_ids.numel())
+        self.lookup = target_to_draft(self.draft_ids, vocab_size)
         masks = [store.loss_mask(i) for i in self.train_idx]
         self.counts = {"train_tokens": sum(int(m.numel()) for m in masks),
                        "supervised_positions": sum(int(supervised(m, dc.supervise).sum()) for m in masks),

@@ -48,11 +48,11 @@ class MedusaKind(DrafterKind):
         import torch
 
         from deepspec.drafters.kind import Fitted
+        from deepspec.training.targets import target_to_draft
 
         hits = torch.zeros(model.heads, RANKS)
         counts = torch.zeros(model.heads)
-        lookup = torch.full((int(model.config["vocab_size"]),), -1, dtype=torch.long)
-        lookup[model.token_map] = torch.arange(model.token_map.numel())
+        lookup = target_to_draft(model.token_map, int(model.config["vocab_size"]))
         model.eval()
         with torch.no_grad():
             for s, t in zip(val_seqs, val_labels):
