@@ -42,6 +42,9 @@ class TrainConfig(Strict):
                           "is set from the pace of the last 10 steps, every 10 steps until 90% of the budget is spent "
                           "(and kept on resume), so the learning rate anneals by then; null: `epochs` decides")
     val_sequences: Annotated[int, Field(ge=0)] = 16
+    train_sequences: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="train on only this many of the training split's sequences (a seeded subset, drawn after "
+                          "the validation split, so runs on one cache share their validation set); null: all")
     eval_every: Annotated[int, Field(ge=1)] = 50
     save_every: Annotated[int, Field(ge=1)] = 100
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
@@ -67,7 +70,7 @@ class TrainConfig(Strict):
 # made stay out too while unset, so old hashes hold.
 LAUNCH_KEYS: dict[type[BaseModel], tuple[str, ...]] = {TrainConfig: ("distributed", "processes", "zero_stage")}
 UNSET_KEYS: dict[type[BaseModel], dict[str, Any]] = {TrainConfig: {"global_batch": None, "warmup_ratio": None,
-                                                                   "wall_budget_s": None}}
+                                                                   "wall_budget_s": None, "train_sequences": None}}
 
 
 def hashed(node: Any) -> Any:

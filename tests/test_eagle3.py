@@ -356,6 +356,22 @@ def test_feature_cache_training_and_exact_resume(tmp_path, tiny_target_dir):
     assert engine.generate(prompt, 24, proposer).tokens == engine.generate(prompt, 24).tokens
 
 
+def test_training_subset_keeps_the_validation_split():
+    """Training on fewer of a cache's sequences draws them from the same training split and scores on the
+    same validation sequences; asking for more than the split holds is refused, naming the field."""
+    from deepspec.config_base import TrainConfig
+    from deepspec.training.trainer import split
+
+    val, train = split(50, TrainConfig(val_sequences=8, seed=3), "drafters.d.train")
+    few_val, few = split(50, TrainConfig(val_sequences=8, seed=3, train_sequences=20), "drafters.d.train")
+    assert few_val == val and len(val) == 8 and len(train) == 42 and few == train[:20]
+    assert sorted(val + train) == list(range(50))
+    assert split(50, TrainConfig(val_sequences=8, seed=4), "drafters.d.train")[0] != val  # the seed draws it
+    with pytest.raises(ValueError, match=r"^drafters.d.train.train_sequences: 43, but the training split holds 42 "
+                                         r"sequences \(50 in the cache, 8 for validation\)$"):
+        split(50, TrainConfig(val_sequences=8, train_sequences=43), "drafters.d.train")
+
+
 def test_bench_train_compares_recipes_on_one_feature_cache(tmp_path, tiny_target_dir, monkeypatch):
     """Two recipes from the same cache: both trained, read at equal wall time, decoded losslessly; then
     two with wall budgets pinned to steps by probes."""
@@ -368,10 +384,13 @@ def test_bench_train_compares_recipes_on_one_feature_cache(tmp_path, tiny_target
     regenerate(cfg)
     extract_all(cfg)
     recipes = tmp_path / "bench_train_tiny.yaml"  # outputs are named after it: bench/train_tiny.*
-    recipes.write_text("base: {}\nttt2: {ttt_length: 2, train: {lr: 3.0e-3}}\n")
+    recipes.write_text("base: {}\nttt2: {ttt_length: 2, train: {lr: 3.0e-3, train_sequences: 3}}\n")
     result = bench_train(cfg, str(recipes), epochs=2, n_prompts=2, max_new_tokens=12)
     rows = result["recipes"]
-    assert list(rows) == ["base", "ttt2"] and rows["ttt2"]["overrides"] == {"ttt_length": 2, "train": {"lr": 3.0e-3}}
+    assert list(rows) == ["base", "ttt2"]
+    assert rows["ttt2"]["overrides"] == {"ttt_length": 2, "train": {"lr": 3.0e-3, "train_sequences": 3}}
+    assert (rows["base"]["train_sequences"], rows["ttt2"]["train_sequences"]) == (7, 3)  # 8 cached, 1 for validation
+    assert (rows["base"]["steps"], rows["ttt2"]["steps"]) == (6, 2)  # 2 epochs of 3 and of 1 two-sequence batches
     assert all(r["lossless"] and r["decode_tau"] >= 1.0 and r["steps"] > 0 for r in rows.values())
     shortest = min(rows.values(), key=lambda r: r["wall_s"])
     assert result["common_wall_s"] == shortest["wall_s"]
@@ -379,7 +398,8 @@ def test_bench_train_compares_recipes_on_one_feature_cache(tmp_path, tiny_target
     saved = json.loads((cfg.out_dir / "drafters/bench-ttt2/model/config.json").read_text())
     assert saved["aux_layers"] == [1, 2, 3]
     table = (cfg.out_dir / "bench/train_tiny.md").read_text()
-    assert "| ttt2 " in table and "{lr: 0.003}" in table and (cfg.out_dir / "bench/train_tiny.png").is_file()
+    assert "| ttt2 " in table and "{lr: 0.003, train_sequences: 3}" in table and "| train seqs " in table
+    assert (cfg.out_dir / "bench/train_tiny.png").is_file()
     assert "![learning curves](train_tiny.png)" in table
 
     bad = tmp_path / "bad.yaml"
@@ -420,7 +440,8 @@ def test_bench_train_compares_recipes_on_one_feature_cache(tmp_path, tiny_target
     timed.write_text("slow: {ttt_length: 2, train: {wall_budget_s: 2.0}}\n"
                      "twin: {paced_as: slow, ttt_length: 2, train: {wall_budget_s: 2.0, batch_sequences: 1}}\n")
     with pytest.raises(ConfigError, match=r"^config error: bench-twin: paced as bench-slow, but its steps per epoch "
-                                          r"differ \(batch_sequences, sequences per step, val_sequences: \(1, 1, 1\) against \(2, 2, 1\)\)"):
+                                          r"differ \(batch_sequences, sequences per step, val_sequences, train_sequences: "
+                                          r"\(1, 1, 1, None\) against \(2, 2, 1, None\)\)"):
         bench_train(cfg, str(timed), n_prompts=1, max_new_tokens=6, probe_rounds=1)
     assert probed == [], "refused before any probe ran"
 

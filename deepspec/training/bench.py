@@ -82,8 +82,8 @@ def pinned_budgets(configs: dict[Any, tuple[Config, str]], rebuild: Callable[[An
         mine, theirs = (_epoch_shape(*configs[k]) for k in (key, paced_as(key)))
         if mine != theirs:
             raise ConfigError(f"config error: {configs[key][1]}: paced as {configs[paced_as(key)][1]}, but its steps per "
-                              f"epoch differ (batch_sequences, sequences per step, val_sequences: {mine} against "
-                              f"{theirs}); give it the same batch or its own probes")
+                              f"epoch differ (batch_sequences, sequences per step, val_sequences, train_sequences: "
+                              f"{mine} against {theirs}); give it the same batch and data or its own probes")
     probed = list(dict.fromkeys(paced_as(k) for k in timed))
     probes: dict[Any, list[float]] = {k: [] for k in probed}
     per_epoch: dict[Any, float] = {}
@@ -105,10 +105,10 @@ def pinned_budgets(configs: dict[Any, tuple[Config, str]], rebuild: Callable[[An
     return pinned
 
 
-def _epoch_shape(cfg: Config, name: str) -> tuple[int, int, int]:
+def _epoch_shape(cfg: Config, name: str) -> tuple[int, int, int, int | None]:
     """What a run's optimizer steps per epoch depend on besides the shared data."""
     tc = cfg.drafters[name].train
-    return tc.batch_sequences, tc.sequences_per_step, tc.val_sequences
+    return tc.batch_sequences, tc.sequences_per_step, tc.val_sequences, tc.train_sequences
 
 
 def clocked(log: list[dict[str, Any]], pinned: tuple[float, float] | None) -> list[dict[str, Any]]:
@@ -228,7 +228,8 @@ def bench_train(cfg: Config, recipes_path: str, drafter: str | None = None, epoc
             logs[recipe] = clocked(io.read_jsonl(out / "train_log.jsonl"), pinned.get(recipe))
             summary = json.loads((out / "metrics.json").read_text())
             last = logs[recipe][-1]
-            rows[recipe] = {"overrides": recipes[recipe], "steps": summary["steps"], "train_tokens": summary["train_tokens"],
+            rows[recipe] = {"overrides": recipes[recipe], "steps": summary["steps"],
+                            "train_sequences": summary.get("train_sequences"), "train_tokens": summary["train_tokens"],
                             "draft_vocab": summary["draft_vocab"], **pinned_fields(logs[recipe], pinned.get(recipe)),
                             "tokens_seen": last["train_tokens_seen"], "final_acc0": summary["val_acc"][0],
                             "final_tau_chain": summary["val_tau_chain"],
@@ -258,7 +259,7 @@ def format_table(result: dict[str, Any], plot_name: str = "train.png") -> str:
     t, pinned = result["common_wall_s"], result.get("probe_rounds", 0)
     df = pd.DataFrame([{
         "recipe": r, "overrides": yaml.safe_dump(row["overrides"], default_flow_style=True, width=10_000).strip() if row["overrides"] else "–",
-        "steps": row["steps"], "train s": f"{row['wall_s']:.0f}",
+        "steps": row["steps"], "train seqs": row.get("train_sequences") or "–", "train s": f"{row['wall_s']:.0f}",
         **({"probed s/step": _fmt(row["probe_s_per_step"]), "measured train s": f"{row['measured_wall_s']:.0f}"}
            if pinned else {}),
         f"val acc₀ @ {t:.0f} s": _fmt(row["acc0_at_common"]), f"chain τ @ {t:.0f} s": _fmt(row["tau_chain_at_common"]),

@@ -69,6 +69,7 @@ def run_config(cfg: Config, scale: int, sequences: int, drafter: str, ddp: bool,
     tc = merge(tc, over)
     per_step = tc["global_batch"] or tc["batch_sequences"] * tc["grad_accum"]
     n_train = sequences * scale - min(tc["val_sequences"], sequences * scale // 5)
+    n_train = min(n_train, tc["train_sequences"] or n_train)
     tc["epochs"] = steps * per_step / n_train
     raw["drafters"][drafter]["train"] = tc
     return validate(raw)

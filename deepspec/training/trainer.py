@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from deepspec import io, tracking
 from deepspec.config import Config
+from deepspec.config_base import TrainConfig
 from deepspec.devices import bf16_autocast, on, peak_memory_mb
 from deepspec.drafters.registry import KINDS
 from deepspec.features.extract import LAYER_CONVENTION, FeatureStore, drafter_layers, load_manifest
@@ -44,6 +45,19 @@ def lr_at(step: int, total: int, dc) -> float:
 def _order(n: int, seed: int, epoch: int) -> list[int]:
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n, generator=g).tolist()
+
+
+def split(n: int, tc: TrainConfig, where: str) -> tuple[list[int], list[int]]:
+    """(validation, training) sequence indices of a cache of `n`: a seeded shuffle, validation first (at most a
+    fifth), then `train_sequences` of the rest (all when null). The validation set does not depend on
+    `train_sequences`, so runs that train on less of one cache are scored on the same sequences."""
+    perm = _order(n, tc.seed, -1)
+    n_val = min(tc.val_sequences, n // 5)
+    val, rest = perm[:n_val], perm[n_val:]
+    if tc.train_sequences is not None and tc.train_sequences > len(rest):
+        raise ValueError(f"{where}.train_sequences: {tc.train_sequences}, but the training split holds {len(rest)} "
+                         f"sequences ({n} in the cache, {n_val} for validation)")
+    return val, rest[: tc.train_sequences]
 
 
 def _batch(train_idx: list[int], micro: int, per: int, seed: int) -> list[int]:
@@ -149,9 +163,7 @@ class _Training:
             if world.main:
                 world.barrier()
         self.soft_s = time.perf_counter() - t_soft
-        perm = _order(len(store), tc.seed, -1)
-        n_val = min(tc.val_sequences, len(store) // 5)
-        self.val_idx, self.train_idx = perm[:n_val], perm[n_val:]
+        self.val_idx, self.train_idx = split(len(store), tc, f"drafters.{name}.train")
         vocab_size = loaded.model.config.vocab_size
         mass: list[tuple[float, int]] = []  # top-k mass kept and positions, per sequence, counted on the one pass
 
@@ -341,7 +353,8 @@ class _Training:
                 self.say(f"[train] {name}: {line}")
         final.save(drafter_model(self.cfg, name))
         last_val = next((r for r in reversed(self.history) if "val_tau_chain" in r), {})
-        summary = {"drafter": name, "steps": self.total, "train_tokens": self.counts["train_tokens"],
+        summary = {"drafter": name, "steps": self.total, "train_sequences": len(self.train_idx),
+                   "val_sequences": len(self.val_idx), "train_tokens": self.counts["train_tokens"],
                    "supervise": dc.supervise, "supervised_positions": self.counts["supervised_positions"],
                    "assistant_positions": self.counts["assistant_positions"], "layers": self.layers,
                    "draft_vocab": int(self.draft_ids.numel()), "vocab_coverage": self.coverage,
