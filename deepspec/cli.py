@@ -15,6 +15,15 @@ from deepspec.drafters.registry import KINDS
 SCHEMA_PATH = Path("workflow/schemas/config.schema.json")
 
 
+def _stem(value: str) -> str:
+    """An output name under bench/: a plain file stem, so it can neither leave the folder nor hide."""
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a plain file name (letters, digits, _ . -)")
+    return value
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", default="config/default.yaml", help="experiment YAML")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
@@ -94,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "train it for its budget's steps at that pace (the machine's drift then moves no run's length)")
     p.add_argument("--bench", default="config/bench_families.yaml", help="families: families, seeds, decode shapes, budgets")
     p.add_argument("--budget", action="append", help="families: only this budget of the bench file (repeatable)")
+    p.add_argument("--name", type=_stem, help="decode, train, families: write bench/NAME.{md,json,png} (default: "
+                                               "decode / the recipes file's name / families, with _threadsN)")
     p.add_argument("--rows", type=int, default=3584, help="loss: logit rows (DSpark: 512 blocks of 7)")
     p.add_argument("--vocab", type=int, default=151_936, help="loss: vocabulary (Qwen3's by default)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="loss: logits dtype")
@@ -260,11 +271,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         from deepspec.training.bench import bench_train
 
         bench_train(cfg, args.recipes, args.drafter, args.epochs, args.prompts, args.max_new_tokens, args.threads,
-                    args.probe_pace)
+                    args.probe_pace, args.name)
     elif args.command == "bench" and args.what == "families":
         from deepspec.training.families import bench_families
 
-        bench_families(cfg, args.bench, args.budget, args.prompts, args.max_new_tokens, args.threads, args.probe_pace)
+        bench_families(cfg, args.bench, args.budget, args.prompts, args.max_new_tokens, args.threads, args.probe_pace,
+                       args.name)
     elif args.command == "bench" and args.what == "loss":
         from deepspec.kernels.bench import bench_loss
 
@@ -294,7 +306,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "bench":
         from deepspec.evaluation.bench import bench_decode
 
-        bench_decode(cfg, args.prompts, args.max_new_tokens, args.threads, args.methods)
+        bench_decode(cfg, args.prompts, args.max_new_tokens, args.threads, args.methods, args.name)
     elif args.command == "reference":
         from deepspec.reporting.reproduce import promote
 

@@ -56,6 +56,15 @@ def test_bench_decode_reports_both_verify_curves_and_the_memory_bound(tiny_cfg, 
     assert f"| ours_ar | {rows['ours_ar']['tokens_per_s']:.1f} | 1.00 |" in text  # the table shows the result
 
 
+def test_bench_output_name_must_be_a_plain_file_name(capsys):
+    from deepspec.cli import main
+
+    for bad in ("../decode", "sub/decode", ".hidden", ""):
+        with pytest.raises(SystemExit):
+            main(["bench", "decode", "--name", bad])
+        assert f"argument --name: {bad!r} is not a plain file name" in capsys.readouterr().err
+
+
 def test_bench_regenerate_compares_hf_and_lean_on_the_same_prompts(tiny_cfg):
     from deepspec.evaluation.bench import bench_regenerate
 

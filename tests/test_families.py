@@ -117,7 +117,7 @@ def test_pinned_budgets_train_every_seed_for_the_steps_its_probed_pace_buys(tiny
     monkeypatch.setattr(trainer, "step_seconds", fixed_pace)
     budgets = {"timed": {"d": {"train": {"wall_budget_s": 2.0}}, "b": {"train": {"wall_budget_s": 2.0}}}}
     result = bench_families(cfg, _bench_file(tmp_path / "timed.yaml", budgets=budgets), n_prompts=1,
-                            max_new_tokens=6, probe_rounds=2)
+                            max_new_tokens=6, probe_rounds=2, name="families_timed")
     # Two interleaved rounds over the first seed of each family; the second seed shares its count.
     assert probed == ["bench-timed-b-s0", "bench-timed-d-s0"] * 2
     runs = result["runs"]
@@ -129,7 +129,8 @@ def test_pinned_budgets_train_every_seed_for_the_steps_its_probed_pace_buys(tiny
             state = json.loads((cfg.out_dir / f"drafters/bench-timed-{family}-s{seed}/checkpoint/train_state/"
                                 "state.json").read_text())
             assert state["step"] == state["total"] == steps
-    assert "pinned to a step count" in (cfg.out_dir / "bench/families.md").read_text()
+    assert "pinned to a step count" in (cfg.out_dir / "bench/families_timed.md").read_text()  # named as asked
+    assert (cfg.out_dir / "bench/families_timed.png").is_file() and (cfg.out_dir / "bench/families_timed.json").is_file()
 
 
 def test_bench_train_defaults_to_the_first_drafter_in_the_configs_order(tiny_cfg):
