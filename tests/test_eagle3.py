@@ -429,12 +429,13 @@ def test_bench_train_compares_recipes_on_one_feature_cache(tmp_path, tiny_target
     # `twin` would probe fast, but trains at slow's pace: it is never probed and gets slow's steps
     timed.write_text("fast: {train: {wall_budget_s: 2.0}}\nslow: {ttt_length: 2, train: {wall_budget_s: 2.0}}\n"
                      "twin: {paced_as: slow, ttt_length: 2, train: {wall_budget_s: 2.0, seed: 1}}\n")
-    rows = bench_train(cfg, str(timed), n_prompts=1, max_new_tokens=6, probe_rounds=1)["recipes"]
+    rows = bench_train(cfg, str(timed), n_prompts=1, max_new_tokens=6, probe_rounds=1, out_name="timed_named")["recipes"]
     assert (rows["fast"]["steps"], rows["slow"]["steps"], rows["twin"]["steps"]) == (8, 4, 4)
     assert probed == ["bench-fast", "bench-slow"] and "paced_as" not in rows["twin"]["overrides"]
     assert all(r["wall_s"] == pytest.approx(2.0) and r["tau_chain_at_common"] == r["final_tau_chain"]
                for r in rows.values())
-    table = (cfg.out_dir / "bench/timed.md").read_text()
+    table = (cfg.out_dir / "bench/timed_named.md").read_text()  # named as asked, not after a recipe
+    assert not (cfg.out_dir / "bench/timed.md").exists() and (cfg.out_dir / "bench/timed_named.png").is_file()
     assert "probed s/step" in table and "pinned to a step count" in table
     probed.clear()
     timed.write_text("slow: {ttt_length: 2, train: {wall_budget_s: 2.0}}\n"

@@ -117,7 +117,7 @@ def test_pinned_budgets_train_every_seed_for_the_steps_its_probed_pace_buys(tiny
     monkeypatch.setattr(trainer, "step_seconds", fixed_pace)
     budgets = {"timed": {"d": {"train": {"wall_budget_s": 2.0}}, "b": {"train": {"wall_budget_s": 2.0}}}}
     result = bench_families(cfg, _bench_file(tmp_path / "timed.yaml", budgets=budgets), n_prompts=1,
-                            max_new_tokens=6, probe_rounds=2, name="families_timed")
+                            max_new_tokens=6, probe_rounds=2, out_name="families_timed")
     # Two interleaved rounds over the first seed of each family; the second seed shares its count.
     assert probed == ["bench-timed-b-s0", "bench-timed-d-s0"] * 2
     runs = result["runs"]

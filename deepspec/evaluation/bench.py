@@ -60,8 +60,8 @@ def bench_prompts(tokenizer, n: int, seed: int = 0, template_kwargs: dict | None
 
 
 def bench_decode(cfg: Config, n_prompts: int = 8, max_new_tokens: int = 128, threads: int | None = None,
-                 methods: list[str] | None = None, name: str | None = None) -> dict[str, Any]:
-    """`name`: the outputs' stem under bench/ (default: decode, or decode_threadsN for a thread sweep)."""
+                 methods: list[str] | None = None, out_name: str | None = None) -> dict[str, Any]:
+    """`out_name`: the outputs' stem under bench/ (default: decode, or decode_threadsN for a thread sweep)."""
     torch.set_num_threads(threads or cfg.eval.threads or os.cpu_count() or 1)
     with tracking.stage_run(cfg, "bench", "bench decode", bench="decode") as run:
         target = load_target(cfg.target.model, cfg.target.dtype, cfg.target.backend, cfg.target.max_len)
@@ -133,7 +133,7 @@ def bench_decode(cfg: Config, n_prompts: int = 8, max_new_tokens: int = 128, thr
                 result["verify_ratio_plain"] = {k: v / plain["chain_1"] for k, v in plain.items()}
         text = format_table(result)
         out = bench_dir(cfg)
-        stem = name or ("decode" if threads is None else f"decode_threads{threads}")  # a sweep keeps each setting
+        stem = out_name or ("decode" if threads is None else f"decode_threads{threads}")  # a sweep keeps each setting
         io.write_json(out / f"{stem}.json", result)
         io.write_text(out / f"{stem}.md", text)
         run.params({"prompts": len(prompts), "max_new_tokens": max_new_tokens, "threads": torch.get_num_threads(),

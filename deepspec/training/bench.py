@@ -198,9 +198,9 @@ def default_drafter(cfg: Config) -> str | None:
 
 def bench_train(cfg: Config, recipes_path: str, drafter: str | None = None, epochs: float | None = None,
                 n_prompts: int = 4, max_new_tokens: int = 64, threads: int | None = None,
-                probe_rounds: int = 0, name: str | None = None) -> dict[str, Any]:
+                probe_rounds: int = 0, out_name: str | None = None) -> dict[str, Any]:
     """`probe_rounds` > 0 pins every wall budget to steps at a pace timed before training (`pinned_budgets`);
-    `name` is the outputs' stem under bench/ (default: the recipes file's, less its `bench_` prefix)."""
+    `out_name` is the outputs' stem under bench/ (default: the recipes file's, less its `bench_` prefix)."""
     from deepspec.evaluation.bench import bench_prompts
     from deepspec.models import load_target
     from deepspec.training.trainer import train
@@ -242,7 +242,7 @@ def bench_train(cfg: Config, recipes_path: str, drafter: str | None = None, epoc
         result = {"drafter": base, "common_wall_s": common, "prompts": len(prompts), "max_new_tokens": max_new_tokens,
                   "probe_rounds": probe_rounds, "recipes": rows}
         out = bench_dir(cfg)
-        stem = name or Path(recipes_path).stem.removeprefix("bench_")  # bench_train.yaml -> train.{md,json,png}
+        stem = out_name or Path(recipes_path).stem.removeprefix("bench_")  # bench_train.yaml -> train.{md,json,png}
         text = format_table(result, f"{stem}.png")
         io.write_json(out / f"{stem}.json", result)
         io.write_text(out / f"{stem}.md", text)

@@ -90,8 +90,8 @@ def shape_method(cfg: Config, family: str, overrides: dict[str, Any], where: str
 
 def bench_families(cfg: Config, bench_path: str, budgets: list[str] | None = None, n_prompts: int = 8,
                    max_new_tokens: int = 64, threads: int | None = None, probe_rounds: int = 0,
-                   name: str | None = None) -> dict[str, Any]:
-    """The race of the bench file's families under each of `budgets` (default: all); `name` is the outputs'
+                   out_name: str | None = None) -> dict[str, Any]:
+    """The race of the bench file's families under each of `budgets` (default: all); `out_name` is the outputs'
     stem under bench/ (default: families, or families_threadsN)."""
     from deepspec.evaluation.bench import bench_prompts
     from deepspec.features.extract import feature_layers
@@ -159,7 +159,7 @@ def bench_families(cfg: Config, bench_path: str, budgets: list[str] | None = Non
                   "max_new_tokens": max_new_tokens, "runs": rows, "summary": summarise(rows, families, budgets, shapes),
                   "order": order_holds(rows, families, budgets, seeds)}
         out = bench_dir(cfg)
-        stem = name or ("families" if threads is None else f"families_threads{threads}")
+        stem = out_name or ("families" if threads is None else f"families_threads{threads}")
         result["threads"] = torch.get_num_threads()
         text = format_families(result, f"{stem}.png")
         io.write_json(out / f"{stem}.json", result)
