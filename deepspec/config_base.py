@@ -64,6 +64,12 @@ class TrainConfig(Strict):
     def sequences_per_step(self) -> int:
         return self.global_batch or self.batch_sequences * self.grad_accum
 
+    def split_sizes(self, n: int) -> tuple[int, int]:
+        """(validation, training) sequence counts of a cache of `n`: validation at most a fifth, training the
+        rest, or `train_sequences` of it."""
+        n_val = min(self.val_sequences, n // 5)
+        return n_val, min(n - n_val, self.train_sequences or n)
+
 
 # Where a run executes does not change what it computes: these keys stay out of every config hash and rule
 # param, so one reference serves every launcher and every set of servers. Keys added after a reference was

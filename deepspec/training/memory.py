@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from deepspec import io, tracking
 from deepspec.config import Config, ConfigError, merge, validate
+from deepspec.config_base import TrainConfig
 from deepspec.features.extract import FeatureCacheError, load_manifest
 from deepspec.layout import bench_dir, drafter_dir, features_dir
 
@@ -67,10 +68,8 @@ def run_config(cfg: Config, scale: int, sequences: int, drafter: str, ddp: bool,
         over |= {"distributed": "ddp", "processes": 2, "grad_accum": 1,
                  "global_batch": 2 * tc["batch_sequences"]}
     tc = merge(tc, over)
-    per_step = tc["global_batch"] or tc["batch_sequences"] * tc["grad_accum"]
-    n_train = sequences * scale - min(tc["val_sequences"], sequences * scale // 5)
-    n_train = min(n_train, tc["train_sequences"] or n_train)
-    tc["epochs"] = steps * per_step / n_train
+    schedule = TrainConfig(**tc)
+    tc["epochs"] = steps * schedule.sequences_per_step / schedule.split_sizes(sequences * scale)[1]
     raw["drafters"][drafter]["train"] = tc
     return validate(raw)
 

@@ -52,12 +52,11 @@ def split(n: int, tc: TrainConfig, where: str) -> tuple[list[int], list[int]]:
     fifth), then `train_sequences` of the rest (all when null). The validation set does not depend on
     `train_sequences`, so runs that train on less of one cache are scored on the same sequences."""
     perm = _order(n, tc.seed, -1)
-    n_val = min(tc.val_sequences, n // 5)
-    val, rest = perm[:n_val], perm[n_val:]
-    if tc.train_sequences is not None and tc.train_sequences > len(rest):
-        raise ValueError(f"{where}.train_sequences: {tc.train_sequences}, but the training split holds {len(rest)} "
+    n_val, n_train = tc.split_sizes(n)
+    if tc.train_sequences is not None and tc.train_sequences > n_train:
+        raise ValueError(f"{where}.train_sequences: {tc.train_sequences}, but the training split holds {n_train} "
                          f"sequences ({n} in the cache, {n_val} for validation)")
-    return val, rest[: tc.train_sequences]
+    return perm[:n_val], perm[n_val : n_val + n_train]
 
 
 def _batch(train_idx: list[int], micro: int, per: int, seed: int) -> list[int]:
