@@ -8,6 +8,7 @@ sections (`deepspec/drafters/<kind>/config.py`), so adding a kind never edits th
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -69,6 +70,16 @@ class TrainConfig(Strict):
         rest, or `train_sequences` of it."""
         n_val = min(self.val_sequences, n // 5)
         return n_val, min(n - n_val, self.train_sequences or n)
+
+    def steps_per_epoch(self, n_train: int) -> float:
+        """Optimizer steps per pass over `n_train` training sequences: whole micro-batches of `batch_sequences`,
+        `sequences_per_step / batch_sequences` of them per step."""
+        per = min(self.batch_sequences, n_train)
+        return max(1, n_train // per) / (self.sequences_per_step // self.batch_sequences)
+
+    def total_steps(self, n_train: int) -> int:
+        """Optimizer steps of `epochs` over `n_train` training sequences."""
+        return max(1, math.ceil(self.epochs * self.steps_per_epoch(n_train)))
 
 
 # Where a run executes does not change what it computes: these keys stay out of every config hash and rule

@@ -88,8 +88,7 @@ def plan(cfg: Config) -> tuple[list[dict[str, Any]], list[str]]:
         for name in drafters:
             dc = cfg.drafters[name]
             tc = dc.train
-            seqs = min(train_seqs, tc.train_sequences or train_seqs)
-            steps = max(1, int(tc.epochs * seqs / tc.sequences_per_step))
+            steps = tc.total_steps(tc.split_sizes(train_seqs)[1])
             procs = f"{tc.processes} x {tc.distributed}" if tc.processes > 1 else "1 process"
             layer_note = f", layers {drafter_layers(cfg, name, shape[0])}" if shape else ""
             rows.append({"stage": f"train {name}", "work": f"{dc.kind}: {tc.epochs:g} epochs = {_count(steps)} steps of "

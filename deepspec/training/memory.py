@@ -69,7 +69,8 @@ def run_config(cfg: Config, scale: int, sequences: int, drafter: str, ddp: bool,
                  "global_batch": 2 * tc["batch_sequences"]}
     tc = merge(tc, over)
     schedule = TrainConfig(**tc)
-    tc["epochs"] = steps * schedule.sequences_per_step / schedule.split_sizes(sequences * scale)[1]
+    per_epoch = schedule.steps_per_epoch(schedule.split_sizes(sequences * scale)[1])
+    tc["epochs"] = (steps - 0.5) / per_epoch  # the schedule's ceil(epochs x steps per epoch) = steps
     raw["drafters"][drafter]["train"] = tc
     return validate(raw)
 

@@ -193,8 +193,8 @@ class _Training:
         self.per = min(tc.batch_sequences, len(self.train_idx))
         self.n_micro = tc.sequences_per_step // tc.batch_sequences  # micro-batches of `per` sequences per step
         self.mine = micro_plan(self.n_micro, world)
-        self.per_epoch = max(1, len(self.train_idx) // self.per) / self.n_micro  # optimizer steps per epoch
-        self.total = max(1, math.ceil(tc.epochs * self.per_epoch))
+        self.per_epoch = tc.steps_per_epoch(len(self.train_idx))
+        self.total = tc.total_steps(len(self.train_idx))
         self.sized = tc.wall_budget_s is None  # a wall budget fixes `total` once the first steps are timed
         if not self.sized:
             self.total = max(self.total, _PROBE_STEPS + 1)
