@@ -336,6 +336,15 @@ class Config(Strict):
             return sorted({d for part in m.methods for d in self.method_drafters(part)})
         return [m.drafter] if isinstance(m, TrainedMethod) and m.drafter is not None else []
 
+    def method_section(self, method: str) -> Any:
+        """What decoding with `method` depends on, as plain data: its section, and a hybrid's with its methods'
+        sections under `parts`, so that changing a part reruns the hybrids built on it."""
+        node = self.section("methods", method)
+        m = self.methods[method]
+        if isinstance(m, HybridMethod):
+            return {**node, "parts": {part: self.method_section(part) for part in m.methods}}
+        return node
+
     def method_cuts_on_costs(self, method: str) -> bool:
         """Whether a method's draft lengths follow this machine's measured costs (a hybrid: through any of its
         methods), so that its τ moves with the machine."""

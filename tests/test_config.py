@@ -86,6 +86,21 @@ def test_overrides_and_hash(tmp_path):
     assert load(tmp_path / "r.yaml").hash() == base.hash()
 
 
+def test_a_hybrid_evaluate_job_depends_on_its_parts():
+    """The evaluate rule's method param: a method's own section, and a hybrid's with its parts', so changing how
+    EAGLE-3 decodes reruns the lookup-then-EAGLE-3 hybrid too; the other methods' params are their sections."""
+    base = load("config/default.yaml")
+    grown = load("config/default.yaml", ["methods.eagle3.grow=depth"])
+    assert base.method_section("pld") == base.section("methods", "pld")
+    hybrid = base.method_section("pld_eagle3")
+    assert hybrid["parts"] == {"pld": base.section("methods", "pld"), "eagle3": base.section("methods", "eagle3")}
+    assert grown.method_section("pld_eagle3") != hybrid and grown.method_section("pld") == base.method_section("pld")
+    with pytest.raises(ConfigError) as err:
+        load("config/default.yaml", ["methods.eagle3.length=fixed"])
+    assert str(err.value) == ("config error: methods.eagle3: grow: cost prices each depth on the verify-cost curve; "
+                              "it needs length: cost or calibrated")
+
+
 def test_bad_override_syntax(tmp_path):
     path = write_config(tmp_path / "c.yaml", tmp_path / "res")
     with pytest.raises(ConfigError, match="not of the form key.path=value"):

@@ -202,6 +202,31 @@ def test_best_cut_maximises_expected_tokens_per_ms():
     assert best_cut(accept, 2.0, [40.0, 41.0]) == 5, "past the curve, longer drafts cost its last entry"
 
 
+def test_growth_forecast_grows_only_where_the_predicted_children_pay_for_an_expansion():
+    """The forecast compares the best cut's rate over the current nodes with its rate over those nodes plus every
+    frontier node's children at the learned mean conditional probabilities, one mean expansion's time later; it
+    grows before it has seen an expansion."""
+    from deepspec.decoding.cost import GrowthForecast, best_rate
+
+    flat = [30.0] * 12
+    forecast = GrowthForecast(top_k=2, verify_ms=flat)
+    assert forecast.pays([0.5, 0.2], [0.5, 0.2], 3.0, 8), "no expansion seen yet: grow"
+    forecast.observe([[0.8, 0.1], [0.6, 0.3]], ms=2.0)  # mean conditional probabilities 0.7 / 0.2, 2 ms
+    forecast.observe([[0.7, 0.2]], ms=4.0)  # three nodes: still 0.7 / 0.2; the mean expansion 3 ms
+    probs, frontier = [0.5, 0.2], [0.5, 0.2]
+    grown = sorted(probs + [0.5 * 0.7, 0.5 * 0.2, 0.2 * 0.7, 0.2 * 0.2], reverse=True)
+    assert forecast.pays(probs, frontier, 3.0, 8) == (best_rate(grown, 6.0, flat) > best_rate(probs, 3.0, flat))
+    assert forecast.pays(probs, frontier, 3.0, 8), "rows are free: children worth 0.66 tokens pay for 3 ms"
+    steep = GrowthForecast(top_k=2, verify_ms=[30.0, 31.0] + [300.0] * 10)
+    steep.observe([[0.7, 0.2]], ms=3.0)
+    assert not steep.pays(probs, frontier, 3.0, 8), "one draft row pays at most, and the best one is drafted already"
+    slow = GrowthForecast(top_k=2, verify_ms=flat)
+    slow.observe([[0.7, 0.2]], ms=40.0)
+    assert not slow.pays(probs, frontier, 3.0, 8), "an expansion costing more than a target step"
+    assert not forecast.pays(probs, frontier, 3.0, 8, calibrated=lambda ps: [0.0] * len(ps)), "nothing is taken"
+    assert not forecast.pays(probs, frontier, 3.0, 1), "one node at most: the children could not be kept"
+
+
 def test_acceptance_calibration_starts_at_the_identity_and_learns_a_nondecreasing_map():
     """Unseen, the map is the identity (up to the last knot); fed nodes whose probability overstates how often they
     are taken, it reads them at their rate; fed rates that fall as probability rises, it pools them, so a falling
@@ -300,6 +325,30 @@ def test_dynamic_tree_cut_keeps_the_best_prefix_and_stops_growing():
     calls.clear()
     shallow = dynamic_tree(root, expand, 4, 3, 10, cut=lambda probs: 1)
     assert len(shallow) == 1 and len(calls) == 1, "the depth-2 children were cut: depth 3 is never grown"
+
+
+def test_dynamic_tree_grows_a_depth_only_when_grow_says_so():
+    """`grow` sees the best nodes' probabilities (falling) and the frontier's (the nodes the next depth would expand)
+    before each expansion; a refusal stops the tree at the depth it reached."""
+    from deepspec.decoding.tree import dynamic_tree
+
+    gen = torch.Generator().manual_seed(0)
+    root = torch.log_softmax(torch.randn(32, generator=gen) * 3, -1)
+    calls = []
+
+    def expand(nodes, tokens, parents):
+        calls.append(len(nodes))
+        return torch.log_softmax(torch.randn(len(nodes), 32, generator=gen) * 3, -1)
+
+    asked = []
+    flat = dynamic_tree(root, expand, 4, 3, 10, grow=lambda probs, frontier: asked.append((probs, frontier)) or False)
+    assert calls == [] and len(flat) == 3 and flat.parents == [-1, -1, -1], "only the root's top 3"
+    top = torch.topk(root, 3).values.exp().tolist()
+    assert asked == [(pytest.approx(top), pytest.approx(top))]
+    calls.clear()
+    gen.manual_seed(1)
+    once = dynamic_tree(root, expand, 4, 3, 10, grow=lambda probs, frontier: len(calls) < 1)
+    assert len(calls) == 1 and max(once.depths) == 2
 
 
 def _path(tree, i):

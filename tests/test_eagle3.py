@@ -187,6 +187,42 @@ def test_cost_length_keeps_what_pays_and_stays_lossless(overfit, top_k):
     assert 1.3 < tau["between"] < tau["free"] and sum(sizes["between"]) < sum(sizes["free"])
 
 
+def test_cost_growth_skips_depths_that_cannot_pay_and_stays_lossless(overfit):
+    """`grow: cost` on the overfit drafter: where only one draft row pays, the cut keeps one node, so drafting its
+    children is wasted; the forecast stops expanding after the one expansion it learns from, where growth by depth
+    expands every round. Where rows are free it grows the whole tree. Always lossless, drafts accepted."""
+    from deepspec.decoding.cost import GrowthForecast
+    from deepspec.decoding.engine import Engine
+    from deepspec.drafters.eagle3.proposer import Eagle3Proposer
+    from deepspec.models import make_backend
+
+    class Always(GrowthForecast):  # growth by depth, its expansions counted
+        def pays(self, *args, **kw) -> bool:
+            return True
+
+    target, prompts, drafter = overfit
+    engine = Engine(make_backend(target, "lean", 256), stop_ids=[], max_nodes=16)
+    one_row = [10.0, 10.0] + [1000.0] * 10
+    taus = {}
+    for name, forecast in {"depth": Always(3, one_row), "cost": GrowthForecast(3, one_row),
+                           "free": GrowthForecast(3, [10.0] * 12)}.items():
+        proposer = Eagle3Proposer(drafter, 256, depth=4, top_k=3, total_tokens=10,
+                                  verify_ms=forecast.verify_ms, forecast=forecast)
+        committed = forwards = 0
+        for prompt in prompts:
+            spec = engine.generate(prompt, 40, proposer)
+            assert spec.tokens == engine.generate(prompt, 40).tokens
+            committed += len(spec.tokens)
+            forwards += spec.forwards
+            if name != "free":
+                assert max(spec.proposed) == 1
+        taus[name] = (committed / forwards, forecast._expansions)
+    (tau_depth, grown_depth), (tau_cost, grown_cost), (tau_free, grown_free) = taus.values()
+    assert grown_depth > 30 and grown_cost == 1, "by depth every round expands; by cost only the first"
+    assert tau_cost == pytest.approx(tau_depth) and tau_cost > 1.8, "the same one-node drafts, mostly accepted"
+    assert tau_free > 2.0 and grown_free > 30
+
+
 def test_calibrated_length_learns_from_every_verified_node_and_stays_lossless(overfit):
     """`length: calibrated`: the calibration counts each verified node once, as taken exactly when the engine
     accepted it (a generation's last tree is never labelled: its commits end the sequence), and the cut reads the

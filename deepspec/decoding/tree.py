@@ -152,7 +152,8 @@ def scratch_mask(nodes: list[int], parents: list[int], row_of: dict[int, int], b
 
 
 def dynamic_tree(root_logp: Tensor, expand, depth: int, top_k: int, total_tokens: int,
-                 cut: Callable[[list[float]], int] | None = None) -> DraftTree:
+                 cut: Callable[[list[float]], int] | None = None,
+                 grow: Callable[[list[float], list[float]], bool] | None = None) -> DraftTree:
     """EAGLE-2 dynamic tree: expand the `top_k` best frontier nodes per step, rerank all candidates.
 
     `root_logp` [V] are the drafter's log-probs after the last committed token. `expand(nodes, tokens,
@@ -160,8 +161,9 @@ def dynamic_tree(root_logp: Tensor, expand, depth: int, top_k: int, total_tokens
     node's score is its cumulative draft log-prob; the final tree is the `total_tokens` best scores,
     which is closed under ancestors because scores only fall along a path (ties go to the shallower,
     earlier node). `cut(probs)`, given the best nodes' draft probabilities (falling), says how many to
-    keep (possibly none); the tree stops growing once no node of its newest depth is kept. The tree carries its
-    nodes' probabilities (`path_probs`).
+    keep (possibly none); the tree stops growing once no node of its newest depth is kept. `grow(probs,
+    frontier)`, given the best nodes' probabilities and those of the nodes the next depth would expand, says
+    whether to draft that depth at all. The tree carries its nodes' probabilities (`path_probs`).
     """
     if depth < 1 or top_k < 1 or total_tokens < 1:
         raise TreeError(f"depth ({depth}), top_k ({top_k}) and total_tokens ({total_tokens}) must be >= 1")
@@ -172,13 +174,18 @@ def dynamic_tree(root_logp: Tensor, expand, depth: int, top_k: int, total_tokens
     depths: list[int] = [1] * len(tokens)
     frontier = list(range(len(tokens)))
 
+    def by_score() -> list[int]:
+        return sorted(range(len(tokens)), key=lambda i: (-scores[i], depths[i], i))[:total_tokens]
+
     def best() -> list[int]:
-        order = sorted(range(len(tokens)), key=lambda i: (-scores[i], depths[i], i))[:total_tokens]
+        order = by_score()
         return order if cut is None else order[: cut([math.exp(scores[i]) for i in order])]
 
     for d in range(2, depth + 1):
         if cut is not None and not any(depths[i] == d - 1 for i in best()):
             break  # the newest depth is cut: its children would be too
+        if grow is not None and not grow([math.exp(scores[i]) for i in by_score()], [math.exp(scores[f]) for f in frontier]):
+            break
         logp = expand(frontier, tokens, parents)
         cand = torch.topk(logp, top_k, dim=-1)
         cand_scores = torch.tensor([scores[f] for f in frontier], dtype=cand.values.dtype)[:, None] + cand.values

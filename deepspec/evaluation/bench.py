@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from deepspec import io, tracking
-from deepspec.config import Config, DraftLMMethod, NgramMethod, TaskConfig
+from deepspec.config import Config, DraftLMMethod, NgramMethod, SuffixMethod, TaskConfig
 from deepspec.data.tasks import chat_ids, load_task
 from deepspec.decoding.cost import verify_cost_curve
 from deepspec.decoding.engine import Engine
@@ -31,6 +31,7 @@ OURS: dict[str, Any] = {
     "ours_ar": None,
     "ours_pld_chain": NgramMethod(kind="ngram", ngram_max=3, ngram_min=2, num_draft=4),
     "ours_pld_tree": NgramMethod(kind="ngram", ngram_max=3, ngram_min=2, num_draft=5, branches=3),
+    "ours_suffix": SuffixMethod(kind="suffix"),
     "ours_draft_lm_chain": DraftLMMethod(kind="draft_lm", quantize="int8", depth=4, top_k=1, total_tokens=4),
     "ours_draft_lm_tree": DraftLMMethod(kind="draft_lm", quantize="int8", depth=4, top_k=3, total_tokens=10),
 }

@@ -7,7 +7,7 @@ rule evaluate:
     output:
         str(layout.eval_dir(CFG, "{method}", "{task}") / "metrics.json"),
     params:
-        method=lambda wc: section("methods", wc.method),
+        method=lambda wc: repr(CFG.method_section(wc.method)),  # a hybrid's parts included
         target=section("target"),
         eval=section("eval"),
     threads: workflow.cores

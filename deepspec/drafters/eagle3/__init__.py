@@ -69,14 +69,15 @@ class Eagle3Kind(DrafterKind):
     def proposer(self, method, drafter, target: Any, temperature, seed):
         from deepspec.drafters.eagle3.proposer import Eagle3Proposer
 
-        verify_ms = calibration = None
+        verify_ms = calibration = forecast = None
         if method.cuts_on_costs:  # this machine's verify cost of 1 .. total_tokens + 1 rows
-            from deepspec.decoding.cost import AcceptanceCalibration, proposer_verify_ms
+            from deepspec.decoding.cost import AcceptanceCalibration, GrowthForecast, proposer_verify_ms
 
             verify_ms = proposer_verify_ms(target.backend, method.total_tokens + 1)
             calibration = AcceptanceCalibration() if method.length == "calibrated" else None
-        return Eagle3Proposer(drafter, target.backend.cache.max_len, method.depth,
-                              method.top_k, method.total_tokens, verify_ms=verify_ms, calibration=calibration)
+            forecast = GrowthForecast(method.top_k, verify_ms) if method.grow == "cost" else None
+        return Eagle3Proposer(drafter, target.backend.cache.max_len, method.depth, method.top_k, method.total_tokens,
+                              verify_ms=verify_ms, calibration=calibration, forecast=forecast)
 
 
 KINDS = (Eagle3Kind(),)

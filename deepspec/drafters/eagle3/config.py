@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from deepspec.config_base import DrafterBase, HeadLossOption, TrainedMethod, hash_default
 
@@ -34,7 +34,9 @@ class Eagle3Method(TrainedMethod):
     `length`: fixed (the `total_tokens` best nodes), cost (of those, the best-scored prefix that maximises
     expected committed tokens per second from the draft probabilities and the verify cost measured on this
     machine, down to no draft at all; the tree stops growing once its newest depth would be cut) or calibrated
-    (cost, reading the probabilities through a map learned during the run from which nodes the verifier took)."""
+    (cost, reading the probabilities through a map learned during the run from which nodes the verifier took).
+    `grow`: depth (draft every depth up to `depth` whose nodes the cut keeps) or cost (with a cost length, also
+    stop before a depth whose forecast gain does not pay for its drafter forward: `decoding.cost.GrowthForecast`)."""
 
     decodes: ClassVar[tuple[str, ...]] = ("eagle3",)
     kind: Literal["eagle3"]
@@ -42,9 +44,16 @@ class Eagle3Method(TrainedMethod):
     top_k: Annotated[int, Field(ge=1)] = 4
     total_tokens: Annotated[int, Field(ge=1)] = 12
     length: Literal["fixed", "cost", "calibrated"] = "fixed"
+    grow: Literal["depth", "cost"] = "depth"
+
+    @model_validator(mode="after")
+    def _grow_on_costs(self) -> "Eagle3Method":
+        if self.grow == "cost" and not self.cuts_on_costs:
+            raise ValueError("grow: cost prices each depth on the verify-cost curve; it needs length: cost or calibrated")
+        return self
 
     def as_chain(self) -> "Eagle3Method":
-        return super().as_chain().model_copy(update={"length": "fixed"})
+        return super().as_chain().model_copy(update={"length": "fixed", "grow": "depth"})
 
 
-hash_default(Eagle3Method, length="fixed")
+hash_default(Eagle3Method, length="fixed", grow="depth")

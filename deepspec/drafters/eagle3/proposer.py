@@ -8,7 +8,7 @@ import time
 import torch
 from torch import Tensor
 
-from deepspec.decoding.cost import AcceptanceCalibration, best_cut
+from deepspec.decoding.cost import AcceptanceCalibration, GrowthForecast, best_cut
 from deepspec.decoding.tree import DraftTree, dynamic_tree, scratch_mask
 from deepspec.drafters.eagle3.model import DraftCache, Eagle3Drafter
 
@@ -23,10 +23,13 @@ class Eagle3Proposer:
     name = "eagle3"
 
     def __init__(self, drafter: Eagle3Drafter, max_len: int, depth: int = 5, top_k: int = 4, total_tokens: int = 12,
-                 verify_ms: list[float] | None = None, calibration: AcceptanceCalibration | None = None):
+                 verify_ms: list[float] | None = None, calibration: AcceptanceCalibration | None = None,
+                 forecast: GrowthForecast | None = None):
         """`verify_ms`: the verify cost of 1, 2, ... rows; given, each round keeps the nodes that pay for their rows
         (`decoding.cost.best_cut`) instead of all `total_tokens`. `calibration`: the cut reads the nodes' path
-        probabilities through it, and it learns from which nodes the verifier took (kept across sequences)."""
+        probabilities through it, and it learns from which nodes the verifier took (kept across sequences).
+        `forecast` (with `verify_ms`): a depth is drafted only when it is forecast to pay for its drafter forward;
+        it learns from every expansion (kept across sequences)."""
         from deepspec.models.lean import pack_linears
 
         self.drafter = pack_linears(drafter.eval())  # inference only from here: weights prepacked for oneDNN
@@ -34,6 +37,7 @@ class Eagle3Proposer:
         self.depth, self.top_k, self.total_tokens = depth, top_k, total_tokens
         self.verify_ms = verify_ms
         self.calibration = calibration
+        self.forecast = forecast
         self._pending: tuple[int, DraftTree] | None = None  # the last tree drafted, after how many tokens
         self.cache = DraftCache(drafter, max_len)
         self._d2t = drafter.draft_to_target
@@ -73,14 +77,19 @@ class Eagle3Proposer:
         base = cache.length
         if self.top_k == 1 and self.verify_ms is None:  # a chain (the paper's protocol): no host sync until the end
             return DraftTree.chain(self._chain(logp[-1], h[-1], base, min(self.depth, self.total_tokens, max_nodes)))
-        cut = None
+        total = min(self.total_tokens, max_nodes)
+        cut = grow = None
         if self.verify_ms is not None:  # the drafting spent so far is part of this round's cost
             verify_ms, calibrated = self.verify_ms, self.calibration or (lambda probs: probs)
 
             def cut(probs: list[float]) -> int:
                 return best_cut(calibrated(probs), (time.perf_counter() - t0) * 1e3, verify_ms)
 
-        tree = self._tree(logp[-1], h[-1], base, min(self.total_tokens, max_nodes), cut)
+            if self.forecast is not None:
+                def grow(probs: list[float], frontier: list[float]) -> bool:
+                    return self.forecast.pays(probs, frontier, (time.perf_counter() - t0) * 1e3, total, calibrated)
+
+        tree = self._tree(logp[-1], h[-1], base, total, cut, grow)
         if not len(tree):
             return None
         if self.calibration is not None:
@@ -95,8 +104,9 @@ class Eagle3Proposer:
         known = [i for i, t in enumerate(taken) if t is not None]
         self.calibration.update([tree.path_probs[i] for i in known], [taken[i] for i in known])
 
-    def _tree(self, root_logp: Tensor, root_h: Tensor, base: int, total: int, cut=None) -> DraftTree:
-        """An EAGLE-2 dynamic tree grown in the draft cache's scratch rows past `base` (`cut`: `dynamic_tree`'s)."""
+    def _tree(self, root_logp: Tensor, root_h: Tensor, base: int, total: int, cut=None, grow=None) -> DraftTree:
+        """An EAGLE-2 dynamic tree grown in the draft cache's scratch rows past `base` (`cut`, `grow`:
+        `dynamic_tree`'s); each expansion's children and time go to the forecast."""
         d, cache = self.drafter, self.cache
         row_of: dict[int, int] = {}
         hidden_of: dict[int, Tensor] = {}
@@ -104,6 +114,7 @@ class Eagle3Proposer:
 
         def expand(nodes: list[int], toks: list[int], parents: list[int]) -> Tensor:
             nonlocal used
+            t = time.perf_counter()
             m = len(nodes)
             mask, depth_of = scratch_mask(nodes, parents, row_of, base, used, root_h.dtype)
             parent_h = [hidden_of[parents[node]] if parents[node] >= 0 else root_h for node in nodes]
@@ -114,9 +125,12 @@ class Eagle3Proposer:
                 row_of[node] = used + r
                 hidden_of[node] = hs[r]
             used += m
+            if self.forecast is not None:
+                cond = torch.topk(lp, self.top_k, dim=-1).values.exp().tolist()
+                self.forecast.observe(cond, (time.perf_counter() - t) * 1e3)
             return lp
 
-        tree = dynamic_tree(root_logp, expand, self.depth, self.top_k, total, cut)
+        tree = dynamic_tree(root_logp, expand, self.depth, self.top_k, total, cut, grow)
         return DraftTree(self._d2t[torch.tensor(tree.tokens, dtype=torch.long)].tolist(), tree.parents,
                          path_probs=tree.path_probs)
 
