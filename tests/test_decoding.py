@@ -295,14 +295,7 @@ def test_dynamic_tree_cut_keeps_the_best_prefix_and_stops_growing():
     expand a depth none of whose nodes would be kept."""
     from deepspec.decoding.tree import dynamic_tree
 
-    gen = torch.Generator().manual_seed(0)
-    root = torch.log_softmax(torch.randn(32, generator=gen) * 3, -1)
-    calls = []
-
-    def expand(nodes, tokens, parents):
-        calls.append(len(nodes))
-        return torch.log_softmax(torch.randn(len(nodes), 32, generator=gen) * 3, -1)
-
+    gen, root, expand, calls = _random_drafter()
     full = dynamic_tree(root, expand, 4, 3, 10)
     assert len(calls) == 3
     for keep in range(0, 11):
@@ -332,14 +325,7 @@ def test_dynamic_tree_grows_a_depth_only_when_grow_says_so():
     before each expansion; a refusal stops the tree at the depth it reached."""
     from deepspec.decoding.tree import dynamic_tree
 
-    gen = torch.Generator().manual_seed(0)
-    root = torch.log_softmax(torch.randn(32, generator=gen) * 3, -1)
-    calls = []
-
-    def expand(nodes, tokens, parents):
-        calls.append(len(nodes))
-        return torch.log_softmax(torch.randn(len(nodes), 32, generator=gen) * 3, -1)
-
+    gen, root, expand, calls = _random_drafter()
     asked = []
     flat = dynamic_tree(root, expand, 4, 3, 10, grow=lambda probs, frontier: asked.append((probs, frontier)) or False)
     assert calls == [] and len(flat) == 3 and flat.parents == [-1, -1, -1], "only the root's top 3"
@@ -349,6 +335,19 @@ def test_dynamic_tree_grows_a_depth_only_when_grow_says_so():
     gen.manual_seed(1)
     once = dynamic_tree(root, expand, 4, 3, 10, grow=lambda probs, frontier: len(calls) < 1)
     assert len(calls) == 1 and max(once.depths) == 2
+
+
+def _random_drafter():
+    """(generator, root log-probs over 32 tokens, an `expand` drawing random children's log-probs, its calls)."""
+    gen = torch.Generator().manual_seed(0)
+    root = torch.log_softmax(torch.randn(32, generator=gen) * 3, -1)
+    calls: list[int] = []
+
+    def expand(nodes, tokens, parents):
+        calls.append(len(nodes))
+        return torch.log_softmax(torch.randn(len(nodes), 32, generator=gen) * 3, -1)
+
+    return gen, root, expand, calls
 
 
 def _path(tree, i):
