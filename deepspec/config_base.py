@@ -112,6 +112,12 @@ def hash_default(section: type[BaseModel], **unset: Any) -> None:
     UNSET_KEYS.setdefault(section, {}).update(unset)
 
 
+# Where a drafter whose decoder layers are shaped like the target's (EAGLE-3, DFlash, DSpark) starts.
+InitLayers = Annotated[Literal["random", "target"], Field(
+    description="random: decoder layers and fc from noise; target: the decoder layers copied from the target's "
+                "layers after the deepest fused one, fc passing that fused layer through")]
+
+
 class DrafterBase(Strict):
     """What the trainer reads of every drafter kind's config (under `drafters.<name>`)."""
 

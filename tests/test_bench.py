@@ -41,6 +41,12 @@ def test_bench_decode_reports_both_verify_curves_and_the_memory_bound(tiny_cfg, 
         if r["tau"] is not None:
             assert r["draft_frac"] + r["target_forward_frac"] + r["overhead_frac"] == pytest.approx(1.0, abs=1e-6), name
     assert rows["ours_draft_lm_chain"]["draft_frac"] > rows["ours_pld_chain"]["draft_frac"]  # a model drafts; lookup searches
+    for name, r in rows.items():  # every round after prefill, by who drafted it, adds up to the method's tokens
+        if r["tau"] is not None and name.startswith("ours_"):
+            rounds = r["rounds"]
+            assert sum(x["rounds"] * x["tokens_per_round"] for x in rounds.values()) == pytest.approx(r["new_tokens"] - 2)
+            assert len(set(rounds) - {"none"}) <= (name != "ours_ar"), (name, rounds)  # one proposer, or none
+    assert set(rows["ours_ar"]["rounds"]) == {"none"} and rows["ours_draft_lm_tree"]["rounds"].get("draft_lm")
     ms = result["verify_ms"]
     assert set(ms) == set(result["verify_ms_plain"]) == {f"chain_{n}" for n in (1, 2, 4, 8, 16, 32, 64)} | {"tree_16"}
     assert result["verify_ratio"] == pytest.approx({k: v / ms["chain_1"] for k, v in ms.items()})
@@ -54,6 +60,8 @@ def test_bench_decode_reports_both_verify_curves_and_the_memory_bound(tiny_cfg, 
     text = (tiny_cfg.out_dir / "bench/decode_threads1.md").read_text()  # a thread count given: named by it
     assert "plain matmuls" in text and "Memory bound:" in text
     assert f"| ours_ar | {rows['ours_ar']['tokens_per_s']:.1f} | 1.00 |" in text  # the table shows the result
+    lm = rows["ours_draft_lm_tree"]["rounds"]["draft_lm"]
+    assert f"| ours_draft_lm_tree | draft_lm | {lm['rounds']} | {lm['tokens_per_round']:.2f} |" in text
 
 
 def test_bench_output_name_must_be_a_plain_file_name(capsys):

@@ -49,6 +49,31 @@ def test_training_time_test_equals_cached_tree_steps():
             torch.testing.assert_close(lp[0], ttt[k][t])
 
 
+@pytest.mark.parametrize("input_scale", [False, True])
+def test_copied_target_layer_first_computes_the_targets_own_next_layer(input_scale):
+    """`init_layers: target`: step 0 of the drafter at every position is exactly the output of the target layer
+    whose input is the deepest fused state (layer 2, reading hidden_states[2]), with or without the fc input
+    scale; the token half of q / k / v starts at zero. A randomly initialised drafter computes nothing like it,
+    and a target whose attention normalises q / k is refused by name."""
+    target = tiny_llama(vocab=64, layers=4, dtype=torch.float32)
+    ids = torch.arange(1, 30)
+    with torch.no_grad():
+        hs = target(ids[None], output_hidden_states=True).hidden_states
+    feats = torch.cat([hs[k][0] for k in (1, 2)], dim=-1)
+    copied, random = (_drafter(target, layers=(1, 2), dtype=torch.float32, seed=s) for s in (0, 0))
+    if input_scale:
+        copied.register_buffer("fc_in_scale", torch.linspace(0.5, 2.0, 64))
+    assert copied.copy_target_layer(target) == 2
+    with torch.no_grad():
+        for drafter, same in ((copied, True), (random, False)):
+            step0 = next(drafter.ttt_states(feats, ids, 1))
+            assert torch.allclose(step0, hs[3][0, :-1], atol=1e-5) == same
+    assert not copied.midlayer.self_attn.q_proj.weight[:, :32].any()
+    with pytest.raises(ValueError, match="q_norm"):
+        _drafter(tiny_llama(vocab=64, layers=3, model_type="qwen3"), layers=(1, 2)).copy_target_layer(
+            tiny_llama(vocab=64, layers=3, model_type="qwen3"))
+
+
 @pytest.mark.parametrize("backend", ["lean", "hf"])
 @pytest.mark.parametrize("top_k,total", [(1, 4), (3, 10)])
 def test_eagle3_proposer_is_lossless(backend, top_k, total):

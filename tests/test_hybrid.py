@@ -5,6 +5,8 @@ respect the node budget; the config refuses hybrids that cannot work, naming the
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 
@@ -40,15 +42,24 @@ def test_hybrid_of_lookup_and_block_drafter_is_lossless_and_uses_both(mode):
     engine = Engine(make_backend(target, "lean", 256), stop_ids=[], max_nodes=16)
     hybrid = HybridProposer([NgramProposer(3, 1, 4), BlockProposer(d, 256)], mode)
     committed = forwards = 0
+    sources: Counter[str] = Counter()
     for prompt in prompts + [[4, 5, 6, 4, 5, 6, 4, 5]]:  # the last one repeats itself: prompt lookup matches
         gen = engine.generate(prompt, 30, hybrid)
         assert gen.tokens == engine.generate(prompt, 30).tokens
         committed, forwards = committed + len(gen.tokens), forwards + gen.forwards
+        assert len(gen.round_sources) == len(gen.round_times) == gen.forwards and gen.round_sources[0] == "prefill"
+        sources.update(gen.round_sources[1:])
     assert committed / forwards > 1.5
     if mode == "first":
         assert hybrid.chosen["ngram"] > 0 and hybrid.chosen["dflash"] > 0, hybrid.chosen
     else:
         assert hybrid.chosen["merged"] > 0, hybrid.chosen
+    # the engine records who drafted each round, as the hybrid counted them (a merge of one draft is its own)
+    drafted = {k: v for k, v in sources.items() if k != "none"}
+    if mode == "first":
+        assert drafted == dict(hybrid.chosen), (sources, hybrid.chosen)
+    else:
+        assert drafted.pop("merged") == hybrid.chosen["merged"] and sum(drafted.values()) == hybrid.chosen["single"]
 
 
 def test_sampled_hybrid_keeps_the_target_distribution():

@@ -25,6 +25,10 @@ class Generation:
     accepted: list[int] = field(default_factory=list)  # tokens committed per target forward, prefill first
     proposed: list[int] = field(default_factory=list)  # draft nodes sent to each verify forward
     accepted_depth: list[int] = field(default_factory=list)  # drafted tokens accepted per round
+    # Who drafted each round (a proposer's name, a hybrid's part, "none" for a plain step; "prefill" first) and
+    # its wall time from drafting to commit, read after the round's one host sync, so honest on a GPU too.
+    round_sources: list[str] = field(default_factory=list)
+    round_times: list[float] = field(default_factory=list)
     draft_time: float = 0.0  # inside the proposer
     verify_time: float = 0.0  # verify rounds: target forward + acceptance + commit
     forward_time: float = 0.0  # inside target forwards only (prefill included)
@@ -96,6 +100,7 @@ class Engine:
             proposer.reset()
         n = len(prompt)
         capture = tuple(getattr(proposer, "capture_layers", ())) if proposer is not None else ()
+        t0 = time.perf_counter()
         with timer.region("prefill"):
             logits, captured = target.forward(torch.tensor(prompt), torch.arange(n), logits_rows=slice(n - 1, n),
                                               capture_layers=capture)
@@ -103,8 +108,10 @@ class Engine:
         if capture:
             proposer.observe(captured)
         out = [self._choose(logits[0], generator)]
-        gen = Generation(tokens=out, stopped=False, accepted=[1], proposed=[0], accepted_depth=[0])
+        gen = Generation(tokens=out, stopped=False, accepted=[1], proposed=[0], accepted_depth=[0],
+                         round_sources=["prefill"], round_times=[time.perf_counter() - t0])
         while out[-1] not in self.stop_ids and len(out) < max_new_tokens:
+            t0 = time.perf_counter()
             tree = None
             if proposer is not None:
                 budget = min(self.max_nodes, cache.room() - 1)
@@ -117,6 +124,8 @@ class Engine:
             gen.accepted.append(len(emitted))
             gen.proposed.append(len(tree) if tree else 0)
             gen.accepted_depth.append(len(emitted) - 1)
+            gen.round_sources.append((tree.source or proposer.name) if tree else "none")
+            gen.round_times.append(time.perf_counter() - t0)
             for tok in emitted:
                 out.append(tok)
                 if tok in self.stop_ids or len(out) >= max_new_tokens:

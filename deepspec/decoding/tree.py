@@ -28,6 +28,7 @@ class DraftTree:
     # The drafter's probability of each node's whole path, where it scores paths (a dynamic tree): what a cost
     # cut and its calibration read. None: not scored.
     path_probs: list[float] | None = None
+    source: str | None = None  # who drafted it, where several proposers take turns (a hybrid's part)
     depths: list[int] = field(init=False)
 
     def __post_init__(self) -> None:

@@ -51,13 +51,16 @@ class HybridProposer:
                 tree = p.propose(tokens, max_nodes)
                 if tree is not None and len(tree):
                     self.chosen[p.name] += 1
+                    tree.source = p.name
                     return tree
             return None
         trees = [t for t in (p.propose(tokens, max_nodes) for p in self.proposers) if t is not None and len(t)]
         if not trees:
             return None
         self.chosen["merged" if len(trees) > 1 else "single"] += 1
-        return merge_trees(trees, max_nodes)
+        merged = merge_trees(trees, max_nodes)
+        merged.source = "merged" if len(trees) > 1 else trees[0].source
+        return merged
 
 
 def merge_trees(trees: list[DraftTree], max_nodes: int) -> DraftTree:

@@ -46,6 +46,7 @@ class Tally:
     verify: float = 0.0
     forward: float = 0.0
     outputs: list[list[int]] = field(default_factory=list)
+    rounds: dict[str, list[float]] = field(default_factory=dict)  # who drafted -> [rounds, tokens, seconds]
     engine_tau: float | None = None  # another engine's own τ (its spec-decode counters), where it drafts
 
     @property
@@ -120,6 +121,13 @@ def bench_decode(cfg: Config, n_prompts: int = 8, max_new_tokens: int = 128, thr
                     t.draft += gen.draft_time
                     t.verify += gen.verify_time
                     t.forward += gen.forward_time
+                    left = len(tokens) - 1  # after prefill's token; a last round may emit past the end (not kept)
+                    for source, n, sec in zip(gen.round_sources[1:], gen.accepted[1:], gen.round_times[1:]):
+                        tally = t.rounds.setdefault(source, [0, 0, 0.0])
+                        tally[0] += 1
+                        tally[1] += min(n, left)
+                        tally[2] += sec
+                        left -= min(n, left)
         engines = _vllm_tallies(cfg, prompts, max_new_tokens, torch.get_num_threads(), wanted, tallies)
         engines |= _llamacpp_tallies(cfg, prompts, max_new_tokens, torch.get_num_threads(), tallies)
         curve = verify_cost_curve(target.backend)
@@ -254,9 +262,30 @@ def _summarize(tallies: dict[str, Tally], curve: dict[str, float]) -> dict[str, 
             "identical_to_ours_ar": sum(a == b for a, b in zip(t.outputs, ar.outputs)),
             "identical_to_hf_generate": sum(a == b for a, b in zip(t.outputs, hfg.outputs)),
             "new_tokens": t.new_tokens,
+            "rounds": {source: {"rounds": n, "tokens_per_round": tokens / n, "ms_per_round": 1e3 * sec / n,
+                                "ms_per_token": 1e3 * sec / tokens}
+                       for source, (n, tokens, sec) in sorted(t.rounds.items())},
         }
     base = curve["chain_1"]
     return {"methods": rows, "verify_ms": curve, "verify_ratio": {k: v / base for k, v in curve.items()}}
+
+
+def _rounds_table(result: dict[str, Any]) -> list[str]:
+    """Each drafting method's rounds (after prefill) by who drafted them ("none": a plain one-token step): where a
+    method's time per committed token comes from, against our AR's plain steps."""
+    rows = [(name, source, r) for name, m in result["methods"].items() if name != "ours_ar"
+            for source, r in (m.get("rounds") or {}).items()]
+    if not rows:
+        return []
+    lines = ["", "Rounds by who drafted them (wall time from drafting to commit):", "",
+             "| method | drafted by | rounds | tokens / round | ms / round | ms / token |", "|---|---|---|---|---|---|"]
+    for name, r in (result["methods"].get("ours_ar", {}).get("rounds") or {}).items():
+        lines.append(f"| ours_ar | {name} | {r['rounds']} | {r['tokens_per_round']:.2f} | {r['ms_per_round']:.1f} | "
+                     f"{r['ms_per_token']:.1f} |")
+    for name, source, r in rows:
+        lines.append(f"| {name} | {source} | {r['rounds']} | {r['tokens_per_round']:.2f} | {r['ms_per_round']:.1f} | "
+                     f"{r['ms_per_token']:.1f} |")
+    return lines
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -276,6 +305,7 @@ def format_table(result: dict[str, Any]) -> str:
             f"{f(r['speedup_vs_hf_generate'], '.2f')}× | {f(r['draft_frac'], '.0%')} | {f(r['target_forward_frac'], '.0%')} | "
             f"{f(r['overhead_frac'], '.0%')} | {r['identical_to_ours_ar']}/{n} | {r['identical_to_hf_generate']}/{n} |"
         )
+    lines += _rounds_table(result)
     if result.get("engines", {}).get("vllm"):
         lines += ["", f"vllm_* rows: vLLM {result['engines']['vllm']} (CPU build, eager, its own environment) on the same "
                   "prompts and thread count, after our methods; their τ is vLLM's own over drafting rounds "

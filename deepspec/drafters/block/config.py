@@ -6,7 +6,7 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field
 
-from deepspec.config_base import DrafterBase, TrainedMethod, hash_default
+from deepspec.config_base import DrafterBase, InitLayers, TrainedMethod, hash_default
 
 
 class BlockConfig(DrafterBase):
@@ -35,9 +35,7 @@ class BlockConfig(DrafterBase):
     anchor_context: bool = Field(False, description="add the context state before the anchor (C at a - 1, the newest "
                                                     "position the target has computed) to the anchor row's input, as "
                                                     "EAGLE-3 pairs a token with the state before it; outside DeepSpec's layout")
-    init_layers: Literal["random", "target"] = Field(
-        "random", description="random: decoder layers and fc from noise; target: the decoder layers copied from the "
-                              "target's layers after the deepest fused one, fc passing that fused layer through")
+    init_layers: InitLayers = "random"
     eval_anchors: Annotated[int, Field(ge=1)] | None = Field(256, description="blocks per validation sequence")
     loss_gamma: Annotated[float, Field(gt=0)] | Literal["acceptance"] | None = Field(
         7.0, description="draft j weighted exp(-j / gamma); acceptance: by the probability that every earlier draft "

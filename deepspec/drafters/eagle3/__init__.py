@@ -37,6 +37,12 @@ class Eagle3Kind(DrafterKind):
         model = Eagle3Drafter.for_target(target_model, layers, draft_ids, dc.init_head_from_target, dc.train.seed,
                                          **meta, **scaled)
         scale_fc_inputs(model, train_hidden, where, say)
+        if dc.init_layers == "target":
+            try:
+                copied = model.copy_target_layer(target_model)
+            except ValueError as e:
+                raise ValueError(f"{where}.{e}") from None
+            say(f"[train] {where}: the decoder layer copied from the target's layer {copied}")
         if dc.freeze_head:
             model.lm_head.weight.requires_grad_(False)
             model.norm.weight.requires_grad_(False)

@@ -6,7 +6,7 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from deepspec.config_base import DrafterBase, HeadLossOption, TrainedMethod, hash_default
+from deepspec.config_base import DrafterBase, HeadLossOption, InitLayers, TrainedMethod, hash_default
 
 
 class Eagle3Config(DrafterBase, HeadLossOption):
@@ -22,9 +22,10 @@ class Eagle3Config(DrafterBase, HeadLossOption):
     ttt_decay: Annotated[float, Field(gt=0, le=1)] = 0.8
     init_head_from_target: bool = True
     freeze_head: bool = Field(True, description="keep the target-initialised norm and lm_head fixed (fewer parameters to learn from little data)")
+    init_layers: InitLayers = "random"
 
 
-hash_default(Eagle3Config, head_loss="auto")
+hash_default(Eagle3Config, head_loss="auto", init_layers="random")
 
 
 class Eagle3Method(TrainedMethod):

@@ -93,6 +93,34 @@ class Eagle3Drafter(FolderCheckpoint, nn.Module):
                 model.norm.weight.copy_(target_model.model.norm.weight.float())
         return model
 
+    @torch.no_grad()
+    def copy_target_layer(self, target_model) -> int:
+        """Start from the target's own computation instead of noise: the midlayer becomes a copy of the target
+        layer whose input is the deepest fused state, reading it through the hidden half of q / k / v (the
+        token half starts at zero) and fc passing that state through. A draft step then first computes what
+        that layer computes at the position; training teaches it to read the token and look one further.
+        Returns the target layer copied."""
+        c = self.config
+        h, source = c["hidden_size"], max(c["aux_layers"])
+        theirs = target_model.model.layers[source]
+        if getattr(theirs.self_attn, "q_norm", None) is not None:
+            raise ValueError("init_layers: target: the target's attention normalises q / k (q_norm), which "
+                             "EAGLE-3's layer has no place for")
+        m = self.midlayer
+        self.fc.weight.zero_()
+        scale = self.fc_in_scale[-h:] if hasattr(self, "fc_in_scale") else torch.ones(h)
+        self.fc.weight[:, -h:] = torch.diag(1.0 / scale)  # fused layers are sorted: the deepest is the last block
+        m.hidden_norm.weight.copy_(theirs.input_layernorm.weight.float())
+        for name in ("q_proj", "k_proj", "v_proj"):
+            mine = getattr(m.self_attn, name).weight
+            mine.zero_()
+            mine[:, h:] = getattr(theirs.self_attn, name).weight.float()
+        m.self_attn.o_proj.weight.copy_(theirs.self_attn.o_proj.weight.float())
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            getattr(m.mlp, name).weight.copy_(getattr(theirs.mlp, name).weight.float())
+        m.post_attention_layernorm.weight.copy_(theirs.post_attention_layernorm.weight.float())
+        return source
+
     @property
     def draft_to_target(self) -> Tensor:
         return torch.arange(self.d2t.numel(), device=self.d2t.device) + self.d2t
