@@ -271,21 +271,15 @@ def _summarize(tallies: dict[str, Tally], curve: dict[str, float]) -> dict[str, 
 
 
 def _rounds_table(result: dict[str, Any]) -> list[str]:
-    """Each drafting method's rounds (after prefill) by who drafted them ("none": a plain one-token step): where a
-    method's time per committed token comes from, against our AR's plain steps."""
-    rows = [(name, source, r) for name, m in result["methods"].items() if name != "ours_ar"
-            for source, r in (m.get("rounds") or {}).items()]
-    if not rows:
+    """Our methods' rounds (after prefill) by who drafted them ("none": a plain one-token step, all of our AR's):
+    where each method's time per committed token comes from."""
+    rows = [(name, source, r) for name, m in result["methods"].items() for source, r in (m.get("rounds") or {}).items()]
+    if all(name == "ours_ar" for name, _, _ in rows):
         return []
-    lines = ["", "Rounds by who drafted them (wall time from drafting to commit):", "",
-             "| method | drafted by | rounds | tokens / round | ms / round | ms / token |", "|---|---|---|---|---|---|"]
-    for name, r in (result["methods"].get("ours_ar", {}).get("rounds") or {}).items():
-        lines.append(f"| ours_ar | {name} | {r['rounds']} | {r['tokens_per_round']:.2f} | {r['ms_per_round']:.1f} | "
-                     f"{r['ms_per_token']:.1f} |")
-    for name, source, r in rows:
-        lines.append(f"| {name} | {source} | {r['rounds']} | {r['tokens_per_round']:.2f} | {r['ms_per_round']:.1f} | "
-                     f"{r['ms_per_token']:.1f} |")
-    return lines
+    return ["", "Rounds by who drafted them (wall time from drafting to commit):", "",
+            "| method | drafted by | rounds | tokens / round | ms / round | ms / token |", "|---|---|---|---|---|---|"] + [
+        f"| {name} | {source} | {r['rounds']} | {r['tokens_per_round']:.2f} | {r['ms_per_round']:.1f} | {r['ms_per_token']:.1f} |"
+        for name, source, r in rows]
 
 
 def format_table(result: dict[str, Any]) -> str:
