@@ -60,6 +60,7 @@ def test_hybrid_of_lookup_and_block_drafter_is_lossless_and_uses_both(mode):
         assert drafted == dict(hybrid.chosen), (sources, hybrid.chosen)
     else:
         assert drafted.pop("merged") == hybrid.chosen["merged"] and sum(drafted.values()) == hybrid.chosen["single"]
+        assert set(drafted) <= {"ngram", "dflash"}, drafted  # a round only one part drafted is that part's
 
 
 def test_sampled_hybrid_keeps_the_target_distribution():

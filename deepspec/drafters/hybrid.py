@@ -54,12 +54,13 @@ class HybridProposer:
                     tree.source = p.name
                     return tree
             return None
-        trees = [t for t in (p.propose(tokens, max_nodes) for p in self.proposers) if t is not None and len(t)]
+        drafted = [(p.name, p.propose(tokens, max_nodes)) for p in self.proposers]
+        trees = [(name, t) for name, t in drafted if t is not None and len(t)]
         if not trees:
             return None
         self.chosen["merged" if len(trees) > 1 else "single"] += 1
-        merged = merge_trees(trees, max_nodes)
-        merged.source = "merged" if len(trees) > 1 else trees[0].source
+        merged = merge_trees([t for _, t in trees], max_nodes)
+        merged.source = "merged" if len(trees) > 1 else trees[0][0]
         return merged
 
 
