@@ -190,7 +190,13 @@ class EvalConfig(Strict):
                           "at logits of 16-32); float32 on the CPU must match token for token")
 
 
-hash_default(EvalConfig, tie_margin=0.25)
+    rivals: dict[str, str] = Field(
+        {}, description="method: rival. The method's evaluate job also runs the rival on every sample, in turn with it "
+                        "and the baseline, so their head-to-head is timed in one process, free of the drift between "
+                        "jobs (the report's head-to-head table lists it as 'same job')")
+
+
+hash_default(EvalConfig, tie_margin=0.25, rivals={})
 
 
 class EngineRunConfig(Strict):
@@ -300,6 +306,15 @@ class Config(Strict):
                                      f"a hybrid takes at most one")
                 if m.mode == "merge" and self.eval.temperature > 0:
                     raise ValueError(f"methods.{name}.mode: merge verifies greedily only; use first at temperature > 0")
+        baseline = self.baseline_method()
+        for name, rival in self.eval.rivals.items():
+            for role, m in (("", name), (f".{name}", rival)):
+                if m not in self.methods:
+                    raise ValueError(f"eval.rivals{role}: no method named {m!r} (methods: {', '.join(self.methods)})")
+                if m == baseline:
+                    raise ValueError(f"eval.rivals{role}: {m!r} is the baseline, which every evaluate job runs already")
+            if rival == name:
+                raise ValueError(f"eval.rivals.{name}: a method cannot be its own rival")
         for engine, run in self.engines.items():
             for name in run.methods:
                 where = f"engines.{engine}.methods"
@@ -344,6 +359,13 @@ class Config(Strict):
         if isinstance(m, HybridMethod):
             return {**node, "parts": {part: self.method_section(part) for part in m.methods}}
         return node
+
+    def eval_section(self, method: str | None = None) -> Any:
+        """What an evaluate job of `method` reads of `eval`: the section without `rivals`, plus this method's rival
+        with its method section, so that naming or changing a rival reruns only the job that times it."""
+        node = {k: v for k, v in self.section("eval").items() if k != "rivals"}
+        rival = self.eval.rivals.get(method) if method is not None else None
+        return {**node, "rival": {rival: self.method_section(rival)}} if rival else node
 
     def method_cuts_on_costs(self, method: str) -> bool:
         """Whether a method's draft lengths follow this machine's measured costs (a hybrid: through any of its

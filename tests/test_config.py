@@ -86,6 +86,28 @@ def test_overrides_and_hash(tmp_path):
     assert load(tmp_path / "r.yaml").hash() == base.hash()
 
 
+def test_a_rival_reruns_only_the_evaluate_job_that_times_it():
+    """`eval.rivals`: the rival (with its method section) enters the eval param of its method's job alone; the other
+    jobs read the section without it. Bad rivals are refused by name before any work."""
+    base = load("config/default.yaml")
+    plain = base.model_copy(update={"eval": base.eval.model_copy(update={"rivals": {}})})
+    assert base.eval.rivals == {"pld_eagle3": "pld"}
+    assert base.eval_section("pld_eagle3") == {**plain.eval_section("pld_eagle3"), "rival": {"pld": base.method_section("pld")}}
+    assert base.eval_section("pld") == plain.eval_section("pld") == plain.section("eval") == base.eval_section()
+    faster_pld = load("config/default.yaml", ["methods.pld.num_draft=8"])
+    assert faster_pld.eval_section("pld_eagle3") != base.eval_section("pld_eagle3")
+    assert faster_pld.eval_section("eagle3") == base.eval_section("eagle3")
+    for override, message in [
+            ("eval.rivals={pdl: pld}", "eval.rivals: no method named 'pdl' (methods: ar, pld,"),
+            ("eval.rivals={eagle3: nope}", "eval.rivals.eagle3: no method named 'nope'"),
+            ("eval.rivals={eagle3: ar}", "eval.rivals.eagle3: 'ar' is the baseline, which every evaluate job runs already"),
+            ("eval.rivals={ar: pld}", "eval.rivals: 'ar' is the baseline"),
+            ("eval.rivals={pld: pld}", "eval.rivals.pld: a method cannot be its own rival")]:
+        with pytest.raises(ConfigError) as err:
+            load("config/default.yaml", [override])
+        assert str(err.value).startswith(f"config error: {message}"), str(err.value)
+
+
 def test_a_hybrid_evaluate_job_depends_on_its_parts():
     """The evaluate rule's method param: a method's own section, and a hybrid's with its parts', so changing how
     EAGLE-3 decodes reruns the lookup-then-EAGLE-3 hybrid too; the other methods' params are their sections."""

@@ -65,9 +65,18 @@ def test_tables_and_report(smoke_run):
     assert "## Drafter training" in report and "![training eagle3](plots/training_eagle3.png)" in report
     assert report.count("Peak resident memory") == 3  # one line per trained drafter, from its train metrics
     h2h = (out / "tables/head_to_head.md").read_text().splitlines()  # every drafted method against prompt lookup
-    assert [c.strip() for c in h2h[0].split("|")[1:-1]] == ["method vs pld", "mt_bench", "humaneval"]
-    assert [line.split("|")[1].strip() for line in h2h[2:]] == ["eagle3", "dflash", "dspark"]
+    assert [c.strip() for c in h2h[0].split("|")[1:-1]] == ["method", "rival", "timed in", "mt_bench", "humaneval"]
+    assert [[c.strip() for c in line.split("|")[1:4]] for line in h2h[2:]] == [
+        ["eagle3", "pld", "separate jobs"], ["eagle3", "pld", "same job"], ["dflash", "pld", "separate jobs"],
+        ["dspark", "pld", "separate jobs"]]
     assert all(re.search(r"\d\.\d\d×.*, faster on [0-2] of 2", line) for line in h2h[2:]), h2h
+    # eagle3's job ran prompt lookup too (eval.rivals), in turn with it and the baseline: the same greedy outputs
+    rivalled = [json.loads(line) for line in (out / "eval/eagle3/mt_bench/records.jsonl").open()]
+    assert all(o["token_ids"] == r["token_ids"] == b["token_ids"] for rec in rivalled
+               for o, r, b in zip(rec["outputs"], rec["rival"], rec["baseline"]))
+    rival = json.loads((out / "eval/eagle3/mt_bench/metrics.json").read_text())["rival"]
+    assert rival["method"] == "pld" and rival["samples"] == 2 and rival["same_outputs"] == 4
+    assert "rival" not in json.loads((out / "eval/dflash/mt_bench/metrics.json").read_text())
     assert "## Against the fastest method without a drafter" in report
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -99,6 +99,19 @@ def spread(records: list[dict[str, Any]], paired: bool) -> dict[str, Any]:
     return out
 
 
+def _paired_ratio(stat: Callable[[Callable[[np.ndarray], np.ndarray]], np.ndarray], n: int) -> dict[str, Any]:
+    """A ratio statistic over n paired samples: `stat(take)` computes it from per-sample arrays reduced by `take`
+    (a sum for the point estimate, a bootstrap draw's sums, or no reduction for per-sample values)."""
+    idx = np.random.default_rng(BOOTSTRAP_SEED).integers(0, n, size=(BOOTSTRAP_RESAMPLES, n))
+    per = stat(lambda x: x)
+    return {"ratio": float(stat(np.sum)), "ci95": _ci95(stat(lambda x: x[idx].sum(1))), "faster": int((per > 1).sum()),
+            "samples": n}
+
+
+def _rate(side: dict[str, np.ndarray], take) -> np.ndarray:
+    return take(side["new_tokens"]) / take(side["wall_time"])
+
+
 def head_to_head(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Method A's speedup over method B's on the samples both ran, each against the baseline of its own job.
 
@@ -110,17 +123,17 @@ def head_to_head(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[str, 
     pairs = [(r, theirs[r["question_id"]]) for r in a if r["question_id"] in theirs]
     if not pairs:
         return None
-    sides = [_per_sample([p[i] for p in pairs], key) for i in (0, 1) for key in ("outputs", "baseline")]
-    n = len(pairs)
-    idx = np.random.default_rng(BOOTSTRAP_SEED).integers(0, n, size=(BOOTSTRAP_RESAMPLES, n))
+    a_out, a_base, b_out, b_base = [_per_sample([p[i] for p in pairs], key) for i in (0, 1)
+                                    for key in ("outputs", "baseline")]
+    return _paired_ratio(lambda take: (_rate(a_out, take) / _rate(a_base, take)) / (_rate(b_out, take) / _rate(b_base, take)),
+                         len(pairs))
 
-    def speedup(out: dict[str, np.ndarray], base: dict[str, np.ndarray], take) -> np.ndarray:
-        return (take(out["new_tokens"]) / take(out["wall_time"])) / (take(base["new_tokens"]) / take(base["wall_time"]))
 
-    ratio = speedup(*sides[:2], np.sum) / speedup(*sides[2:], np.sum)
-    resampled = speedup(*sides[:2], lambda x: x[idx].sum(1)) / speedup(*sides[2:], lambda x: x[idx].sum(1))
-    per = speedup(*sides[:2], lambda x: x) / speedup(*sides[2:], lambda x: x)
-    return {"ratio": float(ratio), "ci95": _ci95(resampled), "faster": int((per > 1).sum()), "samples": n}
+def rival_head_to_head(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The method against the rival its own job ran on every sample, in turn with it (`eval.rivals`): the ratio
+    of their tokens/s with the same paired bootstrap as `head_to_head`, without the baselines of two jobs in it."""
+    mine, theirs = _per_sample(records, "outputs"), _per_sample(records, "rival")
+    return _paired_ratio(lambda take: _rate(mine, take) / _rate(theirs, take), len(records))
 
 
 def summarize(records: list[dict[str, Any]], greedy: bool, paired: bool, rule: str = EXACT,
@@ -165,6 +178,14 @@ def summarize(records: list[dict[str, Any]], greedy: bool, paired: bool, rule: s
         metrics["baseline_tokens_per_s"] = tps
         metrics["speedup"] = 1.0
         metrics["lossless"] = {"checked_turns": len(turns), "mismatches": 0, "passed": True, "note": "baseline"}
+    if records and all("rival" in r for r in records):
+        rival = _totals([t for r in records for t in r["rival"]])
+        rival_tps = rival["new_tokens"] / rival["wall_time"] if rival["wall_time"] else 0.0
+        metrics["rival"] = {"tokens_per_s": rival_tps, "tau": rival["new_tokens"] / max(rival["forwards"], 1),
+                            "speedup": rival_tps / metrics["baseline_tokens_per_s"] if metrics["baseline_tokens_per_s"] else 0.0,
+                            "same_outputs": sum(a["token_ids"] == b["token_ids"] for r in records
+                                                for a, b in zip(r["outputs"], r["rival"])),
+                            **rival_head_to_head(records)}
     if records:
         metrics["spread"] = spread(records, paired)
     return metrics

@@ -1,9 +1,11 @@
 """`deepspec evaluate`: one method on one task, paired sample by sample with the autoregressive baseline.
 
 The baseline runs in the same process on the same samples, alternating which goes first, so machine
-noise hits both alike and the speedup is a ratio measured within one run. Greedy outputs are compared
-token by token (the losslessness check). Finished samples are appended to a partial file, so a killed
-run resumes where it stopped; the final records and metrics are renamed into place at the end.
+noise hits both alike and the speedup is a ratio measured within one run. A method with a rival
+(`eval.rivals`) has the rival run in turn with both: a head-to-head free of the drift between jobs.
+Greedy outputs are compared token by token (the losslessness check). Finished samples are appended to
+a partial file, so a killed run resumes where it stopped; the final records and metrics are renamed
+into place at the end.
 """
 
 from __future__ import annotations
@@ -113,13 +115,16 @@ def evaluate(cfg: Config, method: str, task: str, threads: int | None = None) ->
         proposer = build_proposer(cfg.methods[method], target, method, drafters_root(cfg), cfg.eval.temperature,
                                   cfg.eval.seed, cfg.methods)
         base_proposer = build_proposer(cfg.methods[baseline], target)
-        folders = drafter_folders(cfg, method)
+        rival = cfg.eval.rivals.get(method)
+        rival_proposer = None if rival is None else build_proposer(
+            cfg.methods[rival], target, rival, drafters_root(cfg), cfg.eval.temperature, cfg.eval.seed, cfg.methods)
+        folders = drafter_folders(cfg, method) | (drafter_folders(cfg, rival) if rival else {})
         drafters = {"drafter": f for f in folders.values()} if len(folders) == 1 else \
             {f"drafter.{k}": f for k, f in folders.items()}
         run.tags(tracking.lineage({"task_data": data_path, **drafters},
                                   {"method": cfg.section_hash("methods", method), "target": cfg.section_hash("target"),
                                    "eval": cfg.section_hash("eval")}))
-        run.params({"method": method, "task": task, "baseline": baseline, "max_new_tokens": max_new,
+        run.params({"method": method, "task": task, "baseline": baseline, "rival": rival or "", "max_new_tokens": max_new,
                     "samples": len(samples), "target": cfg.target.model, "target_fingerprint": target.loaded.fingerprint,
                     "temperature": cfg.eval.temperature, "top_p": cfg.eval.top_p, "top_k": cfg.eval.top_k,
                     "threads": torch.get_num_threads(), "device": str(device), "dtype": cfg.target.dtype,
@@ -129,6 +134,8 @@ def evaluate(cfg: Config, method: str, task: str, threads: int | None = None) ->
         warm = chat_ids(target.tokenizer, [{"role": "user", "content": "Hello"}], cfg.target.chat_template_kwargs)
         engine.generate(warm, 8, proposer)
         engine.generate(warm, 8, base_proposer)
+        if rival_proposer is not None:
+            engine.generate(warm, 8, rival_proposer)
 
         done = _load_partial(partial, chash)
         io.write_jsonl(partial, list(done.values()))  # only whole rows of this config: appending follows a full line
@@ -140,15 +147,19 @@ def evaluate(cfg: Config, method: str, task: str, threads: int | None = None) ->
                 qid = sample["question_id"]
                 if qid in done:
                     records.append(done[qid])
-                    if hasattr(proposer, "remember"):  # its earlier outputs, as the interrupted run saw them
-                        for turn in done[qid]["outputs"]:
-                            proposer.remember(turn["token_ids"])
+                    for key, prop in (("outputs", proposer), ("rival", rival_proposer)):
+                        if hasattr(prop, "remember"):  # its earlier outputs, as the interrupted run saw them
+                            for turn in done[qid].get(key, []):
+                                prop.remember(turn["token_ids"])
                     continue
                 rec = {"question_id": qid, "task": task, "category": sample.get("category"), "method": method,
                        "config_hash": chash, "turns": sample["turns"]}
                 seed = cfg.eval.seed + i
                 order = [("outputs", proposer), ("baseline", base_proposer)] if paired else [("outputs", proposer)]
-                if i % 2:
+                if rival_proposer is not None:  # three in turn: each goes first, second and third equally often
+                    order.append(("rival", rival_proposer))
+                    order = order[i % 3:] + order[: i % 3]
+                elif i % 2:
                     order.reverse()
                 for key, prop in order:
                     rec[key] = run_conversation(engine, target, sample["turns"], max_new, prop, seed,
@@ -167,6 +178,8 @@ def evaluate(cfg: Config, method: str, task: str, threads: int | None = None) ->
                         "device": str(device), "dtype": cfg.target.dtype, "sdpa": sdpa_label(device),
                         "config_hash": chash, "target": cfg.target.model, "target_fingerprint": target.loaded.fingerprint,
                         "max_new_tokens": max_new, "elapsed_s": time.perf_counter() - start})
+        if rival:
+            metrics["rival"] = {"method": rival, **metrics["rival"]}
         if getattr(proposer, "chosen", None):  # a hybrid: rounds each of its methods drafted (warm-up included)
             metrics["rounds_drafted_by"] = dict(proposer.chosen)
         io.write_jsonl(out / "records.jsonl", records)
@@ -180,6 +193,10 @@ def evaluate(cfg: Config, method: str, task: str, threads: int | None = None) ->
                 **{f"speedup_sample_{k}": v for k, v in metrics["spread"]["speedup_per_sample"].items()},
                 **{f"time_frac_{k}": v for k, v in metrics["time_split"].items()},
                 **{f"accept_depth_{d + 1}": a for d, a in enumerate(metrics["acceptance_by_depth"])}}
+        if rival:
+            r = metrics["rival"]
+            flat.update({"rival_ratio": r["ratio"], "rival_ci95_lo": r["ci95"][0], "rival_ci95_hi": r["ci95"][1],
+                         "rival_speedup": r["speedup"]})
         run.metrics(flat)
         run.tags({"lossless": str(metrics["lossless"]["passed"])})
         run.artifact(out / "metrics.json")
@@ -192,4 +209,8 @@ def evaluate(cfg: Config, method: str, task: str, threads: int | None = None) ->
         print(f"[evaluate] {method}/{task}: tau {metrics['tau']:.2f}, {metrics['tokens_per_s']:.1f} tok/s, "
               f"speedup {metrics['speedup']:.2f}x (95% {lo:.2f}-{hi:.2f}) vs {baseline} at "
               f"{metrics['baseline_tokens_per_s']:.1f} tok/s, lossless {verdict}")
+        if rival:
+            r = metrics["rival"]
+            print(f"[evaluate] {method}/{task} against {rival} in this job: {r['ratio']:.3f}x (95% {r['ci95'][0]:.3f}-"
+                  f"{r['ci95'][1]:.3f}), faster on {r['faster']} of {r['samples']} samples; {rival} {r['speedup']:.2f}x")
     return metrics

@@ -46,27 +46,40 @@ def collect(cfg: Config) -> dict[tuple[str, str], dict[str, Any]]:
 
 def head_to_head_section(cfg: Config, metrics: dict) -> tuple[list[str], str | None]:
     """Every method that decodes with a drafter against the fastest one that needs none (prompt lookup,
-    suffix decoding, a draft LM), sample by sample: the question a trained drafter has to answer."""
+    suffix decoding, a draft LM), sample by sample: the question a trained drafter has to answer. Beside
+    each, the head-to-head timed within one job for methods that ran a rival (`eval.rivals`)."""
     from deepspec.evaluation.metrics import head_to_head
 
     baseline = cfg.baseline_method()
     drafted = [m for m in cfg.methods if cfg.method_drafters(m) or cfg.method_checkpoints(m)]
     free = [m for m in cfg.methods if m != baseline and m not in drafted]
-    if not drafted or not free:
+    same_job = {m: cfg.eval.rivals[m] for m in cfg.methods if m in cfg.eval.rivals}
+    if not (drafted and free) and not same_job:
         return [], None
-    rival = max(free, key=lambda m: sum(metrics[(m, t)]["speedup"] for t in cfg.tasks))
+    rows: dict[tuple[str, str, str], dict[str, Any]] = {}
+    rival = max(free, key=lambda m: sum(metrics[(m, t)]["speedup"] for t in cfg.tasks)) if free else None
 
     def records(method: str, task: str) -> list[dict[str, Any]]:
         return io.read_jsonl(eval_dir(cfg, method, task) / "records.jsonl")
 
-    theirs = {t: records(rival, t) for t in cfg.tasks}
-    results = {(m, t): head_to_head(records(m, t), theirs[t]) for m in drafted for t in cfg.tasks}
-    table = head_to_head_frame(cfg, rival, results).to_markdown(index=False, disable_numparse=True)
-    return ["## Against the fastest method without a drafter", "",
-            f"Each method's speedup divided by `{rival}`'s on the same samples (each against the baseline of "
-            f"its own job), with a 95% bootstrap interval that draws the same samples for both: above 1 it is "
-            f"the faster. Their intervals against the baseline in the table above overlap long before this one "
-            f"includes 1, because both move with the same hard and easy samples.", "", table, ""], table
+    theirs = {t: records(rival, t) for t in cfg.tasks} if rival and drafted else {}
+    for m in dict.fromkeys([*(drafted if theirs else []), *same_job]):
+        if theirs and m in drafted:
+            rows[(m, rival, "separate jobs")] = {t: head_to_head(records(m, t), theirs[t]) for t in cfg.tasks}
+        if m in same_job:
+            rows[(m, same_job[m], "same job")] = {t: metrics[(m, t)].get("rival") for t in cfg.tasks}
+    table = head_to_head_frame(cfg, rows).to_markdown(index=False, disable_numparse=True)
+    text = ["## Against the fastest method without a drafter"]
+    if theirs:
+        text += ["", f"Each method's speedup divided by `{rival}`'s on the same samples (each against the baseline of "
+                    f"its own job), with a 95% bootstrap interval that draws the same samples for both: above 1 it is "
+                    f"the faster. Their intervals against the baseline in the table above overlap long before this "
+                    f"one includes 1, because both move with the same hard and easy samples."]
+    if same_job:
+        text += ["", "Rows timed in the *same job*: the method's evaluate job ran its rival on every sample too, in "
+                    "turn with it and the baseline (`eval.rivals`), and the ratio is of their tokens/s there, free "
+                    "of the drift between two jobs."]
+    return [*text, "", table, ""], table
 
 
 def plots(cfg: Config, metrics: dict, out: Path) -> list[Path]:

@@ -95,17 +95,17 @@ def details_frame(cfg: Config, df: pd.DataFrame, metrics: Metrics) -> pd.DataFra
     return pd.DataFrame(rows)
 
 
-def head_to_head_frame(cfg: Config, rival: str, results: dict[tuple[str, str], dict[str, Any] | None]) -> pd.DataFrame:
-    """Each method with a drafter against `rival`, per task: 'ratio (95% interval), faster on k of n samples'."""
-    rows = []
-    for method in dict.fromkeys(m for m, _ in results):
-        row = {"method": method}
+def head_to_head_frame(cfg: Config, rows: dict[tuple[str, str, str], dict[str, dict[str, Any] | None]]) -> pd.DataFrame:
+    """One row per (method, rival, how it was timed), per task: 'ratio (95% interval), faster on k of n samples'."""
+    out = []
+    for (method, rival, timed), results in rows.items():
+        row = {"method": method, "rival": rival, "timed in": timed}
         for task in cfg.tasks:
-            r = results.get((method, task))
+            r = results.get(task)
             row[task] = "–" if r is None else (f"{fmt_interval(r['ratio'], *r['ci95'], '×')}, faster on "
                                                f"{r['faster']} of {r['samples']}")
-        rows.append(row)
-    return pd.DataFrame(rows).rename(columns={"method": f"method vs {rival}"})
+        out.append(row)
+    return pd.DataFrame(out)
 
 
 def _csv(df: pd.DataFrame) -> str:

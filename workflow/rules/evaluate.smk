@@ -9,7 +9,7 @@ rule evaluate:
     params:
         method=lambda wc: repr(CFG.method_section(wc.method)),  # a hybrid's parts included
         target=section("target"),
-        eval=section("eval"),
+        eval=lambda wc: repr(CFG.eval_section(wc.method)),  # its rival too, when it has one
     threads: workflow.cores
     resources:
         **resources_of("evaluate", 1 if CFG.resources.gpus else 0),  # one GPU each, claimed as extract claims

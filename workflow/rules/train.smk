@@ -12,9 +12,11 @@ def drafter_model(name):
 
 
 def method_drafter(method):
-    """The drafters a method decodes with (evaluate inputs): trained here, or published checkpoints."""
-    return [drafter_model(d) for d in CFG.method_drafters(method)] + \
-        [f"{folder}/config.json" for folder in CFG.method_checkpoints(method)]
+    """The drafters an evaluate job of `method` decodes with, its rival's included: trained here, or published
+    checkpoints."""
+    methods = [method] + ([CFG.eval.rivals[method]] if method in CFG.eval.rivals else [])
+    return [drafter_model(d) for m in methods for d in CFG.method_drafters(m)] + \
+        [f"{folder}/config.json" for m in methods for folder in CFG.method_checkpoints(m)]
 
 
 wildcard_constraints:
