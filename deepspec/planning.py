@@ -97,9 +97,10 @@ def plan(cfg: Config) -> tuple[list[dict[str, Any]], list[str]]:
     unknown = [n for n, s in samples.items() if s is None]
     known = sum(s for s in samples.values() if s)
     methods = [m for m in cfg.methods if m != cfg.baseline_method()]
-    gen = known * cfg.eval.max_new_tokens * (1 + len(methods))  # every method runs paired with the baseline
+    runs = 1 + sum(2 + (m in cfg.eval.rivals) for m in methods)  # each job: its method, the baseline, any rival
+    gen = known * cfg.eval.max_new_tokens * runs
     rows.append({"stage": "evaluate", "work": f"{len(methods)} methods x {len(cfg.tasks)} tasks ({known} samples"
-                 f"{' + all of ' + ', '.join(unknown) if unknown else ''}), <= {_count(gen)} generated tokens "
+                 f"{' + all of ' + ', '.join(unknown) if unknown else ''}), <= {_count(gen)} generated tokens per turn "
                  f"(T = {cfg.eval.temperature:g})", "size": ""})
     for engine, run in cfg.engines.items():
         rows.append({"stage": f"deploy ({engine})", "work": f"{len(run.methods)} methods x {len(cfg.tasks)} tasks in "

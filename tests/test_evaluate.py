@@ -78,6 +78,38 @@ def test_evaluate_resumes_from_partial_records_across_two_kills(tmp_path, tiny_t
     assert metrics["samples"] == 4 and metrics["lossless"]["passed"] is True
 
 
+def test_a_rival_runs_in_turn_with_the_method_and_the_baseline_and_resumes(tmp_path, tiny_target_dir, monkeypatch):
+    """`eval.rivals`: the method's job decodes its rival on every sample too, each of the three first, second and
+    third once per three samples; the rival's greedy outputs equal the method's, and a killed job keeps its rival
+    rows. The head-to-head comes out in the metrics with the rival's name."""
+    cfg, args = _config(tmp_path, tiny_target_dir, rivals={"self": "pld"})
+    real = runner.run_conversation
+    order = []
+
+    def noted(engine, target, turns, max_new, prop, *a, **k):
+        order.append(getattr(prop, "name", "ar"))
+        if len(order) == 7:  # samples 0 and 1 done, the third's first decode under way
+            raise KeyboardInterrupt
+        return real(engine, target, turns, max_new, prop, *a, **k)
+
+    monkeypatch.setattr(runner, "run_conversation", noted)
+    with pytest.raises(KeyboardInterrupt):
+        main(["evaluate", *args, "--method", "self", "--task", "t"])
+    assert order == ["draft_lm", "ar", "ngram", "ar", "ngram", "draft_lm", "ngram"]
+    order.clear()
+    monkeypatch.setattr(runner, "run_conversation", lambda *a, **k: order.append(1) or real(*a, **k))
+    assert main(["evaluate", *args, "--method", "self", "--task", "t"]) == 0
+    assert len(order) == 2 * 3  # samples 2 and 3: method, baseline and rival; 0 and 1 kept
+    recs = _records(cfg, "self")
+    assert all("rival" in r and [t["token_ids"] for t in r["rival"]] == [t["token_ids"] for t in r["outputs"]]
+               for r in recs)
+    metrics = json.loads((runner.eval_dir(cfg, "self", "t") / "metrics.json").read_text())
+    rival = metrics["rival"]
+    assert rival["method"] == "pld" and rival["samples"] == 4 and rival["same_outputs"] == 4
+    assert rival["ci95"][0] <= rival["ratio"] <= rival["ci95"][1]
+    assert metrics["lossless"]["passed"] is True
+
+
 def test_sampled_evaluate_is_seeded_and_exact_where_sampling_is_deterministic(tmp_path, tiny_target_dir):
     """At temperature 1 the outputs depend on eval.seed and only on it. With top_k 1 the target's
     distribution is its argmax: the sampled acceptance path must then commit exactly the greedy output and
