@@ -188,8 +188,6 @@ class EvalConfig(Strict):
         0.25, description="on a GPU or in reduced precision, a greedy output may leave the autoregressive one only "
                           "where the two tokens' logits differ by at most this (a near-tie; about two bf16 roundings "
                           "at logits of 16-32); float32 on the CPU must match token for token")
-
-
     rivals: dict[str, str] = Field(
         {}, description="method: rival. The method's evaluate job also runs the rival on every sample, in turn with it "
                         "and the baseline, so their head-to-head is timed in one process, free of the drift between "
