@@ -71,14 +71,14 @@ def head_to_head_section(cfg: Config, metrics: dict) -> tuple[list[str], str | N
     table = head_to_head_frame(cfg, rows).to_markdown(index=False, disable_numparse=True)
     text = ["## Against the fastest method without a drafter"]
     if theirs:
-        text += ["", f"Each method's speedup divided by `{rival}`'s on the same samples (each against the baseline of "
-                    f"its own job), with a 95% bootstrap interval that draws the same samples for both: above 1 it is "
-                    f"the faster. Their intervals against the baseline in the table above overlap long before this "
-                    f"one includes 1, because both move with the same hard and easy samples."]
+        text += ["", f"Each method's speedup divided by `{rival}`'s on the same samples (each against the baseline "
+                     f"of its own job), with a 95% bootstrap interval that draws the same samples for both: above 1 it "
+                     f"is the faster. Their intervals against the baseline in the table above overlap long before "
+                     f"this one includes 1, because both move with the same hard and easy samples."]
     if same_job:
         text += ["", "Rows timed in the *same job*: the method's evaluate job ran its rival on every sample too, in "
-                    "turn with it and the baseline (`eval.rivals`), and the ratio is of their tokens/s there, free "
-                    "of the drift between two jobs."]
+                     "turn with it and the baseline (`eval.rivals`), and the ratio is of their tokens/s there, free "
+                     "of the drift between two jobs."]
     return [*text, "", table, ""], table
 
 
