@@ -20,7 +20,8 @@ def _drafter(target, vocab_ids=None, layers=(0, 1), dtype=torch.float64, seed=0)
 
 
 def test_training_time_test_equals_cached_tree_steps():
-    """Step k of base t in training sees exactly what a depth-k node sees at inference."""
+    """Step k of base t in training sees exactly what a depth-k node sees at inference, when the committed rows
+    are stepped as the proposer steps them: their K/V written, only the last row carried through the layer."""
     from deepspec.drafters.eagle3.model import DraftCache
 
     target = tiny_llama(vocab=64, layers=3)
@@ -37,7 +38,13 @@ def test_training_time_test_equals_cached_tree_steps():
         h, logp = drafter.step(ids[1 : t + 2], feats, torch.arange(t + 1), cache, 0,
                                torch.full((t + 1, t + 1), float("-inf"), dtype=torch.float64).triu_(1))
         torch.testing.assert_close(logp[t], ttt[0][t])
-        parent = h[t : t + 1]
+        full_k = cache.k[:, : t + 1].clone()
+        cache = DraftCache(drafter, 64)
+        parent, last = drafter.step(ids[1 : t + 2], feats, torch.arange(t + 1), cache, 0, None, out_rows=slice(-1, None))
+        assert parent.shape[0] == last.shape[0] == 1
+        torch.testing.assert_close(last[0], ttt[0][t])
+        torch.testing.assert_close(parent[0], h[t])
+        torch.testing.assert_close(cache.k[:, : t + 1], full_k)
         rows = []
         for k in range(1, steps):
             write = t + 1 + len(rows)

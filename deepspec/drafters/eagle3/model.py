@@ -240,12 +240,15 @@ class Eagle3Drafter(FolderCheckpoint, nn.Module):
     # ---- inference: cached steps over committed rows and tree nodes ------------------------------
     @torch.inference_mode()
     def step(self, tokens: Tensor, hidden: Tensor, positions: Tensor, cache: "DraftCache", write_at: int,
-             mask: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Draft steps for n rows: K/V go to cache rows [write_at, write_at+n); returns (h' [n, H], logp [n, Vd])."""
+             mask: Tensor | None, out_rows: slice | None = None) -> tuple[Tensor, Tensor]:
+        """Draft steps for n rows: K/V go to cache rows [write_at, write_at+n); returns (h' [m, H], logp [m, Vd]) of
+        `out_rows` (default all n). The other rows only write their K/V: their attention, MLP and head are skipped."""
         q, k, v = self._qkv(tokens, hidden, positions)
         end = write_at + tokens.shape[0]
         cache.k[:, write_at:end] = k
         cache.v[:, write_at:end] = v
+        if out_rows is not None:
+            q, hidden, mask = q[:, out_rows], hidden[out_rows], None if mask is None else mask[out_rows]
         attn = F.scaled_dot_product_attention(q[None], cache.k[None, :, :end], cache.v[None, :, :end], attn_mask=mask,
                                               enable_gqa=self.n_kv != self.n_heads)[0]
         h = self._finish(hidden, attn)

@@ -41,7 +41,7 @@ class Eagle3Proposer:
         self._pending: tuple[int, DraftTree] | None = None  # the last tree drafted, after how many tokens
         self.cache = DraftCache(drafter, max_len)
         self._d2t = drafter.draft_to_target
-        self._features: list[Tensor] = []  # fused features of committed positions not yet in the draft cache
+        self._features: list[Tensor] = []  # target states of committed positions not yet in the draft cache
         self._covered = 0  # committed positions whose draft step is in the cache
 
     def reset(self) -> None:
@@ -52,8 +52,10 @@ class Eagle3Proposer:
 
     @torch.inference_mode()
     def observe(self, captured: list[Tensor]) -> None:
-        """Target hidden states (one tensor per aux layer, rows = newly committed positions, in order)."""
-        self._features.append(self.drafter.fuse(torch.cat(captured, dim=-1).to(self.drafter.norm.weight.dtype)))
+        """Target hidden states (one tensor per aux layer, rows = newly committed positions, in order). Kept as
+        they are until the next draft fuses them all in one matmul: inside a hybrid, rounds that another
+        proposer drafts then cost no drafter work."""
+        self._features.append(torch.cat(captured, dim=-1))
 
     @torch.inference_mode()
     def propose(self, tokens: list[int], max_nodes: int) -> DraftTree | None:
@@ -69,10 +71,12 @@ class Eagle3Proposer:
             raise RuntimeError(f"eagle3: features for {start + n} positions, but {len(tokens)} committed tokens")
         if start + n + self.depth * self.top_k + 1 > cache.max_len:
             return None  # no room for a tree: the engine falls back to a plain step
-        feats = torch.cat(self._features)
+        feats = d.fuse(torch.cat(self._features).to(d.norm.weight.dtype))
         self._features = []
+        # Every new row's K/V goes to the cache; only the last row drafts, so only it is carried through the layer
+        # (it sees every row: no mask).
         h, logp = d.step(torch.tensor(tokens[start + 1 : start + n + 1]), feats, torch.arange(start, start + n),
-                         cache, start, None if n == 1 else _causal(n, start, feats.dtype))
+                         cache, start, None, out_rows=slice(-1, None))
         self._covered = cache.length = start + n
         base = cache.length
         if self.top_k == 1 and self.verify_ms is None:  # a chain (the paper's protocol): no host sync until the end
@@ -147,7 +151,3 @@ class Eagle3Proposer:
             drafted.append(tok)
         return self._d2t[torch.stack(drafted)].tolist()
 
-
-def _causal(n: int, start: int, dtype: torch.dtype) -> Tensor:
-    causal = torch.full((n, n), float("-inf"), dtype=dtype).triu_(1)
-    return torch.cat([torch.zeros((n, start), dtype=dtype), causal], dim=1)
