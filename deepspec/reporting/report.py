@@ -53,17 +53,17 @@ def head_to_head_section(cfg: Config, metrics: dict) -> tuple[list[str], str | N
     baseline = cfg.baseline_method()
     drafted = [m for m in cfg.methods if cfg.method_drafters(m) or cfg.method_checkpoints(m)]
     free = [m for m in cfg.methods if m != baseline and m not in drafted]
-    same_job = {m: cfg.eval.rivals[m] for m in cfg.methods if m in cfg.eval.rivals}
+    same_job = cfg.eval.rivals
     if not (drafted and free) and not same_job:
         return [], None
-    rows: dict[tuple[str, str, str], dict[str, Any]] = {}
     rival = max(free, key=lambda m: sum(metrics[(m, t)]["speedup"] for t in cfg.tasks)) if free else None
 
     def records(method: str, task: str) -> list[dict[str, Any]]:
         return io.read_jsonl(eval_dir(cfg, method, task) / "records.jsonl")
 
     theirs = {t: records(rival, t) for t in cfg.tasks} if rival and drafted else {}
-    for m in dict.fromkeys([*(drafted if theirs else []), *same_job]):
+    rows: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for m in cfg.methods:  # config order; a method's row timed in separate jobs first, then its own job's
         if theirs and m in drafted:
             rows[(m, rival, "separate jobs")] = {t: head_to_head(records(m, t), theirs[t]) for t in cfg.tasks}
         if m in same_job:
