@@ -407,9 +407,7 @@ class Config(Strict):
 
     def section_hash(self, *keys: str) -> str:
         """Hash of one part of the config: stage outputs record what they were built from."""
-        node = self.section(*keys)
-        blob = json.dumps(node, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+        return node_hash(self.section(*keys))
 
     def hash(self) -> str:
         """Stable short hash of the effective config (key order and formatting do not matter).
@@ -420,6 +418,12 @@ class Config(Strict):
         blob = json.dumps(hashed(self.model_dump(mode="json", exclude={"reproduce", "resources", "engines"})),
                           sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def node_hash(node: Any) -> str:
+    """Short hash of plain config data (key order and formatting do not matter)."""
+    blob = json.dumps(node, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 def _format_error(err: ValidationError) -> str:

@@ -162,6 +162,9 @@ def test_mlflow_runs(smoke_run):
     assert pld_mt[0].data.tags["deepspec.input.task_data"] == task_sha
     e3 = [r for r in by_stage["evaluate"] if r.data.tags["deepspec.method"] == "eagle3"]
     assert len({r.data.tags["deepspec.input.drafter"] for r in e3}) == 1
+    # The eval section a job is tagged with is its own: only eagle3's jobs time a rival (smoke's eval.rivals).
+    eval_tags = {r.data.tags["deepspec.method"]: r.data.tags["deepspec.config.eval"] for r in by_stage["evaluate"]}
+    assert len(set(eval_tags.values()) - {eval_tags["eagle3"]}) == 1 and eval_tags["eagle3"] != eval_tags["pld"]
     assert train.data.tags["deepspec.input.feature_manifest"] == sha256_file(
         out / "features/packaged_smollm2-135m-instruct/manifest.json")[:16]
     assert len(train.data.tags["deepspec.config.drafter"]) == 12

@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from deepspec import io, tracking
-from deepspec.config import Config
+from deepspec.config import Config, node_hash
 from deepspec.config_base import TrainedMethod
 from deepspec.decoding.engine import Engine
 from deepspec.drafters.build import build_proposer
@@ -127,7 +127,7 @@ def deploy(cfg: Config, engine: str, method: str, task: str, threads: int | None
         model_folder = resolve(cfg.target.model)[0]
         sweep_prompts = [turn_prompt(tok, s["turns"], [], 0, kwargs) for s in samples[:run_cfg.sweep_prompts]]
         run.tags(tracking.lineage({"task_data": data_path, **({"drafter": Path(export)} if export else {})},
-                                  {"method": cfg.section_hash("methods", method), "target": cfg.section_hash("target"),
+                                  {"method": node_hash(cfg.method_section(method)), "target": cfg.section_hash("target"),
                                    "engines": cfg.section_hash("engines", engine)}))
         sides: dict[str, dict] = {}
         for side, sc in (("baseline", None), ("outputs", spec)):

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from deepspec import io, tracking
-from deepspec.config import Config, HybridMethod
+from deepspec.config import Config, HybridMethod, node_hash
 from deepspec.config_base import TrainedMethod
 from deepspec.data.tasks import chat_ids
 from deepspec.decoding.engine import Engine
@@ -122,8 +122,8 @@ def evaluate(cfg: Config, method: str, task: str, threads: int | None = None) ->
         drafters = {"drafter": f for f in folders.values()} if len(folders) == 1 else \
             {f"drafter.{k}": f for k, f in folders.items()}
         run.tags(tracking.lineage({"task_data": data_path, **drafters},
-                                  {"method": cfg.section_hash("methods", method), "target": cfg.section_hash("target"),
-                                   "eval": cfg.section_hash("eval")}))
+                                  {"method": node_hash(cfg.method_section(method)), "target": cfg.section_hash("target"),
+                                   "eval": node_hash(cfg.eval_section(method))}))
         run.params({"method": method, "task": task, "baseline": baseline, "rival": rival or "", "max_new_tokens": max_new,
                     "samples": len(samples), "target": cfg.target.model, "target_fingerprint": target.loaded.fingerprint,
                     "temperature": cfg.eval.temperature, "top_p": cfg.eval.top_p, "top_k": cfg.eval.top_k,
