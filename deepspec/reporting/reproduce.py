@@ -69,7 +69,8 @@ def compare(cfg: Config, metrics: Metrics, reference: Metrics | None = None) -> 
         reference = load_reference(ref_dir)
     tol = cfg.reproduce.tau_tolerance
     rows, notes = [], []
-    by_drafter = _drafter_checks(cfg, ref_dir, tol)
+    taus = _validation_taus(cfg, ref_dir)
+    by_drafter = _drafter_checks(cfg, taus, tol)
     for (method, task), m in metrics.items():
         r = reference.get((method, task))
         if r is None:
@@ -111,6 +112,11 @@ def compare(cfg: Config, metrics: Metrics, reference: Metrics | None = None) -> 
     speed_bad, lossy = (_failing(table, col) for col in ("speedup within spread", "lossless"))
     tau_bad = [f"{m}/{t}" + ("" if by == "τ" else f" ({by})")
                for m, t, by, ok in zip(table["method"], table["task"], table["τ judged by"], table["τ match"]) if not ok]
+    for m, t, by, ok, d_tau, ref_tau in zip(table["method"], table["task"], table["τ judged by"], table["τ match"],
+                                            table["Δτ"], table["τ reference"]):
+        note = None if ok or by != "τ" else _drafter_note(cfg, m, t, d_tau / ref_tau, taus)
+        if note:
+            notes.append(note)
     by_tau = table["τ judged by"] == "τ"
     n, same, by_drafter = len(table), int((table["τ identical"] & by_tau).sum()), int((~by_tau).sum())
     if same < n - by_drafter:
@@ -140,21 +146,36 @@ def _within(value: float, reference: float, tol: float) -> bool:
     return abs(value - reference) <= tol * abs(reference) + 1e-12
 
 
-def _drafter_checks(cfg: Config, ref_dir: Path, tol: float) -> dict[str, tuple[str, bool]]:
-    """Per method whose drafts are cut on this machine's costs, with drafters trained here: ("drafter validation τ",
-    whether every one of them is within `tol` of the reference's). Methods whose drafters lack either side's
-    metrics are left out (judged by τ)."""
-    methods = {m: cfg.method_drafters(m) for m in cfg.methods if cfg.method_cuts_on_costs(m)}
-    matched: dict[str, bool | None] = {}  # drafter -> validation τ within tol; None: a side has no metrics
-    for d in {d for names in methods.values() for d in names}:
+def _validation_taus(cfg: Config, ref_dir: Path) -> dict[str, tuple[float, float]]:
+    """Per drafter some method decodes with: (this run's, the reference's) validation chain τ, where both sides
+    recorded one."""
+    taus = {}
+    for d in cfg.drafters_in_use():
         run, ref = drafter_dir(cfg, d) / "metrics.json", ref_dir / "drafters" / d / "metrics.json"
         if run.is_file() and ref.is_file():
             run_tau, ref_tau = (json.loads(p.read_text()).get("val_tau_chain") for p in (run, ref))
-            matched[d] = run_tau is not None and ref_tau is not None and _within(run_tau, ref_tau, tol)
-        else:
-            matched[d] = None
-    return {m: ("drafter validation τ", all(matched[d] for d in names))
-            for m, names in methods.items() if names and all(matched[d] is not None for d in names)}
+            if run_tau is not None and ref_tau is not None:
+                taus[d] = (run_tau, ref_tau)
+    return taus
+
+
+def _drafter_checks(cfg: Config, taus: dict[str, tuple[float, float]], tol: float) -> dict[str, tuple[str, bool]]:
+    """Per method whose drafts are cut on this machine's costs, with drafters trained here: ("drafter validation τ",
+    whether every one of them is within `tol` of the reference's). Methods whose drafters lack either side's
+    validation τ are left out (judged by τ)."""
+    methods = {m: cfg.method_drafters(m) for m in cfg.methods if cfg.method_cuts_on_costs(m)}
+    return {m: ("drafter validation τ", all(_within(*taus[d], tol) for d in names))
+            for m, names in methods.items() if names and all(d in taus for d in names)}
+
+
+def _drafter_note(cfg: Config, method: str, task: str, d_rel: float, taus: dict[str, tuple[float, float]]) -> str | None:
+    """For a cell whose τ is off: its drafters' validation chain τ beside the reference's, which says whether the
+    drafter itself learned differently (a retrained drafter drifts) or only its decoded τ on the task moved."""
+    names = cfg.method_drafters(method) if method in cfg.methods else []
+    if not names or not all(d in taus for d in names):
+        return None
+    parts = [f"{d} {taus[d][0]:.3f} against {taus[d][1]:.3f} ({taus[d][0] / taus[d][1] - 1:+.1%})" for d in names]
+    return f"{method}/{task}: τ {d_rel:+.1%} against the reference; its drafters' validation chain τ: {', '.join(parts)}"
 
 
 def _failing(table: pd.DataFrame, column: str) -> list[str]:
