@@ -187,7 +187,8 @@ def test_chain_drafting_on_the_device_equals_the_top_1_tree(overfit):
 def test_cost_length_keeps_what_pays_and_stays_lossless(overfit, top_k):
     """`length: cost` on the overfit drafter: where verifying is free the cut keeps whole trees (long accepted paths);
     where each row costs far more than a draft can earn it drafts nothing (a plain step every round, no expansion);
-    on a curve between, the trees are smaller than the fixed ones and still accepted. Always lossless."""
+    on a curve between, the trees are smaller than the fixed ones, and the nodes it keeps are the sure ones: a
+    larger share of them is accepted. Always lossless."""
     from deepspec.decoding.engine import Engine
     from deepspec.drafters.eagle3.proposer import Eagle3Proposer
     from deepspec.models import make_backend
@@ -203,14 +204,17 @@ def test_cost_length_keeps_what_pays_and_stays_lossless(overfit, top_k):
     total = 4 if top_k == 1 else 10
     curves = {"free": [10.0] * (total + 1), "steep": [10.0 * 4**k for k in range(total + 1)],
               "between": [10.0 + 3.0 * k for k in range(total + 1)]}
-    tau, sizes = {}, {}
+    tau, sizes, taken = {}, {}, {}
     for name, verify_ms in curves.items():
         proposer = Counting(drafter, 256, depth=4, top_k=top_k, total_tokens=total, verify_ms=verify_ms)
         proposer.sizes = []
-        tau[name], sizes[name] = _lossless_tau(engine, proposer, prompts)[0], proposer.sizes
+        tau[name], generations = _lossless_tau(engine, proposer, prompts)
+        sizes[name] = proposer.sizes
+        taken[name] = sum(sum(g.accepted_depth) for g in generations) / max(1, sum(sum(g.proposed) for g in generations))
     assert tau["free"] > 2.0 and max(sizes["free"]) == total
     assert tau["steep"] <= 1.0 and set(sizes["steep"]) == {0}
-    assert 1.3 < tau["between"] < tau["free"] and sum(sizes["between"]) < sum(sizes["free"])
+    assert 1.2 < tau["between"] < tau["free"] and sum(sizes["between"]) < sum(sizes["free"])
+    assert taken["between"] > max(0.75, taken["free"])
 
 
 def test_cost_growth_skips_depths_that_cannot_pay_and_stays_lossless(overfit):
