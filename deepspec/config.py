@@ -415,9 +415,7 @@ class Config(Strict):
         `reproduce`, `resources` and `engines` are left out: they say what a run is compared with, where it runs and
         in which other engines its methods run again, not what its stages compute, so a run and the reference it
         reproduces share one hash. A deploy job records the hash of its `engines` section beside this one."""
-        blob = json.dumps(hashed(self.model_dump(mode="json", exclude={"reproduce", "resources", "engines"})),
-                          sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+        return node_hash(hashed(self.model_dump(mode="json", exclude={"reproduce", "resources", "engines"})))
 
 
 def node_hash(node: Any) -> str:
